@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# vlpretrain cluster entry. This file is both a bash script and a Python program:
+#   deepspeed [launcher flags] launch/pretrain.sh [training flags]   (the launcher runs it with python -u per rank)
+#   bash launch/pretrain.sh [training flags]                          (starts the DeepSpeed launcher itself)
+# Environment for the bash form (all optional):
+#   GPUS_PER_NODE  ranks per node (default: visible CUDA GPUs, else 2 CPU ranks)
+#   HOSTFILE       DeepSpeed hostfile for multi-node runs (see launch/hostfile.example)
+#   NUM_NODES      use the first N hosts of the hostfile
+#   MASTER_ADDR    rendezvous address (default 127.0.0.1 on one node)   MASTER_PORT (default 29500)
+#   LAUNCHER       multi-node backend: pdsh (default), openmpi, mpich, impi, slurm, mvapich
+#   NODE_RANK      with NO_SSH=1: start only this node's ranks (one launcher per node, e.g. under SLURM)
+#   PYTHON         interpreter (default: the repo's .venv if present, else python3)
+""":"
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-}"
+if [[ -z "$PYTHON" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+  GPUS_PER_NODE="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')"
+fi
+launcher=(--num_gpus "$GPUS_PER_NODE" --master_port "${MASTER_PORT:-29500}")
+world="$GPUS_PER_NODE"
+if [[ -n "${HOSTFILE:-}" ]]; then
+  [[ -f "$HOSTFILE" ]] || { echo "error: HOSTFILE=$HOSTFILE does not exist: point it at a DeepSpeed hostfile" >&2; exit 2; }
+  nodes="$(grep -cE '^[^#[:space:]]' "$HOSTFILE")"
+  nodes="${NUM_NODES:-$nodes}"
+  world=$((nodes * GPUS_PER_NODE))
+  launcher+=(--hostfile "$HOSTFILE" --num_nodes "$nodes" --launcher "${LAUNCHER:-pdsh}")
+  [[ -n "${MASTER_ADDR:-}" ]] && launcher+=(--master_addr "$MASTER_ADDR")
+  if [[ "${NO_SSH:-0}" == 1 ]]; then
+    launcher+=(--no_ssh --node_rank "${NODE_RANK:?NO_SSH=1 needs NODE_RANK}")
+  else
+    # Remote ranks start over ssh with a bare environment; DeepSpeed forwards what .deepspeed_env lists.
+    env | grep -E '^(NCCL_|FI_|UCX_|CUDA_DEVICE_MAX_CONNECTIONS=|HF_|TOKENIZERS_PARALLELISM=)' > "$ROOT/.deepspeed_env" || true
+    echo "PYTHONPATH=$PYTHONPATH" >> "$ROOT/.deepspeed_env"
+  fi
+fi
+
+# Fail fast, once, on a bad recipe, missing data or a wrong DeepSpeed config, before any rank starts.
+WORLD_SIZE="$world" "$PYTHON" -m pretrain.train --validate-only "$@"
+cd "$ROOT"
+exec "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" "$0" "$@"
+":"""
+# Python part: what every rank runs (the DeepSpeed launcher appends --local_rank=N).
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain.train import main  # noqa: E402
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""Training metrics: throughput/MFU arithmetic, memory, and the rank-0 TensorBoard + console output."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+
+def memory_gb() -> float:
+    """Peak accelerator memory on CUDA, else peak resident memory of this process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def mfu(flops_per_sample: float, samples_per_s: float, world_size: int, peak_tflops: float) -> float:
+    return flops_per_sample * samples_per_s / (world_size * peak_tflops * 1e12)
+
+
+def similarity_heatmap(sim: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """[3, H, W] picture of a similarity block: bright where similar; the diagonal should light up."""
+    lo, hi = sim.min(), sim.max()
+    norm = (sim - lo) / (hi - lo).clamp_min(1e-6)
+    big = norm.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    # A two-colour ramp (dark blue -> yellow) reads better than grey at a glance.
+    return torch.stack([big, big, 0.4 * (1 - big)]).clamp(0, 1)
+
+
+class TrainLog:
+    """TensorBoard on rank 0 only; every call is a no-op elsewhere so the loop needs no rank checks."""
+
+    def __init__(self, run_path: Path, enabled: bool):
+        self.writer = SummaryWriter(str(run_path)) if enabled else None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def image(self, tag: str, chw: torch.Tensor, step: int) -> None:
+        if self.writer:
+            self.writer.add_image(tag, chw, step)
+
+    def retrieval(self, step: int, metrics: dict, block: torch.Tensor) -> None:
+        self.scalars(step, {f"eval/{d}_{k}": v for d in ("i2t", "t2i") for k, v in metrics[d].items()})
+        self.image("eval/similarity_images_vs_first_captions", similarity_heatmap(block), step)
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def console_line(step: int, max_steps: int, values: dict[str, float]) -> str:
+    keys = ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/itm_accuracy", "train/lr",
+            "train/grad_norm", "perf/samples_per_s", "perf/mfu", "perf/data_wait_fraction")
+    parts = [f"step {step}/{max_steps}"]
+    for key in keys:
+        if key in values:
+            parts.append(f"{key.split('/')[-1]} {values[key]:.4g}")
+    return " | ".join(parts)
