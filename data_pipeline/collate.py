@@ -1,0 +1,51 @@
+"""Batch assembly: stack images, tokenize captions, MLM-mask, per the DESIGN batch contract."""
+
+import torch
+
+from data_pipeline.masking import mask_tokens
+from data_pipeline.transforms import normalize
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    """Fixed-length padding: identical shapes on every rank and step."""
+    encoded = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=max_len,
+        return_special_tokens_mask=True,
+        return_token_type_ids=False,
+        return_tensors="pt",
+    )
+    return {key: value.long() for key, value in encoded.items()}
+
+
+def collate_train(
+    pixels: list[torch.Tensor],
+    captions: list[str],
+    keys: list[str],
+    image_ids: list[int],
+    *,
+    tokenizer,
+    max_len: int,
+    mlm_probability: float,
+    generator: torch.Generator,
+) -> dict:
+    text = tokenize(tokenizer, captions, max_len)
+    mlm_input_ids, mlm_labels = mask_tokens(
+        text["input_ids"],
+        text["special_tokens_mask"],
+        mask_token_id=tokenizer.mask_token_id,
+        vocab_size=len(tokenizer),
+        generator=generator,
+        mlm_probability=mlm_probability,
+    )
+    return {
+        "pixel_values": normalize(torch.stack(pixels)),
+        "input_ids": text["input_ids"],
+        "attention_mask": text["attention_mask"],
+        "mlm_input_ids": mlm_input_ids,
+        "mlm_labels": mlm_labels,
+        "image_ids": torch.tensor(image_ids, dtype=torch.long),
+        "keys": keys,
+    }

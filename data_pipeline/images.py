@@ -1,0 +1,69 @@
+"""Guarded image decoding and the shard writer's resize/re-encode step (PIL only)."""
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+from PIL import Image
+
+# PIL's own bomb guard is a warning below 2x this; we check an explicit, configurable limit instead.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+class ImageRejected(Exception):
+    """An image that must be skipped; `reason` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open image bytes lazily, refusing decompression bombs from the header before any pixel is decoded."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:
+        raise ImageRejected("undecodable_image", str(exc)) from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+    return image
+
+
+def load_rgb(image: Image.Image) -> Image.Image:
+    """Fully decode (so truncated files fail here, not later) and convert to RGB."""
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Exception as exc:
+        raise ImageRejected("undecodable_image", str(exc)) from exc
+
+
+@dataclass
+class PreparedImage:
+    jpeg: bytes
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    sha256: str
+
+
+def prepare_for_shard(
+    data: bytes, *, max_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 90
+) -> PreparedImage:
+    """Shorter side down to `max_size` (aspect kept) and JPEG-encode; small JPEGs keep their exact bytes."""
+    image = open_checked(data, max_pixels)
+    is_jpeg = image.format == "JPEG"
+    original = image.size
+    rgb = load_rgb(image)
+    if min(original) > max_size:
+        scale = max_size / min(original)
+        size = (max(1, round(original[0] * scale)), max(1, round(original[1] * scale)))
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    elif is_jpeg:
+        return PreparedImage(data, *original, *original, hashlib.sha256(data).hexdigest())
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=quality)
+    encoded = buffer.getvalue()
+    return PreparedImage(encoded, *rgb.size, *original, hashlib.sha256(encoded).hexdigest())

@@ -1,0 +1,270 @@
+"""Turn a dataset into WebDataset shards, one directory per split, each with a manifest.json.
+
+    python -m data_pipeline.make_shards --source coco --root data/synthetic_coco --name synthetic
+
+Every sample is KEY.jpg + KEY.txt (first caption) + KEY.json (all captions and provenance). Records are
+shuffled once (by --seed) before sharding; shards close at --shard-samples or --shard-bytes. A rerun
+keeps every shard the manifest (or the progress file of an interrupted run) proves complete, and
+redoes the rest. Bad inputs are skipped and counted by reason; the run fails only when no valid sample
+is left or the skipped fraction exceeds --max-bad-fraction.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from data_pipeline.errors import DataError
+from data_pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_for_shard
+from data_pipeline.manifest import (
+    MANIFEST,
+    PROGRESS,
+    bad_image_count,
+    file_sha256,
+    read_manifest,
+    shard_is_complete,
+    write_json_atomic,
+)
+from data_pipeline.sources import Record, SourceSplit
+
+SOURCES = ("coco", "flickr30k", "hf")
+FORMAT_VERSION = 1
+
+
+def read_source(args: argparse.Namespace, split: str) -> SourceSplit:
+    if args.source == "coco":
+        if args.karpathy_json:
+            from data_pipeline.sources.karpathy import read_karpathy
+
+            return read_karpathy(args.karpathy_json, args.root, split)
+        from data_pipeline.sources.coco import read_coco
+
+        return read_coco(args.root, split)
+    if args.source == "flickr30k":
+        from data_pipeline.sources.flickr30k import read_flickr30k
+
+        return read_flickr30k(args.root, split, args.karpathy_json)
+    from data_pipeline.sources.hf import read_hf
+
+    return read_hf(
+        args.hf_dataset,
+        split,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        id_column=args.id_column,
+    )
+
+
+def sample_key(name: str, split: str, image_id: str) -> str:
+    """Keys have no dots (WebDataset splits member names at the first dot)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{name}_{split}_{image_id}")
+
+
+def _prepare(record: Record, *, max_size: int, max_pixels: int, quality: int):
+    """Runs in a worker process: the image bytes ready to store, or the reason to skip the record."""
+    try:
+        if isinstance(record.image, bytes):
+            data = record.image
+        else:
+            try:
+                data = Path(record.image).read_bytes()
+            except OSError:
+                return record, "missing_image"
+        return record, prepare_for_shard(data, max_size=max_size, max_pixels=max_pixels, quality=quality)
+    except ImageRejected as rejected:
+        return record, rejected.reason
+
+
+def _sample(record: Record, image, *, name: str, split: str) -> dict:
+    image_id = int(record.image_id) if record.image_id.isdigit() else record.image_id
+    meta = {
+        "image_id": image_id,
+        "captions": list(record.captions),
+        "source": name,
+        "split": split,
+        "width": image.width,
+        "height": image.height,
+        "original_size": [image.original_width, image.original_height],
+        "sha256": image.sha256,
+    }
+    key = sample_key(name, split, record.image_id)
+    return {"__key__": key, "jpg": image.jpeg, "txt": record.captions[0], "json": json.dumps(meta)}
+
+
+def _reusable_shards(directory: Path, options: dict) -> list[dict]:
+    """The leading shards a previous run with the same options provably finished."""
+    previous = read_manifest(directory)
+    if previous is None and (directory / PROGRESS).is_file():
+        previous = json.loads((directory / PROGRESS).read_text())
+    if previous is None or previous.get("options") != options:
+        return []
+    kept = []
+    for entry in previous["shards"]:
+        if not shard_is_complete(directory, entry):
+            break
+        kept.append(entry)
+    return kept
+
+
+def shard_split(args: argparse.Namespace, split: str) -> dict:
+    """Write (or complete) one split directory; returns its manifest."""
+    source = read_source(args, split)
+    records = source.records
+    random.Random(f"{args.seed}-{split}").shuffle(records)
+    directory = Path(args.out) / split
+    directory.mkdir(parents=True, exist_ok=True)
+    options = {
+        "format": FORMAT_VERSION,
+        "source": args.source,
+        "name": args.name,
+        "root": str(args.root or args.hf_dataset),
+        "karpathy_json": args.karpathy_json,
+        "split": split,
+        "seed": args.seed,
+        "max_size": args.max_size,
+        "max_pixels": args.max_pixels,
+        "jpeg_quality": args.jpeg_quality,
+        "shard_samples": args.shard_samples,
+        "shard_bytes": args.shard_bytes,
+        "num_inputs": len(records),
+    }
+    shards = _reusable_shards(directory, options)
+    start = shards[-1]["end_input"] if shards else 0
+    _write_shards(args, split, directory, records, start, shards, options)
+
+    skipped = Counter(source.skipped)
+    for entry in shards:
+        skipped.update(entry["skipped"])
+    expected = {entry["name"] for entry in shards}
+    for stale in directory.glob(f"{split}-*.tar*"):
+        if stale.name not in expected:
+            stale.unlink()
+    manifest = {
+        "options": options,
+        "shards": shards,
+        "num_shards": len(shards),
+        "num_samples": sum(entry["num_samples"] for entry in shards),
+        "bytes": sum(entry["bytes"] for entry in shards),
+        "skipped": dict(sorted(skipped.items())),
+    }
+    _check_enough_valid(manifest, split, len(records) + bad_image_count(source.skipped), args.max_bad_fraction)
+    write_json_atomic(directory / MANIFEST, manifest)
+    (directory / PROGRESS).unlink(missing_ok=True)
+    return manifest
+
+
+def _write_shards(args, split, directory, records, start, shards, options) -> None:
+    prepare = partial(_prepare, max_size=args.max_size, max_pixels=args.max_pixels, quality=args.jpeg_quality)
+    writer, entry = None, None
+
+    def close_shard(end_input: int) -> None:
+        writer.close()
+        temporary = directory / (entry["name"] + ".tmp")
+        os.replace(temporary, directory / entry["name"])  # a shard appears under its name only when whole
+        path = directory / entry["name"]
+        entry.update(bytes=path.stat().st_size, sha256=file_sha256(path), end_input=end_input)
+        entry["skipped"] = dict(sorted(entry["skipped"].items()))
+        shards.append(entry)
+        write_json_atomic(directory / PROGRESS, {"options": options, "shards": shards})
+
+    with Pool(max(1, args.workers)) as pool:
+        results = pool.imap(prepare, records[start:], chunksize=16)
+        bar = tqdm(results, total=len(records) - start, desc=f"{split} shards", unit="img", disable=args.quiet)
+        for position, (record, image) in enumerate(bar, start=start):
+            if writer is None:
+                name = f"{split}-{len(shards):06d}.tar"
+                entry = {"name": name, "num_samples": 0, "first_input": position, "skipped": Counter()}
+                writer = wds.TarWriter(str(directory / (name + ".tmp")), mtime=0.0)
+                shard_bytes = 0
+            if isinstance(image, str):
+                entry["skipped"][image] += 1
+            else:
+                shard_bytes += writer.write(_sample(record, image, name=args.name, split=split))
+                entry["num_samples"] += 1
+            if entry["num_samples"] >= args.shard_samples or shard_bytes >= args.shard_bytes:
+                close_shard(position + 1)
+                writer = None
+        if writer is not None:
+            close_shard(len(records))
+
+
+def _check_enough_valid(manifest: dict, split: str, num_inputs: int, max_bad_fraction: float | None) -> None:
+    skipped = manifest["skipped"]
+    summary = ", ".join(f"{reason}={n}" for reason, n in skipped.items()) or "nothing"
+    if manifest["num_samples"] == 0:
+        raise DataError(f"no valid sample in split {split!r} (skipped: {summary}); check --root and the layout")
+    bad_fraction = bad_image_count(skipped) / max(1, num_inputs)
+    if max_bad_fraction is not None and bad_fraction > max_bad_fraction:
+        raise DataError(
+            f"split {split!r}: {bad_fraction:.1%} of images skipped ({summary}) > --max-bad-fraction "
+            f"{max_bad_fraction}; fix the data or raise the bound"
+        )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=SOURCES, default="coco", help="dataset layout (synthetic data is coco)")
+    parser.add_argument(
+        "--root",
+        help="dataset directory (coco: annotations/ + {train,val}2017/; flickr30k: "
+        "flickr30k-images/ + results.csv or results_20130124.token)",
+    )
+    parser.add_argument(
+        "--karpathy-json",
+        help="Karpathy split file (dataset_coco.json / dataset_flickr30k.json); "
+        "for coco, images are found at ROOT/filepath/filename",
+    )
+    parser.add_argument("--hf-dataset", help="hf: a Hugging Face dataset name or a save_to_disk directory")
+    parser.add_argument("--image-column", default="image", help="hf: image column (Image feature, bytes or path)")
+    parser.add_argument("--caption-column", default="caption", help="hf: caption column (a string or a list)")
+    parser.add_argument("--id-column", help="hf: image id column (default: the row index)")
+    parser.add_argument("--splits", default="train,val", help="comma-separated splits to shard")
+    parser.add_argument("--name", help="dataset name: key prefix and default output folder (default: --source)")
+    parser.add_argument("--out", help="output directory; one subdirectory per split (default: data/shards/NAME)")
+    parser.add_argument("--max-size", type=int, default=256, help="shorter image side at most this (pixels)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images (bombs)")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded images")
+    parser.add_argument("--shard-samples", type=int, default=1000, help="samples per shard at most")
+    parser.add_argument("--shard-bytes", type=int, default=500_000_000, help="close a shard past this size")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image processes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle before sharding")
+    parser.add_argument("--max-bad-fraction", type=float, help="fail when more images than this are skipped")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.source in ("coco", "flickr30k") and not args.root:
+        parser.error(f"--source {args.source} needs --root")
+    if args.source == "hf" and not args.hf_dataset:
+        parser.error("--source hf needs --hf-dataset")
+    if min(args.max_size, args.shard_samples, args.shard_bytes, args.max_pixels) < 1:
+        parser.error("--max-size, --max-pixels, --shard-samples and --shard-bytes must be positive")
+    args.name = args.name or args.source
+    args.out = args.out or f"data/shards/{args.name}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
+            manifest = shard_split(args, split)
+            skipped = ", ".join(f"{k}={v}" for k, v in manifest["skipped"].items()) or "none"
+            print(
+                f"{split}: {manifest['num_samples']} samples in {manifest['num_shards']} shards "
+                f"({manifest['bytes'] / 1e6:.1f} MB) -> {Path(args.out) / split}; skipped: {skipped}"
+            )
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Safe reading of shard samples: only image, txt and json members are ever read into a sample.
+
+Anything else in a tar (.pyd, .pkl, .pth, ...) is skipped by name before its bytes are read, so no
+member is ever unpickled or loaded. Images are decoded later, under a pixel limit (see images.py).
+"""
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import webdataset as wds
+
+from data_pipeline.text import clean_caption
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt", "json"))
+
+
+@dataclass
+class ParsedSample:
+    key: str
+    image: bytes
+    captions: list[str]  # cleaned, non-empty
+
+
+def image_id_of(key: str) -> int:
+    """A stable non-negative 63-bit id per sample key (keys are unique across sources: name_split_id)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _wanted(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in READ_EXTENSIONS
+
+
+def read_samples(paths: Iterable[str], skipped: Counter) -> Iterator[dict]:
+    """Raw samples (key + member bytes) from local shards; an unreadable shard is counted, not fatal."""
+
+    def count_and_continue(exc: Exception) -> bool:
+        skipped["unreadable_shard"] += 1
+        return True
+
+    urls = [{"url": path} for path in paths]
+    yield from wds.tariterators.tarfile_samples(urls, handler=count_and_continue, select_files=_wanted)
+
+
+def parse_sample(raw: dict, max_words: int, skipped: Counter) -> ParsedSample | None:
+    """Image bytes and cleaned captions of a raw sample, or None (reason counted) when unusable."""
+    image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if image is None:
+        skipped["missing_image"] += 1
+        return None
+    captions = []
+    if "json" in raw:
+        try:
+            captions = json.loads(raw["json"]).get("captions") or []
+        except (ValueError, AttributeError):
+            skipped["bad_json"] += 1
+    if not captions and "txt" in raw:
+        captions = [raw["txt"].decode("utf-8", "replace")]
+    captions = [c for c in (clean_caption(c, max_words) for c in captions if isinstance(c, str)) if c]
+    if not captions:
+        skipped["no_caption"] += 1
+        return None
+    return ParsedSample(raw["__key__"].rsplit("/", 1)[-1], image, captions)

@@ -1,0 +1,90 @@
+"""Image transforms without torchvision: random resized crop, optional flip, normalization, eval resize.
+
+JPEG `draft` mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop will be downsampled anyway,
+which is most of the loader's speed advantage on large images.
+"""
+
+import math
+import random
+
+import torch
+from PIL import Image
+
+from data_pipeline.images import DEFAULT_MAX_PIXELS, load_rgb, open_checked
+
+# CLIP/ALBEF statistics; the model room normalizes nothing itself.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def random_crop_box(
+    width: int, height: int, rng: random.Random, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """The crop rule of torchvision's RandomResizedCrop: area in `scale`, log-uniform aspect in `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    side = min(width, height)  # fallback: central square, as torchvision does for extreme images
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def _decode_for(image: Image.Image, box: tuple[int, int, int, int], size: int):
+    """Decode with the largest JPEG draft reduction that keeps the crop box at least `size` pixels."""
+    full_w, full_h = image.size
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    if image.format == "JPEG":
+        image.draft("RGB", (math.ceil(full_w * size / crop_w), math.ceil(full_h * size / crop_h)))
+    rgb = load_rgb(image)
+    sx, sy = rgb.size[0] / full_w, rgb.size[1] / full_h
+    return rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def train_image(
+    data: bytes,
+    rng: random.Random,
+    *,
+    size: int,
+    scale: tuple[float, float] = (0.5, 1.0),
+    hflip: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Random resized crop (+ optional flip) to uint8 [3, size, size]."""
+    image = open_checked(data, max_pixels)
+    box = random_crop_box(*image.size, rng, scale)
+    rgb, box = _decode_for(image, box, size)
+    out = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    if hflip and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_uint8_tensor(out)
+
+
+def eval_image(data: bytes, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Shorter side to `size`, then a central `size` square, to uint8 [3, size, size]."""
+    image = open_checked(data, max_pixels)
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    rgb, box = _decode_for(image, (left, top, left + side, top + side), size)
+    return to_uint8_tensor(rgb.resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    width, height = image.size
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1)
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> normalized float; done once per batch rather than per image."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return (batch.float() - mean) / std
