@@ -1,0 +1,127 @@
+"""The one attention function every self- and cross-attention in the model goes through.
+
+Backends: `flash_attn` (flash-attn 2; unpadded variable-length text through `flash_attn_varlen_func`),
+`sdpa` (torch's scaled_dot_product_attention: flash / memory-efficient kernels on GPU, the fused kernel
+on CPU), `eager` (the plain reference). `auto` takes flash-attn for half-precision CUDA inputs when the
+package is installed and sdpa otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
+
+@dataclass
+class KeyPadding:
+    """Which keys are real tokens (True) or padding (False), [B, L]; computed once per forward."""
+
+    mask: Tensor
+
+    @cached_property
+    def sdpa_mask(self) -> Tensor:
+        return self.mask[:, None, None, :]
+
+    @cached_property
+    def indices(self) -> Tensor:
+        return self.mask.flatten().nonzero().flatten()
+
+    @cached_property
+    def cu_seqlens(self) -> Tensor:
+        lengths = self.mask.sum(dim=1, dtype=torch.int32)
+        return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+    @cached_property
+    def max_seqlen(self) -> int:
+        return int(self.mask.sum(dim=1).max())
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend `auto` stands for on this machine, logged once per model."""
+    if backend != "auto":
+        if backend == "flash_attn" and not FLASH_ATTN_INSTALLED:
+            raise RuntimeError("attention backend flash_attn needs the flash-attn package: pip install .[gpu]")
+        return backend
+    chosen = "flash_attn" if FLASH_ATTN_INSTALLED and torch.cuda.is_available() else "sdpa"
+    logger.info("attention backend auto -> %s", chosen)
+    return chosen
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    backend: str,
+    key_padding: KeyPadding | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Scaled dot-product attention on [B, L, H, Dh] tensors, returning [B, Lq, H, Dh].
+
+    `key_padding` masks padded keys; query rows at padded positions are don't-care in every backend.
+    """
+    use_flash = backend == "flash_attn" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if use_flash:
+        return _flash_attention(q, k, v, key_padding, dropout_p)
+    if backend == "eager":
+        return _eager_attention(q, k, v, key_padding, dropout_p)
+    mask = key_padding.sdpa_mask if key_padding is not None else None
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p
+    )
+    return out.transpose(1, 2)
+
+
+def _eager_attention(q: Tensor, k: Tensor, v: Tensor, key_padding: KeyPadding | None, dropout_p: float) -> Tensor:
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if key_padding is not None:
+        scores = scores.masked_fill(~key_padding.sdpa_mask, float("-inf"))
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, key_padding: KeyPadding | None, dropout_p: float) -> Tensor:
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    if key_padding is None:
+        return flash_attn_func(q, k, v, dropout_p=dropout_p)
+    # Padded text self-attention: drop the padding tokens, attend over the packed sequences, scatter back.
+    batch, length, heads, head_dim = q.shape
+    idx, cu, max_len = key_padding.indices, key_padding.cu_seqlens, key_padding.max_seqlen
+    packed = [t.reshape(batch * length, heads, head_dim)[idx] for t in (q, k, v)]
+    out = flash_attn_varlen_func(*packed, cu, cu, max_len, max_len, dropout_p=dropout_p)
+    padded = out.new_zeros(batch * length, heads, head_dim).index_copy(0, idx, out)
+    return padded.view(batch, length, heads, head_dim)
+
+
+class MultiHeadAttention(nn.Module):
+    """Query / key / value / output projections around `attention`; keys may come from another width."""
+
+    def __init__(self, hidden: int, heads: int, backend: str, dropout: float = 0.0, kv_hidden: int | None = None):
+        super().__init__()
+        self.heads, self.backend, self.dropout = heads, backend, dropout
+        kv_hidden = kv_hidden or hidden
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_hidden, hidden)
+        self.value = nn.Linear(kv_hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, key_padding: KeyPadding | None = None) -> Tensor:
+        context = x if context is None else context
+        q = self.query(x).unflatten(-1, (self.heads, -1))
+        k = self.key(context).unflatten(-1, (self.heads, -1))
+        v = self.value(context).unflatten(-1, (self.heads, -1))
+        dropout_p = self.dropout if self.training else 0.0
+        out = attention(q, k, v, backend=self.backend, key_padding=key_padding, dropout_p=dropout_p)
+        return self.out(out.flatten(-2))

@@ -1,0 +1,98 @@
+"""Model configuration and the named presets (tiny / base / large)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
+
+
+class ModelConfigError(ValueError):
+    """A model configuration a user asked for cannot be built."""
+
+
+@dataclass
+class ModelConfig:
+    # image encoder (ViT, pre-norm)
+    image_size: int = 224
+    patch_size: int = 16
+    vision_hidden: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_mlp: int = 3072
+    vision_layer_norm_eps: float = 1e-12
+    # text encoder and fusion encoder (BERT, post-norm); fusion layers add cross-attention to the image
+    vocab_size: int = 30522
+    text_hidden: int = 768
+    text_layers: int = 6
+    fusion_layers: int = 6
+    text_heads: int = 12
+    text_intermediate: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    text_layer_norm_eps: float = 1e-12
+    dropout: float = 0.0
+    # heads and losses
+    embed_dim: int = 256
+    temperature_init: float = 0.07
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+    weight_itc: float = 1.0
+    weight_itm: float = 1.0
+    weight_mlm: float = 1.0
+    # execution
+    attention: str = "auto"
+    grad_checkpointing: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ModelConfigError(
+                f"attention backend {self.attention!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.image_size % self.patch_size:
+            raise ModelConfigError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; change one"
+            )
+        for hidden, heads, what in (
+            (self.vision_hidden, self.vision_heads, "vision"),
+            (self.text_hidden, self.text_heads, "text"),
+        ):
+            if hidden % heads:
+                raise ModelConfigError(f"{what} hidden size {hidden} is not divisible by {heads} heads")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+_PRESETS: dict[str, dict] = {
+    # Trains retrieval on synthetic shapes on 2 CPU cores within minutes, from scratch. Init std ~
+    # 1/sqrt(hidden): at BERT's 0.02 a 128-wide post-norm [CLS] barely depends on the caption and ITC stalls.
+    "tiny": dict(
+        image_size=64, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4, vision_mlp=512,
+        text_hidden=128, text_layers=2, fusion_layers=2, text_heads=4, text_intermediate=512, max_position=32,
+        init_std=0.08,
+    ),
+    # ALBEF's size: ViT-B/16 (at ALBEF's pretraining resolution 256) + BERT-base split 6 text / 6 fusion.
+    "base": dict(image_size=256),
+    # ViT-L/16 + BERT-large split 12 text / 12 fusion.
+    "large": dict(
+        image_size=224, vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
+        text_hidden=1024, text_layers=12, fusion_layers=12, text_heads=16, text_intermediate=4096,
+    ),
+}  # fmt: skip
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """The named preset with `overrides` applied, e.g. ``model_preset("tiny", vocab_size=1500)``."""
+    if name not in _PRESETS:
+        raise ModelConfigError(f"model preset {name!r} is unknown; use one of {', '.join(_PRESETS)}")
+    valid = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ModelConfigError(
+            f"unknown model config key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(valid))}"
+        )
+    return ModelConfig(**{**_PRESETS[name], **overrides})

@@ -1,0 +1,46 @@
+"""Image encoder: a ViT with [CLS], learned positions and pre-norm blocks (as ViT / ALBEF)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import MultiHeadAttention
+from .config import ModelConfig
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: ModelConfig, backend: str):
+        super().__init__()
+        hidden, eps = config.vision_hidden, config.vision_layer_norm_eps
+        self.norm1 = nn.LayerNorm(hidden, eps=eps)
+        self.attn = MultiHeadAttention(hidden, config.vision_heads, backend)
+        self.norm2 = nn.LayerNorm(hidden, eps=eps)
+        self.fc1 = nn.Linear(hidden, config.vision_mlp)
+        self.fc2 = nn.Linear(config.vision_mlp, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: ModelConfig, backend: str):
+        super().__init__()
+        hidden = config.vision_hidden
+        self.grad_checkpointing = config.grad_checkpointing
+        self.patch_embed = nn.Conv2d(3, hidden, kernel_size=config.patch_size, stride=config.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, hidden))
+        self.blocks = nn.ModuleList(VisionBlock(config, backend) for _ in range(config.vision_layers))
+        self.norm = nn.LayerNorm(hidden, eps=config.vision_layer_norm_eps)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """[B, 3, H, W] -> token states [B, 1 + patches, D] ([CLS] first)."""
+        patches = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(patches), -1, -1), patches], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+        return self.norm(x)

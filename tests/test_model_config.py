@@ -1,0 +1,54 @@
+import pytest
+import torch
+from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+from pretrain.model import ALBEF, ModelConfigError, model_preset
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _meta(build):
+    with torch.device("meta"):
+        return build()
+
+
+def test_unknown_preset_and_key_name_the_valid_ones():
+    with pytest.raises(ModelConfigError, match="tiny, base, large"):
+        model_preset("huge")
+    with pytest.raises(ModelConfigError, match="unknown model config key.*vision_hiden.*valid keys.*vision_hidden"):
+        model_preset("tiny", vision_hiden=64)
+    with pytest.raises(ModelConfigError, match="flash_attn, sdpa, eager"):
+        model_preset("tiny", attention="xformers")
+
+
+def test_overrides_apply():
+    config = model_preset("tiny", vocab_size=1500, grad_checkpointing=True)
+    assert (config.vocab_size, config.grad_checkpointing, config.image_size, config.patch_size) == (1500, True, 64, 8)
+
+
+@pytest.mark.parametrize(
+    ("preset", "total", "bert_layers"),
+    [("base", 209_937_725, 12), ("large", 689_408_317, 24)],
+)
+def test_preset_parameter_counts(preset, total, bert_layers):
+    config = model_preset(preset)
+    model = _meta(lambda: ALBEF(config))
+    assert _count(model) == total
+    # The encoders are exactly ViT-B/L and BERT-base/large (without poolers), plus fresh cross-attention.
+    hf_vit = _meta(lambda: ViTModel(ViTConfig(
+        hidden_size=config.vision_hidden, num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads, intermediate_size=config.vision_mlp,
+        image_size=config.image_size, patch_size=16), add_pooling_layer=False))  # fmt: skip
+    assert _count(model.image_encoder) == _count(hf_vit)
+    hf_bert = _meta(lambda: BertModel(BertConfig(
+        hidden_size=config.text_hidden, num_hidden_layers=bert_layers, num_attention_heads=config.text_heads,
+        intermediate_size=config.text_intermediate), add_pooling_layer=False))  # fmt: skip
+    d, dv = config.text_hidden, config.vision_hidden
+    cross_attention = config.fusion_layers * (2 * (d * d + d) + 2 * (dv * d + d) + 2 * d)
+    assert _count(model.text_encoder) + _count(model.fusion_encoder) == _count(hf_bert) + cross_attention
+
+
+def test_tiny_is_small():
+    assert 1_000_000 < _count(ALBEF(model_preset("tiny", vocab_size=1500))) < 3_000_000

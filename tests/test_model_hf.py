@@ -1,0 +1,124 @@
+import pytest
+import torch
+from model_helpers import VOCAB, make_batch, tiny_config
+from transformers import AutoModel, BertConfig, BertForMaskedLM, ViTConfig, ViTModel
+
+from pretrain.model import (
+    ALBEF,
+    HFWeightsError,
+    KeyPadding,
+    bert_state_dict_to_ours,
+    export_hf,
+    load_pretrained,
+    vit_state_dict_to_ours,
+)
+
+
+def _hf_vit(image_size: int) -> ViTModel:
+    torch.manual_seed(1)
+    config = ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                       image_size=image_size, patch_size=8)  # fmt: skip
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def _hf_bert(layers: int = 4, hidden: int = 128) -> BertForMaskedLM:
+    torch.manual_seed(2)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=512, max_position_embeddings=32)  # fmt: skip
+    return BertForMaskedLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    _hf_vit(64).save_pretrained(root / "vit")
+    _hf_vit(32).save_pretrained(root / "vit32")
+    _hf_bert().save_pretrained(root / "bert")
+    return root
+
+
+def _loaded(checkpoints, vit="vit") -> ALBEF:
+    model = ALBEF(tiny_config(attention="eager")).eval()
+    load_pretrained(model, vit=str(checkpoints / vit), bert=str(checkpoints / "bert"))
+    return model
+
+
+def test_loaded_encoders_reproduce_hf_outputs(checkpoints):
+    model = _loaded(checkpoints)
+    batch = make_batch(model.config)
+    with torch.no_grad():
+        hf_image = ViTModel.from_pretrained(checkpoints / "vit").eval()(batch["pixel_values"]).last_hidden_state
+        torch.testing.assert_close(model.encode_image(batch["pixel_values"])[0], hf_image, atol=1e-5, rtol=1e-4)
+        hf_bert = BertForMaskedLM.from_pretrained(checkpoints / "bert").eval()
+        hidden = hf_bert.bert(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        ours, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[valid], hidden.hidden_states[2][valid], atol=1e-5, rtol=1e-4)
+    # Fusion layers start from BERT layers 2-3 (self-attention and FFN); the MLM head from BERT's.
+    fusion = model.fusion_encoder.layers[1]
+    torch.testing.assert_close(fusion.self_attn.query.weight, hf_bert.bert.encoder.layer[3].attention.self.query.weight)
+    torch.testing.assert_close(fusion.ffn_norm.bias, hf_bert.bert.encoder.layer[3].output.LayerNorm.bias)
+    torch.testing.assert_close(model.mlm_head.decoder.bias, hf_bert.cls.predictions.bias)
+    assert model.mlm_head.decoder.weight is model.text_encoder.embeddings.word_embeddings.weight
+
+
+def test_positions_are_interpolated_like_hf(checkpoints):
+    model = _loaded(checkpoints, vit="vit32")  # checkpoint at 32 px, model at 64 px
+    pixels = make_batch(model.config)["pixel_values"]
+    with torch.no_grad():
+        hf = ViTModel.from_pretrained(checkpoints / "vit32").eval()
+        reference = hf(pixels, interpolate_pos_encoding=True).last_hidden_state
+        torch.testing.assert_close(model.encode_image(pixels)[0], reference, atol=1e-4, rtol=1e-3)
+
+
+def test_export_round_trip_through_automodel(checkpoints, tmp_path):
+    model = ALBEF(tiny_config(attention="eager")).eval()
+    export_hf(model, tmp_path)
+    batch = make_batch(model.config)
+    with torch.no_grad():
+        image = AutoModel.from_pretrained(tmp_path / "image_encoder").eval()(batch["pixel_values"])
+        torch.testing.assert_close(image.last_hidden_state, model.encode_image(batch["pixel_values"])[0],
+                                   atol=1e-5, rtol=1e-4)  # fmt: skip
+        text = AutoModel.from_pretrained(tmp_path / "text_encoder").eval()
+        text = text(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        ours = model.text_encoder(batch["input_ids"], KeyPadding(batch["attention_mask"].bool()))
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(text[valid], ours[valid], atol=1e-5, rtol=1e-4)
+
+
+def test_mismatched_checkpoints_fail_with_one_clear_error():
+    config = tiny_config()
+    with pytest.raises(HFWeightsError, match="missing.*encoder.layer.3"):
+        bert_state_dict_to_ours(_hf_bert(layers=3).state_dict(), config)
+    with pytest.raises(HFWeightsError, match="unexpected.*encoder.layer.4"):
+        bert_state_dict_to_ours(_hf_bert(layers=5).state_dict(), config)
+    with pytest.raises(HFWeightsError, match="shapes do not fit.*word_embeddings"):
+        bert_state_dict_to_ours(_hf_bert(hidden=64).state_dict(), config)
+    vit = _hf_vit(64).state_dict()
+    vit["layers.0.attention.q_proj.weight"] = torch.zeros(128, 64)
+    with pytest.raises(HFWeightsError, match=r"image_encoder.blocks.0.attn.query.weight \(128, 64\)"):
+        vit_state_dict_to_ours(vit, config)
+
+
+def test_hub_style_names_map_like_current_ones():
+    """Files on the Hub (and older transformers) spell ViT's and BERT's names the old way."""
+    config = tiny_config()
+    current = _hf_vit(64).state_dict()
+    old = {
+        k.replace("layers.", "encoder.layer.")
+        .replace("attention.q_proj", "attention.attention.query")
+        .replace("attention.o_proj", "attention.output.dense")
+        .replace("mlp.fc1", "intermediate.dense")
+        .replace("mlp.fc2", "output.dense"): v
+        for k, v in current.items()
+    }
+    old = {k.replace("attention.k_proj", "attention.attention.key").replace(
+        "attention.v_proj", "attention.attention.value"): v for k, v in old.items()}  # fmt: skip
+    assert vit_state_dict_to_ours(old, config).keys() == vit_state_dict_to_ours(current, config).keys()
+    bert = {k.replace("LayerNorm.weight", "LayerNorm.gamma"): v for k, v in _hf_bert().state_dict().items()}
+    assert "text_encoder.embeddings.norm.weight" in bert_state_dict_to_ours(bert, config)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(HFWeightsError, match="cannot load ViT weights"):
+        load_pretrained(ALBEF(tiny_config()), vit=str(tmp_path / "nowhere"))

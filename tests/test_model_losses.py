@@ -1,0 +1,147 @@
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pretrain.losses import contrastive_similarities, itc_loss, mlm_loss, sample_itm_negatives
+
+
+def test_itc_with_duplicate_image_ids_matches_hand_computation():
+    # Images 0 and 1 are the same picture (id 7); text 0 and 1 are both its captions.
+    sim = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    positives = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    lse = [math.log(math.exp(2) + math.exp(1) + 1), math.log(math.exp(2) + math.exp(1) + 1), math.log(2 + math.exp(3))]
+    row0 = -(0.5 * (2 - lse[0]) + 0.5 * (1 - lse[0]))
+    row1 = -(0.5 * (1 - lse[1]) + 0.5 * (2 - lse[1]))
+    row2 = -(3 - lse[2])
+    expected = (row0 + row1 + row2) / 3  # sim is symmetric, so both directions agree
+    assert itc_loss(sim, sim.T, positives).item() == pytest.approx(expected, rel=1e-6)
+    # with one-hot targets the second caption would be a negative: the loss differs
+    assert itc_loss(sim, sim.T, torch.eye(3, dtype=torch.bool)).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_itc_similarities_positives_from_image_ids():
+    feat = F.normalize(torch.randn(4, 8), dim=-1)
+    ids = torch.tensor([3, 3, 5, 6])
+    sim_i2t, sim_t2i, positives = contrastive_similarities(feat, feat, ids, torch.tensor([0.5]))
+    torch.testing.assert_close(sim_i2t, feat @ feat.T / 0.5)
+    assert positives.sum().item() == 6 and positives[0, 1] and not positives[0, 2]
+
+
+def test_itm_sampling_never_picks_a_same_image_negative():
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    positives = ids[:, None] == ids[None, :]
+    sim = torch.randn(8, 8) + 20 * positives  # positives dominate the softmax: the mask must act
+    picks_text, picks_image = [], []
+    for _ in range(500):
+        neg_text, neg_image = sample_itm_negatives(sim, sim.T.contiguous(), positives)
+        picks_text.append(neg_text)
+        picks_image.append(neg_image)
+    picks_text, picks_image = torch.stack(picks_text), torch.stack(picks_image)
+    assert (ids[picks_text] != ids[None, :]).all() and (ids[picks_image] != ids[None, :]).all()
+    # every valid negative of row 0 gets drawn sometimes
+    assert set(picks_text[:, 0].tolist()) == {2, 3, 4, 5, 6, 7}
+
+
+def test_itm_sampling_follows_the_dominant_similarity():
+    torch.manual_seed(0)
+    positives = torch.eye(6, dtype=torch.bool)
+    sim = torch.zeros(6, 6)
+    sim[:, 4] = 8.0  # text 4 looks like every image
+    sim[4, 2] = 8.0  # image 4's hardest negative is text 2
+    neg_text, _ = zip(*(sample_itm_negatives(sim, sim, positives) for _ in range(300)))
+    neg_text = torch.stack(neg_text)
+    others = torch.tensor([0, 1, 2, 3, 5])
+    assert (neg_text[:, others] == 4).float().mean() > 0.95
+    assert (neg_text[:, 4] == 2).float().mean() > 0.95
+
+
+def test_itm_sampling_with_a_single_image_falls_back_to_uniform():
+    positives = torch.ones(3, 3, dtype=torch.bool)
+    neg_text, neg_image = sample_itm_negatives(torch.randn(3, 3), torch.randn(3, 3), positives)
+    assert neg_text.shape == (3,) and ((neg_image >= 0) & (neg_image < 3)).all()
+
+
+def test_mlm_loss_ignores_unmasked_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.full((2, 5), -100)
+    labels[0, 1], labels[1, 3] = 4, 7
+    loss = mlm_loss(logits, labels)
+    changed = logits.clone()
+    changed[0, 0] += 100
+    changed[1, 4] -= 50
+    assert mlm_loss(changed, labels).item() == pytest.approx(loss.item())
+    expected = (F.cross_entropy(logits[0, 1], torch.tensor(4)) + F.cross_entropy(logits[1, 3], torch.tensor(7))) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_mlm_loss_perfect_logits_and_no_masked_tokens():
+    labels = torch.tensor([[-100, 3, -100, 9]])
+    perfect = torch.full((1, 4, 12), -30.0)
+    perfect[0, 1, 3] = perfect[0, 3, 9] = 30.0
+    assert mlm_loss(perfect, labels).item() < 1e-6
+    empty = mlm_loss(torch.randn(1, 4, 12, requires_grad=True), torch.full((1, 4), -100))
+    assert empty.item() == 0.0
+
+
+# ---- ITC across 2 ranks over gloo equals 1 process on the whole batch --------------------------------
+
+
+def _itc_case(image_ids: torch.Tensor, rank: int, world: int):
+    """A tiny projection + temperature on fixed inputs; returns the local loss and its gradients."""
+    torch.manual_seed(0)
+    images, texts = torch.randn(8, 6), torch.randn(8, 6)
+    image_proj, text_proj = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    temperature = torch.nn.Parameter(torch.tensor([0.1]))
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    image_feat = F.normalize(image_proj(images[rows]), dim=-1)
+    text_feat = F.normalize(text_proj(texts[rows]), dim=-1)
+    loss = itc_loss(*contrastive_similarities(image_feat, text_feat, image_ids[rows], temperature))
+    loss.backward()
+    params = [*image_proj.parameters(), *text_proj.parameters(), temperature]
+    return loss.detach(), [p.grad for p in params]
+
+
+_IMAGE_IDS = torch.tensor([0, 1, 1, 2, 3, 3, 4, 1])  # duplicates inside and across the two halves
+
+
+def _worker(rank: int, world: int, port: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loss, grads = _itc_case(_IMAGE_IDS, rank, world)
+        # What a data-parallel engine does: average losses and gradients over ranks.
+        for t in [loss, *grads]:
+            dist.all_reduce(t)
+            t /= world
+        out[rank] = (loss, grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_itc_two_ranks_equal_one_process():
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        results = dict(out)
+    loss, grads = _itc_case(_IMAGE_IDS, 0, 1)
+    for rank in (0, 1):
+        rank_loss, rank_grads = results[rank]
+        torch.testing.assert_close(rank_loss, loss)
+        for ours, reference in zip(rank_grads, grads):
+            torch.testing.assert_close(ours, reference)
+    assert grads[-1].abs().item() > 0

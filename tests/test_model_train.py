@@ -1,0 +1,107 @@
+import pytest
+import torch
+from model_helpers import make_batch, tiny_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain.flops import train_flops_per_sample
+from pretrain.model import ALBEF
+
+
+def _grads(model: ALBEF, batch: dict) -> dict:
+    torch.manual_seed(5)  # the same ITM negatives in both runs
+    model.zero_grad()
+    out = model(batch)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_a_few_steps_drive_all_three_losses_down():
+    torch.manual_seed(0)
+    model = ALBEF(tiny_config()).train()
+    batch = make_batch(model.config, batch_size=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    history = []
+    for _ in range(30):
+        out = model(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        history.append(out)
+    first, last = history[0], history[-1]
+    assert last.loss_itc < 0.1 * first.loss_itc
+    assert last.loss_mlm < 0.2 * first.loss_mlm
+    # below 0.64, the loss of always answering "no match" at ITM's 1 positive : 2 negatives
+    assert last.loss_itm < 0.5 < first.loss_itm
+    assert last.itc_positive_sim > last.itc_negative_sim + 0.3
+    assert 0.001 <= float(last.temperature) <= 0.5
+
+
+def test_output_fields_and_parameters_all_get_gradients():
+    model = ALBEF(tiny_config())
+    out, grads = _grads(model, make_batch(model.config))
+    assert torch.isclose(out.loss, out.loss_itc + out.loss_itm + out.loss_mlm)
+    assert out.temperature.dim() == 0 and not out.temperature.requires_grad
+    assert 0 <= out.itm_accuracy <= 1
+    assert model.temp.shape == (1,)
+    unused = {"text_encoder.embeddings.token_type_embeddings.weight"}  # row 0 only, as in ALBEF
+    assert [n for n, g in grads.items() if g.abs().sum() == 0 and n not in unused] == []
+
+
+def test_loss_weights_and_temperature_clamp():
+    batch = make_batch(tiny_config())
+    torch.manual_seed(0)
+    model = ALBEF(tiny_config(weight_itm=0.0, weight_mlm=2.0))
+    with torch.no_grad():
+        model.temp.fill_(5.0)
+        out = model(batch)
+    assert torch.isclose(out.loss, out.loss_itc + 2 * out.loss_mlm)
+    assert float(out.temperature) == pytest.approx(0.5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    batch = make_batch(tiny_config())
+    torch.manual_seed(0)
+    plain = ALBEF(tiny_config())
+    checkpointed = ALBEF(tiny_config(grad_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    out_plain, grads_plain = _grads(plain, batch)
+    out_ckpt, grads_ckpt = _grads(checkpointed, batch)
+    torch.testing.assert_close(out_ckpt.loss, out_plain.loss)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_sdpa_model_matches_eager_model():
+    batch = make_batch(tiny_config())
+    torch.manual_seed(0)
+    eager = ALBEF(tiny_config(attention="eager"))
+    sdpa = ALBEF(tiny_config(attention="sdpa"))
+    sdpa.load_state_dict(eager.state_dict())
+    out_eager, grads_eager = _grads(eager, batch)
+    out_sdpa, grads_sdpa = _grads(sdpa, batch)
+    torch.testing.assert_close(out_sdpa.loss, out_eager.loss)
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads_sdpa[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_itm_logits_groups_texts_per_image():
+    model = ALBEF(tiny_config()).eval()
+    batch = make_batch(model.config, batch_size=4)
+    with torch.no_grad():
+        image_embeds, _ = model.encode_image(batch["pixel_values"][:1])
+        text_embeds, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        grouped = model.itm_logits(image_embeds, text_embeds, batch["attention_mask"])
+        repeated = model.itm_logits(image_embeds.expand(4, -1, -1), text_embeds, batch["attention_mask"])
+    assert grouped.shape == (4, 2)
+    torch.testing.assert_close(grouped, repeated, atol=1e-5, rtol=1e-4)
+
+
+def test_train_flops_match_the_flop_counter():
+    config = tiny_config(attention="eager")  # the counter sees eager attention's matmuls
+    model = ALBEF(config)
+    batch = make_batch(config, batch_size=4, length=12)
+    masked_fraction = (batch["mlm_labels"] != -100).float().mean().item()
+    with FlopCounterMode(display=False) as counter:
+        model(batch).loss.backward()
+    measured = counter.get_total_flops() / 4
+    assert measured == pytest.approx(train_flops_per_sample(config, 12, masked_fraction), rel=0.02)
