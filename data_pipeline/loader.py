@@ -217,15 +217,15 @@ def hash_seed(text: str) -> int:
 
 
 def epoch_quotas(counts: list[list[int]], batch_size: int, batches_per_rank: int) -> list[list[int]]:
-    """Per rank, per worker batch quotas summing to `batches_per_rank`, following the samples they hold."""
+    """Per rank, per worker batch quotas summing to `batches_per_rank`, in proportion to the samples held."""
     quotas = []
     for rank_counts in counts:
-        quota = [n // batch_size for n in rank_counts]
-        while sum(quota) > batches_per_rank:
-            quota[quota.index(max(quota))] -= 1
-        while sum(quota) < batches_per_rank:  # give the worker with the most unused samples one more batch
-            spare = [n - q * batch_size for n, q in zip(rank_counts, quota)]
-            quota[spare.index(max(spare))] += 1
+        total = sum(rank_counts) or len(rank_counts)
+        shares = [batches_per_rank * (n or not sum(rank_counts)) / total for n in rank_counts]
+        quota = [int(share) for share in shares]
+        by_remainder = sorted(range(len(quota)), key=lambda w: quota[w] - shares[w])  # largest remainder first
+        for w in by_remainder[: batches_per_rank - sum(quota)]:
+            quota[w] += 1
         quotas.append(quota)
     return quotas
 

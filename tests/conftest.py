@@ -1,0 +1,48 @@
+"""Shared session fixtures: a tiny synthetic COCO set, its shards and a tokenizer trained on them.
+
+Everything is built once per session into a temporary directory (no network, no ./data).
+"""
+
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import load_tokenizer
+from data_pipeline.make_shards import main as make_shards_main
+from data_pipeline.synthetic import generate
+from data_pipeline.train_tokenizer import shard_captions, train_tokenizer
+
+SYNTHETIC_TRAIN_IMAGES = 40
+SYNTHETIC_VAL_IMAGES = 12
+SHARD_SAMPLES = 10  # 40 train images -> 4 shards: enough for 2 ranks x 2 workers
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory) -> Path:
+    """A COCO-layout directory: 40 train + 12 val shape scenes of 96x96, five captions each."""
+    root = tmp_path_factory.mktemp("synthetic_coco")
+    generate(root, train=SYNTHETIC_TRAIN_IMAGES, val=SYNTHETIC_VAL_IMAGES, seed=0, size=96, workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(synthetic_coco, tmp_path_factory) -> dict[str, Path]:
+    """{"train": dir, "val": dir}, each with SHARD_SAMPLES-sample shards and a manifest.json."""
+    out = tmp_path_factory.mktemp("shards")
+    make_shards_main(
+        ["--source", "coco", "--root", str(synthetic_coco), "--name", "synthetic", "--out", str(out),
+         "--shard-samples", str(SHARD_SAMPLES), "--workers", "1", "--quiet"]
+    )  # fmt: skip
+    return {"train": out / "train", "val": out / "val"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(synthetic_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(shard_captions(str(synthetic_shards["train"])), str(out), vocab_size=500, min_frequency=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(str(tokenizer_dir))

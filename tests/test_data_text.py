@@ -1,0 +1,59 @@
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from data_pipeline import DataError, clean_caption, load_tokenizer
+from data_pipeline.masking import mask_tokens
+
+
+def test_clean_caption_lowercases_strips_punctuation_and_caps_words():
+    assert clean_caption("  A Red, CIRCLE!!  on the   left...\n") == "a red circle on the left"
+    assert clean_caption("one two three four", max_words=2) == "one two"
+    assert clean_caption("?!.") == ""
+
+
+def test_tokenizer_loads_with_auto_tokenizer_and_bert_specials(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert tokenizer.pad_token_id == 0
+    assert {"[CLS]", "[SEP]", "[MASK]", "[UNK]"} <= set(tokenizer.get_vocab())
+    ids = tokenizer("A RED Circle")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert ids == tokenizer("a red circle")["input_ids"]  # lowercasing
+    assert tokenizer.unk_token_id not in ids  # caption words are in the vocabulary
+
+
+def test_load_tokenizer_missing_path_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="make tokenizer"):
+        load_tokenizer(str(tmp_path / "absent"))
+
+
+def test_masking_statistics_follow_bert():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (400, 64), generator=generator)
+    special = torch.zeros_like(ids)
+    special[:, 0] = special[:, 40:] = 1  # [CLS] and padding
+    masked, labels = mask_tokens(
+        ids, special, mask_token_id=4, vocab_size=1000, generator=torch.Generator().manual_seed(1)
+    )
+    selected = labels != -100
+    assert not selected[special.bool()].any()
+    assert torch.equal(labels[selected], ids[selected])
+    assert torch.equal(masked[~selected], ids[~selected])
+    fraction = selected.float().sum() / (special == 0).sum()
+    assert 0.14 < fraction < 0.16
+    to_mask = (masked[selected] == 4).float().mean()
+    unchanged = (masked[selected] == ids[selected]).float().mean()
+    assert 0.78 < to_mask < 0.82
+    assert 0.085 < unchanged < 0.12  # 10% kept (+ random draws that hit the same token)
+    assert 0.08 < 1 - to_mask - unchanged < 0.115  # 10% random
+
+
+def test_masking_is_seeded():
+    ids = torch.randint(10, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    special = torch.zeros_like(ids)
+
+    def run(seed):
+        return mask_tokens(ids, special, mask_token_id=4, vocab_size=100, generator=torch.Generator().manual_seed(seed))
+
+    assert all(torch.equal(a, b) for a, b in zip(run(3), run(3)))
+    assert not torch.equal(run(3)[1], run(4)[1])
