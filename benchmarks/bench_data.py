@@ -1,0 +1,122 @@
+"""Loader throughput: our shard loader vs. an ALBEF/LAVIS-style PIL folder dataset, in the same run.
+
+Both do decode + random resized crop + normalize + tokenize + MLM-mask + collate to the same batch
+contract with the same number of DataLoader workers; the baseline reads one JPEG file per sample from
+the COCO-layout folder with PIL (Image.open(path).convert("RGB"), crop then resize, per-image float
+tensor and normalization), as ALBEF/LAVIS datasets do. Prints one JSON object.
+
+    python benchmarks/bench_data.py --shards data/shards/synthetic/train --coco-root data/synthetic_coco
+"""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data_pipeline import load_tokenizer, make_train_loader
+from data_pipeline.collate import collate_train
+from data_pipeline.sources.coco import read_coco
+from data_pipeline.text import clean_caption
+from data_pipeline.transforms import MEAN, STD, random_crop_box
+
+
+class FolderDataset(Dataset):
+    """The baseline: one image file per sample, opened and transformed per image."""
+
+    def __init__(self, root: str, image_size: int):
+        self.records = read_coco(root, "train").records
+        self.image_size = image_size
+        self.mean = torch.tensor(MEAN).view(3, 1, 1)
+        self.std = torch.tensor(STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        rng = random.Random(index)
+        image = Image.open(record.image).convert("RGB")
+        image = image.crop(random_crop_box(*image.size, rng, (0.5, 1.0)))
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float() / 255
+        return (pixels - self.mean) / self.std, clean_caption(rng.choice(record.captions)), record.image_id
+
+
+def baseline_loader(root: str, tokenizer, batch_size: int, workers: int, image_size: int, max_len: int):
+    def collate(samples):
+        pixels, captions, ids = zip(*samples)
+        batch = collate_train(
+            [torch.zeros(3, 1, 1, dtype=torch.uint8)] * len(pixels),  # replaced below: already normalized
+            list(captions),
+            list(ids),
+            [int(i) for i in ids],
+            tokenizer=tokenizer,
+            max_len=max_len,
+            mlm_probability=0.15,
+            generator=torch.Generator().manual_seed(len(samples)),
+        )
+        batch["pixel_values"] = torch.stack(pixels)
+        return batch
+
+    dataset = FolderDataset(root, image_size)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate, drop_last=True
+    )
+
+
+def throughput(batches, max_batches: int) -> dict:
+    """Samples/s after the first batch (worker start-up excluded for both)."""
+    iterator = iter(batches)
+    first = next(iterator)
+    start, samples, count = time.perf_counter(), 0, 1
+    for batch in iterator:
+        samples += batch["pixel_values"].shape[0]
+        count += 1
+        if count >= max_batches:
+            break
+    elapsed = time.perf_counter() - start
+    assert first["pixel_values"].dtype == torch.float32
+    return {"samples": samples, "seconds": round(elapsed, 3), "samples_per_s": round(samples / elapsed, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", default="data/shards/synthetic/train")
+    parser.add_argument("--coco-root", default="data/synthetic_coco")
+    parser.add_argument("--tokenizer", default="data/tokenizer")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers for both loaders")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=60, help="batches timed per loader")
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(args.tokenizer)
+    ours = make_train_loader(
+        args.shards, tokenizer, batch_size=args.batch_size, rank=0, world_size=1, num_workers=args.workers,
+        seed=0, image_size=args.image_size, max_len=args.max_len,
+    )  # fmt: skip
+    baseline = baseline_loader(
+        args.coco_root, tokenizer, args.batch_size, args.workers, args.image_size, args.max_len
+    )
+    results = {"baseline_pil_folder": throughput(baseline, args.batches), "shards": throughput(ours, args.batches)}
+    speedup = results["shards"]["samples_per_s"] / results["baseline_pil_folder"]["samples_per_s"]
+    report = {
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "image_source": str(Path(args.coco_root)),
+        **results,
+        "shards_per_worker_samples_per_s": round(results["shards"]["samples_per_s"] / max(1, args.workers), 1),
+        "speedup": round(speedup, 2),
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
