@@ -16,7 +16,7 @@ import torch
 from data_pipeline.collate import tokenize
 from data_pipeline.errors import DataError
 from data_pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected
-from data_pipeline.samples import image_id_of, parse_sample, read_samples
+from data_pipeline.samples import cleaned_captions, image_id_of, parse_sample, read_samples
 from data_pipeline.shards import resolve_shards
 from data_pipeline.transforms import eval_image, normalize
 
@@ -79,18 +79,21 @@ def load_eval_data(
     keys, images, texts, text_owner = [], [], [], []
     paths = [shard.path for shard in resolve_shards(spec).shards]
     for raw in read_samples(paths, skipped):
-        parsed = parse_sample(raw, max_words, skipped)
-        if parsed is None:
+        parsed = parse_sample(raw, skipped)
+        captions = cleaned_captions(parsed, max_words) if parsed is not None else []
+        if parsed is not None and not captions:
+            skipped["no_caption"] += 1
+        if not captions:
             continue
         try:  # decode once up front so a bad image is dropped here, not mid-evaluation on one rank
             eval_image(parsed.image, size=image_size, max_pixels=max_pixels)
         except ImageRejected as rejected:
             skipped[rejected.reason] += 1
             continue
-        text_owner.extend([len(images)] * len(parsed.captions))
+        text_owner.extend([len(images)] * len(captions))
         keys.append(parsed.key)
         images.append(parsed.image)
-        texts.extend(parsed.captions)
+        texts.extend(captions)
     if not images:
         raise DataError(f"no valid evaluation sample in {spec!r} (skipped: {dict(skipped)}); check the shards")
     image_ids = torch.tensor([image_id_of(key) for key in keys], dtype=torch.long)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.collate import collate_train
 from data_pipeline.errors import DataError
 from data_pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected
-from data_pipeline.samples import image_id_of, parse_sample, read_samples
+from data_pipeline.samples import image_id_of, parse_sample, random_caption, read_samples
 from data_pipeline.shards import ShardSet, check_shards
 from data_pipeline.transforms import train_image
 
@@ -135,13 +135,17 @@ class _WorkerRun:
         config = self.config
         for sample in raw:
             self.seen += 1
-            parsed = parse_sample(sample, config.max_words, self.skipped)
+            parsed = parse_sample(sample, self.skipped)
             if parsed is not None:
                 # epoch mode: randomness keyed by (seed, epoch, sample), independent of reading order
                 seed = (
                     f"{config.seed}-{self.epoch}-{parsed.key}" if config.mode == "epoch" else f"{self.tag}-{self.seen}"
                 )
                 rng = random.Random(seed)
+                caption = random_caption(parsed, rng, config.max_words)
+                if not caption:
+                    self.skipped["no_caption"] += 1
+                    continue
                 try:
                     pixels = train_image(
                         parsed.image,
@@ -151,7 +155,7 @@ class _WorkerRun:
                         hflip=config.hflip,
                         max_pixels=config.max_pixels,
                     )
-                    yield pixels, rng.choice(parsed.captions), parsed.key
+                    yield pixels, caption, parsed.key
                 except ImageRejected as rejected:
                     self.skipped[rejected.reason] += 1
             self._check_bad_fraction(final=False)

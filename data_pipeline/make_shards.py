@@ -183,7 +183,7 @@ def _write_shards(args, split, directory, records, start, shards, options) -> No
             if writer is None:
                 name = f"{split}-{len(shards):06d}.tar"
                 entry = {"name": name, "num_samples": 0, "first_input": position, "skipped": Counter()}
-                writer = wds.TarWriter(str(directory / (name + ".tmp")), mtime=0.0)
+                writer = wds.TarWriter(str(directory / (name + ".tmp")), mtime=0)
                 shard_bytes = 0
             if isinstance(image, str):
                 entry["skipped"][image] += 1

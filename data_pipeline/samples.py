@@ -6,6 +6,7 @@ member is ever unpickled or loaded. Images are decoded later, under a pixel limi
 
 import hashlib
 import json
+import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt", "json"))
 class ParsedSample:
     key: str
     image: bytes
-    captions: list[str]  # cleaned, non-empty
+    captions: list[str]  # as stored; clean with `cleaned_captions` or pick one with `random_caption`
 
 
 def image_id_of(key: str) -> int:
@@ -45,8 +46,8 @@ def read_samples(paths: Iterable[str], skipped: Counter) -> Iterator[dict]:
     yield from wds.tariterators.tarfile_samples(urls, handler=count_and_continue, select_files=_wanted)
 
 
-def parse_sample(raw: dict, max_words: int, skipped: Counter) -> ParsedSample | None:
-    """Image bytes and cleaned captions of a raw sample, or None (reason counted) when unusable."""
+def parse_sample(raw: dict, skipped: Counter) -> ParsedSample | None:
+    """Image bytes and captions of a raw sample, or None (reason counted) when it has no image or caption."""
     image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image is None:
         skipped["missing_image"] += 1
@@ -59,8 +60,21 @@ def parse_sample(raw: dict, max_words: int, skipped: Counter) -> ParsedSample | 
             skipped["bad_json"] += 1
     if not captions and "txt" in raw:
         captions = [raw["txt"].decode("utf-8", "replace")]
-    captions = [c for c in (clean_caption(c, max_words) for c in captions if isinstance(c, str)) if c]
+    captions = [c for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
         skipped["no_caption"] += 1
         return None
     return ParsedSample(raw["__key__"].rsplit("/", 1)[-1], image, captions)
+
+
+def cleaned_captions(sample: ParsedSample, max_words: int) -> list[str]:
+    return [c for c in (clean_caption(c, max_words) for c in sample.captions) if c]
+
+
+def random_caption(sample: ParsedSample, rng: random.Random, max_words: int) -> str:
+    """One caption at random, cleaned (only the chosen one is cleaned: this runs per sample per epoch)."""
+    caption = clean_caption(rng.choice(sample.captions), max_words)
+    if caption:
+        return caption
+    remaining = cleaned_captions(sample, max_words)
+    return rng.choice(remaining) if remaining else ""
