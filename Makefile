@@ -23,5 +23,55 @@ lint: env
 test: lint
 	$(PY) -m pytest -q tests
 
+# --- data (see README "## Data" for every variable) ---
+SOURCE ?= synthetic
+DATASET ?= $(SOURCE)
+ROOT ?=
+KARPATHY_JSON ?=
+HF_DATASET ?=
+IMAGE_COLUMN ?= image
+CAPTION_COLUMN ?= caption
+ID_COLUMN ?=
+SPLITS ?= train,val
+SHARDS_DIR ?= data/shards/$(DATASET)
+MAX_SIZE ?= 256
+MAX_PIXELS ?= 89478485
+SHARD_SAMPLES ?= 500
+SHARD_BYTES ?= 500000000
+SHARD_WORKERS ?= $(shell nproc)
+SHARD_SEED ?= 0
+MAX_BAD_FRACTION ?=
+SYNTH_DIR ?= data/synthetic_coco
+SYNTH_TRAIN ?= 10000
+SYNTH_VAL ?= 1000
+SYNTH_SIZE ?= 96
+TOKENIZER_DIR ?= data/tokenizer
+TOKENIZER_SHARDS ?= data/shards/synthetic/train
+VOCAB_SIZE ?= 8000
+SHARD_ARGS = --splits $(SPLITS) --out $(SHARDS_DIR) --max-size $(MAX_SIZE) --max-pixels $(MAX_PIXELS) \
+	--shard-samples $(SHARD_SAMPLES) --shard-bytes $(SHARD_BYTES) --workers $(SHARD_WORKERS) --seed $(SHARD_SEED) \
+	$(if $(MAX_BAD_FRACTION),--max-bad-fraction $(MAX_BAD_FRACTION))
+
+shards: env
+ifeq ($(SOURCE),synthetic)
+	@test -f $(SYNTH_DIR)/annotations/captions_val2017.json || $(PY) -m data_pipeline.synthetic --out $(SYNTH_DIR) \
+		--train $(SYNTH_TRAIN) --val $(SYNTH_VAL) --image-size $(SYNTH_SIZE) --workers $(SHARD_WORKERS)
+	$(PY) -m data_pipeline.make_shards --source coco --root $(SYNTH_DIR) --name synthetic $(SHARD_ARGS)
+	$(MAKE) --no-print-directory tokenizer TOKENIZER_SHARDS=$(SHARDS_DIR)/train
+else
+	$(PY) -m data_pipeline.make_shards --source $(SOURCE) --name $(DATASET) $(SHARD_ARGS) \
+		$(if $(ROOT),--root $(ROOT)) $(if $(KARPATHY_JSON),--karpathy-json $(KARPATHY_JSON)) \
+		$(if $(HF_DATASET),--hf-dataset $(HF_DATASET) --image-column $(IMAGE_COLUMN) \
+		--caption-column $(CAPTION_COLUMN)) $(if $(ID_COLUMN),--id-column $(ID_COLUMN))
+endif
+
+tokenizer: env
+	$(PY) -m data_pipeline.train_tokenizer --shards $(TOKENIZER_SHARDS) --out $(TOKENIZER_DIR) \
+		--vocab-size $(VOCAB_SIZE)
+
+bench-data: shards
+	$(PY) -m benchmarks.bench_data --shards data/shards/synthetic/train --coco-root $(SYNTH_DIR) \
+		--tokenizer $(TOKENIZER_DIR)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

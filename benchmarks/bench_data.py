@@ -1,11 +1,15 @@
 """Loader throughput: our shard loader vs. an ALBEF/LAVIS-style PIL folder dataset, in the same run.
 
+Two image sets: the default synthetic one (96x96 originals, stored as they are) and a COCO-sized one
+(480x480 originals, stored by make_shards at shorter side 256, decoded with JPEG draft), because the
+shard format wins mostly by storing and decoding fewer pixels and by sequential reads.
+
 Both do decode + random resized crop + normalize + tokenize + MLM-mask + collate to the same batch
 contract with the same number of DataLoader workers; the baseline reads one JPEG file per sample from
 the COCO-layout folder with PIL (Image.open(path).convert("RGB"), crop then resize, per-image float
 tensor and normalization), as ALBEF/LAVIS datasets do. Prints one JSON object.
 
-    python benchmarks/bench_data.py --shards data/shards/synthetic/train --coco-root data/synthetic_coco
+    python -m benchmarks.bench_data --shards data/shards/synthetic/train --coco-root data/synthetic_coco
 """
 
 import argparse
@@ -85,6 +89,30 @@ def throughput(batches, max_batches: int) -> dict:
     return {"samples": samples, "seconds": round(elapsed, 3), "samples_per_s": round(samples / elapsed, 1)}
 
 
+def compare(shards: str, coco_root: str, tokenizer, args) -> dict:
+    ours = make_train_loader(
+        shards, tokenizer, batch_size=args.batch_size, rank=0, world_size=1, num_workers=args.workers,
+        seed=0, image_size=args.image_size, max_len=args.max_len,
+    )  # fmt: skip
+    baseline = baseline_loader(coco_root, tokenizer, args.batch_size, args.workers, args.image_size, args.max_len)
+    results = {"baseline_pil_folder": throughput(baseline, args.batches), "shards": throughput(ours, args.batches)}
+    results["shards_per_worker_samples_per_s"] = round(results["shards"]["samples_per_s"] / max(1, args.workers), 1)
+    results["speedup"] = round(results["shards"]["samples_per_s"] / results["baseline_pil_folder"]["samples_per_s"], 2)
+    return results
+
+
+def large_image_set(directory: Path, count: int) -> tuple[str, str]:
+    """COCO-sized (480x480) synthetic originals and their shards (shorter side 256), built once."""
+    from data_pipeline.make_shards import main as make_shards
+    from data_pipeline.synthetic import generate
+
+    root, shards = directory / "coco_layout", directory / "shards"
+    if not (root / "annotations/captions_val2017.json").is_file():
+        generate(root, train=count, val=0, size=480, workers=2)
+    make_shards(["--root", str(root), "--out", str(shards), "--splits", "train", "--name", "large", "--quiet"])
+    return str(shards / "train"), str(root)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", default="data/shards/synthetic/train")
@@ -95,26 +123,19 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=32)
     parser.add_argument("--batches", type=int, default=60, help="batches timed per loader")
+    parser.add_argument("--large-images", type=int, default=2000, help="also compare on this many 480px images")
+    parser.add_argument("--large-dir", default="data/bench_large", help="where the 480px set is built (once)")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.tokenizer)
-    ours = make_train_loader(
-        args.shards, tokenizer, batch_size=args.batch_size, rank=0, world_size=1, num_workers=args.workers,
-        seed=0, image_size=args.image_size, max_len=args.max_len,
-    )  # fmt: skip
-    baseline = baseline_loader(
-        args.coco_root, tokenizer, args.batch_size, args.workers, args.image_size, args.max_len
-    )
-    results = {"baseline_pil_folder": throughput(baseline, args.batches), "shards": throughput(ours, args.batches)}
-    speedup = results["shards"]["samples_per_s"] / results["baseline_pil_folder"]["samples_per_s"]
     report = {
         "workers": args.workers,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
-        "image_source": str(Path(args.coco_root)),
-        **results,
-        "shards_per_worker_samples_per_s": round(results["shards"]["samples_per_s"] / max(1, args.workers), 1),
-        "speedup": round(speedup, 2),
+        "synthetic_96px": compare(args.shards, args.coco_root, tokenizer, args),
     }
+    if args.large_images:
+        shards, root = large_image_set(Path(args.large_dir), args.large_images)
+        report["coco_sized_480px"] = compare(shards, root, tokenizer, args)
     print(json.dumps(report, indent=1))
 
 
