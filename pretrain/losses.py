@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -18,17 +17,33 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.new_empty((_world_size() * len(x), *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # Every rank's loss saw every rank's rows: sum their gradients, keep this rank's slice.
+        # (all_reduce rather than reduce_scatter, which gloo lacks.)
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(_world_size())[dist.get_rank()]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's slice."""
-    return torch.cat(dist_nn.all_gather(x)) if _world_size() > 1 else x
+    return _GatherWithGrad.apply(x) if _world_size() > 1 else x
 
 
 def gather_no_grad(x: Tensor) -> Tensor:
     if _world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    out = x.new_empty((_world_size() * len(x), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
 
 
 def contrastive_similarities(
