@@ -16,6 +16,7 @@ Resampled mode: an endless stream, shards drawn with replacement, each sample fr
 by the sources' weights. For large multi-node runs where epochs do not matter.
 """
 
+import multiprocessing
 import os
 import random
 from collections import Counter
@@ -216,6 +217,14 @@ class _WorkerRun:
         return batch
 
 
+def _worker_start_method(num_workers: int) -> str | None:
+    """Fork where the platform has it, even inside a spawned rank (which would otherwise spawn its workers
+    too, re-importing torch and transformers in every worker every epoch). Workers never touch CUDA."""
+    if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods():
+        return "fork"
+    return None
+
+
 def hash_seed(text: str) -> int:
     return random.Random(text).getrandbits(63)
 
@@ -280,6 +289,7 @@ class TrainLoader:
             num_workers=self.config.num_workers,
             pin_memory=self.pin_memory,
             in_order=True,
+            multiprocessing_context=_worker_start_method(self.config.num_workers),
         )
         try:
             for batch in loader:
