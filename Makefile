@@ -73,5 +73,11 @@ bench-data: shards
 	$(PY) -m benchmarks.bench_data --shards data/shards/synthetic/train --coco-root $(SYNTH_DIR) \
 		--tokenizer $(TOKENIZER_DIR)
 
+# --- model (see README "## Model") ---
+BENCH_MODEL_ARGS ?=
+
+bench-model: env
+	$(PY) -m benchmarks.bench_model $(BENCH_MODEL_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

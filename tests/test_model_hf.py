@@ -56,8 +56,9 @@ def test_loaded_encoders_reproduce_hf_outputs(checkpoints):
     torch.testing.assert_close(ours[valid], hidden.hidden_states[2][valid], atol=1e-5, rtol=1e-4)
     # Fusion layers start from BERT layers 2-3 (self-attention and FFN); the MLM head from BERT's.
     fusion = model.fusion_encoder.layers[1]
-    torch.testing.assert_close(fusion.self_attn.query.weight, hf_bert.bert.encoder.layer[3].attention.self.query.weight)
-    torch.testing.assert_close(fusion.ffn_norm.bias, hf_bert.bert.encoder.layer[3].output.LayerNorm.bias)
+    hf_layer = hf_bert.bert.encoder.layer[3]
+    torch.testing.assert_close(fusion.self_attn.qkv.weight[128:256], hf_layer.attention.self.key.weight)
+    torch.testing.assert_close(fusion.ffn_norm.bias, hf_layer.output.LayerNorm.bias)
     torch.testing.assert_close(model.mlm_head.decoder.bias, hf_bert.cls.predictions.bias)
     assert model.mlm_head.decoder.weight is model.text_encoder.embeddings.word_embeddings.weight
 
@@ -96,7 +97,7 @@ def test_mismatched_checkpoints_fail_with_one_clear_error():
         bert_state_dict_to_ours(_hf_bert(hidden=64).state_dict(), config)
     vit = _hf_vit(64).state_dict()
     vit["layers.0.attention.q_proj.weight"] = torch.zeros(128, 64)
-    with pytest.raises(HFWeightsError, match=r"image_encoder.blocks.0.attn.query.weight \(128, 64\)"):
+    with pytest.raises(HFWeightsError, match=r"q_proj.weight \(128, 64\) for image_encoder.blocks.0.attn.qkv.weight"):
         vit_state_dict_to_ours(vit, config)
 
 

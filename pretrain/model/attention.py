@@ -105,23 +105,34 @@ def _flash_attention(q: Tensor, k: Tensor, v: Tensor, key_padding: KeyPadding | 
     return padded.view(batch, length, heads, head_dim)
 
 
-class MultiHeadAttention(nn.Module):
-    """Query / key / value / output projections around `attention`; keys may come from another width."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; query, key and value come from one fused projection (one matmul)."""
 
-    def __init__(self, hidden: int, heads: int, backend: str, dropout: float = 0.0, kv_hidden: int | None = None):
+    def __init__(self, hidden: int, heads: int, backend: str, dropout: float = 0.0):
         super().__init__()
         self.heads, self.backend, self.dropout = heads, backend, dropout
-        kv_hidden = kv_hidden or hidden
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(kv_hidden, hidden)
-        self.value = nn.Linear(kv_hidden, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, key_padding: KeyPadding | None = None) -> Tensor:
-        context = x if context is None else context
-        q = self.query(x).unflatten(-1, (self.heads, -1))
-        k = self.key(context).unflatten(-1, (self.heads, -1))
-        v = self.value(context).unflatten(-1, (self.heads, -1))
+    def forward(self, x: Tensor, key_padding: KeyPadding | None = None) -> Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(dim=2)
         dropout_p = self.dropout if self.training else 0.0
         out = attention(q, k, v, backend=self.backend, key_padding=key_padding, dropout_p=dropout_p)
         return self.out(out.flatten(-2))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from text queries to image keys / values (fused key-value projection)."""
+
+    def __init__(self, hidden: int, context_hidden: int, heads: int, backend: str, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.backend, self.dropout = heads, backend, dropout
+        self.query = nn.Linear(hidden, hidden)
+        self.key_value = nn.Linear(context_hidden, 2 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        q = self.query(x).unflatten(-1, (self.heads, -1))
+        k, v = self.key_value(context).unflatten(-1, (2, self.heads, -1)).unbind(dim=2)
+        dropout_p = self.dropout if self.training else 0.0
+        return self.out(attention(q, k, v, backend=self.backend, dropout_p=dropout_p).flatten(-2))

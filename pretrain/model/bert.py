@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KeyPadding, MultiHeadAttention
+from .attention import CrossAttention, KeyPadding, SelfAttention
 from .config import ModelConfig
 
 
@@ -39,10 +39,10 @@ class BertLayer(nn.Module):
     def __init__(self, config: ModelConfig, backend: str, cross_attention: bool):
         super().__init__()
         hidden, heads, eps, p = config.text_hidden, config.text_heads, config.text_layer_norm_eps, config.dropout
-        self.self_attn = MultiHeadAttention(hidden, heads, backend, dropout=p)
+        self.self_attn = SelfAttention(hidden, heads, backend, dropout=p)
         self.self_attn_norm = nn.LayerNorm(hidden, eps=eps)
         if cross_attention:
-            self.cross_attn = MultiHeadAttention(hidden, heads, backend, dropout=p, kv_hidden=config.vision_hidden)
+            self.cross_attn = CrossAttention(hidden, config.vision_hidden, heads, backend, dropout=p)
             self.cross_attn_norm = nn.LayerNorm(hidden, eps=eps)
         self.ffn_in = nn.Linear(hidden, config.text_intermediate)
         self.ffn_out = nn.Linear(config.text_intermediate, hidden)
@@ -54,7 +54,7 @@ class BertLayer(nn.Module):
         if image is not None:
             streams, length, hidden = x.shape
             grouped = x.reshape(len(image), -1, hidden)
-            attended = self.cross_attn(grouped, context=image).reshape(streams, length, hidden)
+            attended = self.cross_attn(grouped, image).reshape(streams, length, hidden)
             x = self.cross_attn_norm(x + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
 

@@ -23,17 +23,16 @@ class HFWeightsError(ValueError):
     """A Hugging Face checkpoint does not fit the model configuration."""
 
 
-# (our name, HF name) per layer; {i} is our layer index, {j} the HF one.
+# (our name, HF names) per layer; several HF names are concatenated (dim 0) into one fused projection.
 _VIT_LAYER = [
-    ("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
-    ("attn.query", "attention.q_proj"), ("attn.key", "attention.k_proj"), ("attn.value", "attention.v_proj"),
-    ("attn.out", "attention.o_proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"),
+    ("norm1", ("layernorm_before",)), ("norm2", ("layernorm_after",)),
+    ("attn.qkv", ("attention.q_proj", "attention.k_proj", "attention.v_proj")),
+    ("attn.out", ("attention.o_proj",)), ("fc1", ("mlp.fc1",)), ("fc2", ("mlp.fc2",)),
 ]  # fmt: skip
 _BERT_LAYER = [
-    ("self_attn.query", "attention.self.query"), ("self_attn.key", "attention.self.key"),
-    ("self_attn.value", "attention.self.value"), ("self_attn.out", "attention.output.dense"),
-    ("self_attn_norm", "attention.output.LayerNorm"), ("ffn_in", "intermediate.dense"),
-    ("ffn_out", "output.dense"), ("ffn_norm", "output.LayerNorm"),
+    ("self_attn.qkv", ("attention.self.query", "attention.self.key", "attention.self.value")),
+    ("self_attn.out", ("attention.output.dense",)), ("self_attn_norm", ("attention.output.LayerNorm",)),
+    ("ffn_in", ("intermediate.dense",)), ("ffn_out", ("output.dense",)), ("ffn_norm", ("output.LayerNorm",)),
 ]  # fmt: skip
 _PARAMS = ("weight", "bias")
 
@@ -60,40 +59,42 @@ def _normalise(state_dict: Mapping[str, Tensor], renames: list[tuple[str, str]])
     return out
 
 
-def _vit_names(config: ModelConfig) -> dict[str, str]:
+def _vit_names(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     names = {
-        "image_encoder.cls_token": "embeddings.cls_token",
-        "image_encoder.pos_embed": "embeddings.position_embeddings",
-        **{f"image_encoder.patch_embed.{p}": f"embeddings.patch_embeddings.projection.{p}" for p in _PARAMS},
-        **{f"image_encoder.norm.{p}": f"layernorm.{p}" for p in _PARAMS},
+        "image_encoder.cls_token": ("embeddings.cls_token",),
+        "image_encoder.pos_embed": ("embeddings.position_embeddings",),
+        **{f"image_encoder.patch_embed.{p}": (f"embeddings.patch_embeddings.projection.{p}",) for p in _PARAMS},
+        **{f"image_encoder.norm.{p}": (f"layernorm.{p}",) for p in _PARAMS},
     }
     for i in range(config.vision_layers):
         for ours, theirs in _VIT_LAYER:
-            names.update({f"image_encoder.blocks.{i}.{ours}.{p}": f"layers.{i}.{theirs}.{p}" for p in _PARAMS})
+            for p in _PARAMS:
+                names[f"image_encoder.blocks.{i}.{ours}.{p}"] = tuple(f"layers.{i}.{t}.{p}" for t in theirs)
     return names
 
 
-def _bert_names(config: ModelConfig, with_fusion: bool) -> dict[str, str]:
+def _bert_names(config: ModelConfig, with_fusion: bool) -> dict[str, tuple[str, ...]]:
     names = {
-        f"text_encoder.embeddings.{e}.weight": f"embeddings.{e}.weight"
+        f"text_encoder.embeddings.{e}.weight": (f"embeddings.{e}.weight",)
         for e in ("word_embeddings", "position_embeddings", "token_type_embeddings")
     }
-    names.update({f"text_encoder.embeddings.norm.{p}": f"embeddings.LayerNorm.{p}" for p in _PARAMS})
+    names.update({f"text_encoder.embeddings.norm.{p}": (f"embeddings.LayerNorm.{p}",) for p in _PARAMS})
     layers = [(f"text_encoder.layers.{i}", i) for i in range(config.text_layers)]
     if with_fusion:
         layers += [(f"fusion_encoder.layers.{i}", config.text_layers + i) for i in range(config.fusion_layers)]
     for prefix, j in layers:
         for ours, theirs in _BERT_LAYER:
-            names.update({f"{prefix}.{ours}.{p}": f"encoder.layer.{j}.{theirs}.{p}" for p in _PARAMS})
+            for p in _PARAMS:
+                names[f"{prefix}.{ours}.{p}"] = tuple(f"encoder.layer.{j}.{t}.{p}" for t in theirs)
     return names
 
 
 _MLM_HEAD_NAMES = {
-    "mlm_head.dense.weight": "cls.predictions.transform.dense.weight",
-    "mlm_head.dense.bias": "cls.predictions.transform.dense.bias",
-    "mlm_head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
-    "mlm_head.norm.bias": "cls.predictions.transform.LayerNorm.bias",
-    "mlm_head.decoder.bias": "cls.predictions.bias",
+    "mlm_head.dense.weight": ("cls.predictions.transform.dense.weight",),
+    "mlm_head.dense.bias": ("cls.predictions.transform.dense.bias",),
+    "mlm_head.norm.weight": ("cls.predictions.transform.LayerNorm.weight",),
+    "mlm_head.norm.bias": ("cls.predictions.transform.LayerNorm.bias",),
+    "mlm_head.decoder.bias": ("cls.predictions.bias",),
 }
 
 
@@ -105,23 +106,33 @@ def _expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def _map(theirs: dict[str, Tensor], names: dict[str, str], ignored: re.Pattern, what: str) -> dict[str, Tensor]:
-    missing = sorted(h for h in names.values() if h not in theirs)
-    unknown = sorted(h for h in set(theirs) - set(names.values()) if not ignored.search(h))
+def _map(
+    theirs: dict[str, Tensor],
+    names: dict[str, tuple[str, ...]],
+    ignored: re.Pattern,
+    config: ModelConfig,
+    what: str,
+    resizable: tuple[str, ...] = (),
+) -> dict[str, Tensor]:
+    wanted = {h for hs in names.values() for h in hs}
+    missing = sorted(wanted - set(theirs))
+    unknown = sorted(h for h in set(theirs) - wanted if not ignored.search(h))
     if missing or unknown:
         raise HFWeightsError(
             f"{what} checkpoint does not fit the model config: missing {missing[:4]} ({len(missing)} in all), "
             f"unexpected {unknown[:4]} ({len(unknown)} in all); check the layer counts of the preset"
         )
-    return {ours: theirs[h] for ours, h in names.items()}
-
-
-def _check_shapes(mapped: dict[str, Tensor], config: ModelConfig, what: str) -> dict[str, Tensor]:
-    expected = _expected_shapes(config)
-    wrong = [f"{n} {tuple(t.shape)} vs {tuple(expected[n])}" for n, t in mapped.items() if t.shape != expected[n]]
+    expected, wrong = _expected_shapes(config), []
+    for ours, hs in names.items():
+        part = (expected[ours][0] // len(hs), *expected[ours][1:])
+        wrong += [
+            f"{h} {tuple(theirs[h].shape)} for {ours} {part}"
+            for h in hs
+            if theirs[h].shape != part and h not in resizable
+        ]
     if wrong:
         raise HFWeightsError(f"{what} checkpoint shapes do not fit the model config: {'; '.join(wrong[:3])}")
-    return mapped
+    return {ours: torch.cat([theirs[h] for h in hs]) if len(hs) > 1 else theirs[hs[0]] for ours, hs in names.items()}
 
 
 def _interpolate_positions(pos_embed: Tensor, num_patches: int) -> Tensor:
@@ -135,11 +146,15 @@ def _interpolate_positions(pos_embed: Tensor, num_patches: int) -> Tensor:
 
 def vit_state_dict_to_ours(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """A `ViTModel` state dict as our `image_encoder.*` parameters; positions resized to our image size."""
-    mapped = _map(_normalise(state_dict, _VIT_OLD_NAMES), _vit_names(config), _VIT_IGNORED, "ViT")
+    theirs = _normalise(state_dict, _VIT_OLD_NAMES)
+    positions = "embeddings.position_embeddings"
+    mapped = _map(theirs, _vit_names(config), _VIT_IGNORED, config, "ViT", resizable=(positions,))
     pos = mapped["image_encoder.pos_embed"]
-    if pos.dim() == 3 and pos.shape[1] != config.num_patches + 1:
+    if pos.shape[1] != config.num_patches + 1:
+        if pos.shape[::2] != (1, config.vision_hidden):
+            raise HFWeightsError(f"ViT position embeddings {tuple(pos.shape)} do not fit hidden {config.vision_hidden}")
         mapped["image_encoder.pos_embed"] = _interpolate_positions(pos, config.num_patches)
-    return _check_shapes(mapped, config, "ViT")
+    return mapped
 
 
 def bert_state_dict_to_ours(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -149,15 +164,19 @@ def bert_state_dict_to_ours(state_dict: Mapping[str, Tensor], config: ModelConfi
     names = _bert_names(config, with_fusion=True)
     if any(name.startswith("cls.predictions.") for name in theirs):
         names.update(_MLM_HEAD_NAMES)
-    return _check_shapes(_map(theirs, names, _BERT_IGNORED, "BERT"), config, "BERT")
+    return _map(theirs, names, _BERT_IGNORED, config, "BERT")
+
+
+def _to_hf(state_dict: Mapping[str, Tensor], names: dict[str, tuple[str, ...]]) -> dict[str, Tensor]:
+    return {h: part for ours, hs in names.items() for h, part in zip(hs, state_dict[ours].chunk(len(hs)))}
 
 
 def ours_to_vit_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    return {theirs: state_dict[ours] for ours, theirs in _vit_names(config).items()}
+    return _to_hf(state_dict, _vit_names(config))
 
 
 def ours_to_bert_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    return {theirs: state_dict[ours] for ours, theirs in _bert_names(config, with_fusion=False).items()}
+    return _to_hf(state_dict, _bert_names(config, with_fusion=False))
 
 
 def _check_hf_config(hf_config, expected: dict, what: str) -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import MultiHeadAttention
+from .attention import SelfAttention
 from .config import ModelConfig
 
 
@@ -16,7 +16,7 @@ class VisionBlock(nn.Module):
         super().__init__()
         hidden, eps = config.vision_hidden, config.vision_layer_norm_eps
         self.norm1 = nn.LayerNorm(hidden, eps=eps)
-        self.attn = MultiHeadAttention(hidden, config.vision_heads, backend)
+        self.attn = SelfAttention(hidden, config.vision_heads, backend)
         self.norm2 = nn.LayerNorm(hidden, eps=eps)
         self.fc1 = nn.Linear(hidden, config.vision_mlp)
         self.fc2 = nn.Linear(config.vision_mlp, hidden)
