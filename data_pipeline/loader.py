@@ -40,6 +40,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # below this many samples a skipped fraction says little; the bound is checked once past it
 MIN_SAMPLES_FOR_BAD_FRACTION = 100
+# a resampled stream never ends; this many unusable samples in a row means there is nothing to train on
+MAX_CONSECUTIVE_BAD = 1000
 
 
 @dataclass
@@ -133,34 +135,45 @@ class _WorkerRun:
             yield sample
 
     def _processed(self, raw: Iterator[dict]) -> Iterator[tuple[torch.Tensor, str, str]]:
-        config = self.config
+        consecutive_bad = 0
         for sample in raw:
             self.seen += 1
-            parsed = parse_sample(sample, self.skipped)
-            if parsed is not None:
-                # epoch mode: randomness keyed by (seed, epoch, sample), independent of reading order
-                seed = (
-                    f"{config.seed}-{self.epoch}-{parsed.key}" if config.mode == "epoch" else f"{self.tag}-{self.seen}"
-                )
-                rng = random.Random(seed)
-                caption = random_caption(parsed, rng, config.max_words)
-                if not caption:
-                    self.skipped["no_caption"] += 1
-                    continue
-                try:
-                    pixels = train_image(
-                        parsed.image,
-                        rng,
-                        size=config.image_size,
-                        scale=config.crop_scale,
-                        hflip=config.hflip,
-                        max_pixels=config.max_pixels,
+            processed = self._process(sample)
+            if processed is None:
+                consecutive_bad += 1
+                if consecutive_bad == MAX_CONSECUTIVE_BAD:  # an endless stream of bad samples must not hang
+                    raise DataError(
+                        f"{consecutive_bad} samples in a row unusable ({dict(self.skipped)}) in "
+                        f"{self.task.shards[:3] or self.task.sources}; check or rebuild the shards"
                     )
-                    yield pixels, caption, parsed.key
-                except ImageRejected as rejected:
-                    self.skipped[rejected.reason] += 1
+            else:
+                consecutive_bad = 0
+                yield processed
             self._check_bad_fraction(final=False)
         self._check_bad_fraction(final=True)
+
+    def _process(self, sample: dict) -> tuple[torch.Tensor, str, str] | None:
+        """Pixels, one cleaned caption and the key; None (reason counted) for an unusable sample."""
+        config = self.config
+        parsed = parse_sample(sample, self.skipped)
+        if parsed is None:
+            return None
+        # epoch mode: randomness keyed by (seed, epoch, sample), independent of reading order
+        seed = f"{config.seed}-{self.epoch}-{parsed.key}" if config.mode == "epoch" else f"{self.tag}-{self.seen}"
+        rng = random.Random(seed)
+        caption = random_caption(parsed, rng, config.max_words)
+        if not caption:
+            self.skipped["no_caption"] += 1
+            return None
+        try:
+            pixels = train_image(
+                parsed.image, rng, size=config.image_size, scale=config.crop_scale, hflip=config.hflip,
+                max_pixels=config.max_pixels,
+            )  # fmt: skip
+        except ImageRejected as rejected:
+            self.skipped[rejected.reason] += 1
+            return None
+        return pixels, caption, parsed.key
 
     def _padded(self, samples: Iterator, needed: int) -> Iterator:
         """Exactly `needed` samples: the stream's first ones again if it falls short."""

@@ -227,6 +227,8 @@ def test_a_stream_without_captions_is_an_error_not_a_hang(tmp_path, tokenizer):
     with pytest.raises(DataError, match="no valid sample") as error:
         list(loader(spec, tokenizer, batch_size=2, num_workers=2))
     assert "\n" not in str(error.value) and "no_caption=6" in str(error.value)
+    with pytest.raises(DataError, match="in a row unusable"):
+        next(iter(loader(spec, tokenizer, batch_size=2, num_workers=1, mode="resampled")))
 
 
 def test_resampled_mode_is_endless_and_follows_source_weights(tmp_path, tokenizer):
