@@ -10,7 +10,7 @@ import torch
 from data_helpers import image_bytes, write_tar
 
 from data_pipeline import DataError, check_shards, make_train_loader
-from data_pipeline.loader import epoch_quotas, round_robin_position
+from data_pipeline.epoch_plan import epoch_quotas, round_robin_position
 from data_pipeline.samples import image_id_of
 
 BATCH_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "image_ids", "keys"}
