@@ -10,6 +10,7 @@ is left or the skipped fraction exceeds --max-bad-fraction.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -100,6 +101,14 @@ def _sample(record: Record, image, *, name: str, split: str) -> dict:
     return {"__key__": key, "jpg": image.jpeg, "txt": record.captions[0], "json": json.dumps(meta)}
 
 
+def _fingerprint(records: list[Record]) -> str:
+    digest = hashlib.sha256()
+    for record in records:
+        image = record.image if isinstance(record.image, str) else hashlib.sha256(record.image).hexdigest()
+        digest.update(json.dumps([record.image_id, image, record.captions]).encode())
+    return digest.hexdigest()
+
+
 def _reusable_shards(directory: Path, options: dict) -> list[dict]:
     """The leading shards a previous run with the same options provably finished."""
     previous = read_manifest(directory)
@@ -136,6 +145,7 @@ def shard_split(args: argparse.Namespace, split: str) -> dict:
         "shard_samples": args.shard_samples,
         "shard_bytes": args.shard_bytes,
         "num_inputs": len(records),
+        "inputs_sha256": _fingerprint(records),  # reuse shards only if they came from these very records
     }
     shards = _reusable_shards(directory, options)
     start = shards[-1]["end_input"] if shards else 0

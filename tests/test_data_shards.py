@@ -104,6 +104,17 @@ def test_rerun_is_idempotent_and_a_partial_run_resumes(synthetic_coco, tmp_path)
     ]
 
 
+def test_changed_inputs_are_resharded_not_reused(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.jpg", "data": image_bytes()} for i in range(3)]
+    write_coco(tmp_path / "coco", "train", images, [(i, f"caption {i}") for i in range(3)])
+    first = run_shards(tmp_path / "coco", tmp_path / "out")
+    write_coco(tmp_path / "coco", "train", images, [(i, f"new caption {i}") for i in range(3)])
+    second = run_shards(tmp_path / "coco", tmp_path / "out")
+    assert first["shards"][0]["sha256"] != second["shards"][0]["sha256"]
+    sample = next(iter(wds.WebDataset(str(tmp_path / "out/train/train-000000.tar"), shardshuffle=False)))
+    assert sample["txt"].decode().startswith("new caption")
+
+
 def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path):
     good = image_bytes()
     images = [
