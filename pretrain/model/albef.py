@@ -7,7 +7,7 @@ own streams [positive, hard-negative text, masked text], then the hard-negative 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,9 @@ from .heads import MLMHead
 from .vit import VisionTransformer
 
 
-@dataclass
-class ALBEFOutput:
+class ALBEFOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 finds the output tensors in it and fires its backward hooks."""
+
     loss: Tensor
     loss_itc: Tensor
     loss_itm: Tensor
