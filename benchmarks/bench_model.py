@@ -40,14 +40,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--text-layers", type=int, default=6)
     p.add_argument("--fusion-layers", type=int, default=6)
     p.add_argument("--text-len", type=int, default=32)
-    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--vocab-size", type=int, default=30524)  # BLIP's BERT vocabulary + [DEC], [ENC]
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     return p.parse_args()
 
 
-def our_config(a: argparse.Namespace, attention: str = "sdpa") -> ModelConfig:
+def our_config(a: argparse.Namespace, attention: str = "auto") -> ModelConfig:
     return ModelConfig(
         image_size=a.image_size, patch_size=a.patch_size, vision_hidden=a.hidden, vision_layers=a.vision_layers,
         vision_heads=a.heads, vision_mlp=4 * a.hidden, vocab_size=a.vocab_size, text_hidden=a.hidden,
@@ -194,7 +194,7 @@ def main() -> None:
             "text layers with cross-attention in each (skipped for ITC)"
         ),
         "work": {"ours": "ITC + ITM + MLM", "blip": "ITC + ITM (no MLM head)"},
-        "attention": {"ours": "sdpa", "blip": "eager (BLIP has no other)"},
+        "attention": {"ours": "auto: sdpa for fp32, eager for bf16 on CPU", "blip": "eager (BLIP has no other)"},
         "train_gflops_per_sample": {k: round(v / 1e9, 3) for k, v in flops.items()},
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "results": results,

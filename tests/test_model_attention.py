@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pretrain.model import KeyPadding, attention
-from pretrain.model.attention import FLASH_ATTN_INSTALLED
+from pretrain.model.attention import FLASH_ATTN_INSTALLED, _auto_backend
 
 
 def _qkv(batch=3, lq=7, lk=7, heads=2, dim=8, seed=0, dtype=torch.float64, device="cpu"):
@@ -50,6 +50,16 @@ def test_padding_changes_the_output():
     assert (padded[1] - full[1]).abs().max() > 1e-3
     # one real key: every query returns exactly that key's value
     torch.testing.assert_close(padded[2], v[2, :1].expand(7, -1, -1))
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [(torch.float32, "sdpa"), (torch.bfloat16, "eager")])
+def test_auto_picks_per_dtype_on_cpu_and_logs_it(dtype, expected, caplog):
+    _auto_backend.cache_clear()
+    q, k, v = (t.detach().to(dtype) for t in _qkv())
+    with caplog.at_level("INFO", logger="pretrain.model.attention"):
+        out = attention(q, k, v, backend="auto")
+    assert f"attention backend auto -> {expected} for cpu {dtype}" in caplog.text
+    assert torch.equal(out, attention(q, k, v, backend=expected))
 
 
 @pytest.mark.cuda

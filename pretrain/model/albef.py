@@ -23,7 +23,7 @@ from pretrain.losses import (
     sample_itm_negatives,
 )
 
-from .attention import KeyPadding, resolve_backend
+from .attention import KeyPadding, check_backend
 from .bert import FusionEncoder, TextEncoder, stack_streams
 from .config import ModelConfig
 from .heads import MLMHead
@@ -47,7 +47,7 @@ class ALBEF(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        backend = resolve_backend(config.attention)
+        backend = check_backend(config.attention)
         self.image_encoder = VisionTransformer(config, backend)
         self.text_encoder = TextEncoder(config, backend)
         self.fusion_encoder = FusionEncoder(config, backend)

@@ -2,8 +2,9 @@
 
 Backends: `flash_attn` (flash-attn 2; unpadded variable-length text through `flash_attn_varlen_func`),
 `sdpa` (torch's scaled_dot_product_attention: flash / memory-efficient kernels on GPU, the fused kernel
-on CPU), `eager` (the plain reference). `auto` takes flash-attn for half-precision CUDA inputs when the
-package is installed and sdpa otherwise.
+on CPU), `eager` (the plain reference). `auto` decides per input device and dtype: flash-attn for
+fp16/bf16 CUDA inputs when the package is installed, sdpa for other CUDA inputs and fp32 on CPU, eager
+for bf16 on CPU. `flash_attn` itself falls back to sdpa for inputs flash-attn cannot take (CPU, fp32).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib.util
 import logging
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
@@ -47,14 +48,23 @@ class KeyPadding:
         return int(self.mask.sum(dim=1).max())
 
 
-def resolve_backend(backend: str) -> str:
-    """The backend `auto` stands for on this machine, logged once per model."""
-    if backend != "auto":
-        if backend == "flash_attn" and not FLASH_ATTN_INSTALLED:
-            raise RuntimeError("attention backend flash_attn needs the flash-attn package: pip install .[gpu]")
-        return backend
-    chosen = "flash_attn" if FLASH_ATTN_INSTALLED and torch.cuda.is_available() else "sdpa"
-    logger.info("attention backend auto -> %s", chosen)
+def check_backend(backend: str) -> str:
+    if backend == "flash_attn" and not FLASH_ATTN_INSTALLED:
+        raise RuntimeError("attention backend flash_attn needs the flash-attn package: pip install .[gpu]")
+    return backend
+
+
+@cache
+def _auto_backend(device_type: str, dtype: torch.dtype) -> str:
+    """The fastest backend for these inputs, logged once per (device, dtype)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device_type == "cuda":
+        chosen = "flash_attn" if FLASH_ATTN_INSTALLED and half else "sdpa"
+    else:
+        # Measured on this project's CPUs: torch's fused CPU kernel is slower than plain matmuls in
+        # bf16 (its backward most of all) and on par or faster in fp32.
+        chosen = "eager" if half else "sdpa"
+    logger.info("attention backend auto -> %s for %s %s inputs", chosen, device_type, dtype)
     return chosen
 
 
@@ -71,8 +81,9 @@ def attention(
 
     `key_padding` masks padded keys; query rows at padded positions are don't-care in every backend.
     """
-    use_flash = backend == "flash_attn" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    if use_flash:
+    if backend == "auto":
+        backend = _auto_backend(q.device.type, q.dtype)
+    if backend == "flash_attn" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_attention(q, k, v, key_padding, dropout_p)
     if backend == "eager":
         return _eager_attention(q, k, v, key_padding, dropout_p)
