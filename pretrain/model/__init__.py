@@ -10,6 +10,7 @@ from .hf_io import (
     load_pretrained,
     ours_to_bert_state_dict,
     ours_to_vit_state_dict,
+    pretrained_state_dict,
     vit_state_dict_to_ours,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "model_preset",
     "ours_to_bert_state_dict",
     "ours_to_vit_state_dict",
+    "pretrained_state_dict",
     "vit_state_dict_to_ours",
 ]

@@ -56,15 +56,27 @@ class ALBEF(nn.Module):
         self.itm_head = nn.Linear(config.text_hidden, 2)
         self.mlm_head = MLMHead(config, self.text_encoder.embeddings.word_embeddings)
         self.temp = nn.Parameter(torch.full([1], config.temperature_init))  # shape [1]: ZeRO-3 needs it
-        self.apply(self._init_weights)
-        nn.init.trunc_normal_(self.image_encoder.cls_token, std=config.init_std)
-        nn.init.trunc_normal_(self.image_encoder.pos_embed, std=config.init_std)
+        self.apply(self.init_weights)
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def init_weights(self, module: nn.Module) -> None:
+        """Initialise `module`'s own parameters (not its children's).
+
+        Under ZeRO-3 every submodule is partitioned as soon as it is built, so the `apply` above only
+        sees empty shards; the trainer calls this again per module with that module's parameters gathered.
+        """
+        std = self.config.init_std
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.init_std)
+            nn.init.normal_(module.weight, std=std)
         if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        if isinstance(module, VisionTransformer):
+            nn.init.trunc_normal_(module.cls_token, std=std)
+            nn.init.trunc_normal_(module.pos_embed, std=std)
+        if module is self:
+            nn.init.constant_(self.temp, self.config.temperature_init)
 
     def encode_image(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """Image token states [B, N, D_v] and the L2-normalised ITC feature [B, E]."""

@@ -215,11 +215,10 @@ def _from_pretrained(cls, name: str, what: str):
         raise HFWeightsError(f"cannot load {what} weights {name!r}: {str(error).splitlines()[0]}") from None
 
 
-def load_pretrained(model: torch.nn.Module, vit: str | None = None, bert: str | None = None) -> None:
-    """Copy Hugging Face weights (names or local directories) into a plain (non-partitioned) ALBEF."""
+def pretrained_state_dict(config: ModelConfig, vit: str | None = None, bert: str | None = None) -> dict[str, Tensor]:
+    """Hugging Face weights (names or local directories) mapped to our parameter names and checked."""
     from transformers import BertForMaskedLM, ViTModel
 
-    config, params = model.config, dict(model.named_parameters())
     loaded = {}
     if vit is not None:
         hf = _from_pretrained(ViTModel, vit, "ViT")
@@ -233,8 +232,14 @@ def load_pretrained(model: torch.nn.Module, vit: str | None = None, bert: str | 
         keys = ("num_hidden_layers", "num_attention_heads", "hidden_act", "layer_norm_eps")
         _check_hf_config(hf.config, {k: getattr(c, k) for k in keys}, "BERT")
         loaded.update(bert_state_dict_to_ours(hf.state_dict(), config))
+    return loaded
+
+
+def load_pretrained(model: torch.nn.Module, vit: str | None = None, bert: str | None = None) -> None:
+    """Copy Hugging Face weights into a plain (non-partitioned) ALBEF."""
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, tensor in loaded.items():
+        for name, tensor in pretrained_state_dict(model.config, vit, bert).items():
             params[name].copy_(tensor)
 
 
