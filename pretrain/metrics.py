@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 from pathlib import Path
 
@@ -30,15 +31,21 @@ def similarity_heatmap(sim: torch.Tensor, cell: int = 8) -> torch.Tensor:
 
 
 class TrainLog:
-    """TensorBoard on rank 0 only; every call is a no-op elsewhere so the loop needs no rank checks."""
+    """TensorBoard plus metrics.jsonl (one JSON line per logged step, for scripts), on rank 0 only.
+
+    Every call is a no-op on other ranks so the training loop needs no rank checks.
+    """
 
     def __init__(self, run_path: Path, enabled: bool):
         self.writer = SummaryWriter(str(run_path)) if enabled else None
+        self.jsonl = (run_path / "metrics.jsonl").open("a") if enabled else None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer:
@@ -59,6 +66,7 @@ class TrainLog:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+            self.jsonl.close()
 
 
 def console_line(step: int, max_steps: int, values: dict[str, float]) -> str:

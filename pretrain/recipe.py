@@ -67,6 +67,8 @@ class ScheduleSection:
     grad_accum: int = _help("micro-batches accumulated per optimizer step", 1)
     max_steps: int = _help("optimizer steps to train", 1000)
     warmup_steps: int = _help("linear warmup steps before cosine decay", 100)
+    exit_at_step: int = _help("end this job at this step with a checkpoint, schedule unchanged, for time-limited "
+                              "allocations; resume with --resume auto (0: run to max_steps)", 0)
 
 
 @dataclass
@@ -141,15 +143,16 @@ def _coerce(value, annotation, where: str):
             if not isinstance(value, bool):
                 raise TypeError
             return value
-        if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+        if annotation is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         if annotation is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if annotation is str and isinstance(value, str):
             return value
-    except TypeError:
+    except (TypeError, ValueError):
         pass
-    raise RecipeError(f"recipe key {where} must be {annotation}, got {value!r}: fix the value in the recipe "
+    name = getattr(annotation, "__name__", str(annotation))
+    raise RecipeError(f"recipe key {where} must be {name}, got {value!r}: fix the value in the recipe "
                       "or on the command line")
 
 

@@ -87,24 +87,26 @@ def encode_eval_set(model, data, batch_size: int, device: torch.device, dtype: t
 
 
 @torch.no_grad()
-def _itm_rerank(model, query_embeds, cand_embeds, text_mask, sim, k, image_queries: bool) -> torch.Tensor:
-    """Scores of the top-k candidates of every query row, re-scored by the ITM head; rows split by rank."""
+def _itm_rerank(model, query_embeds, cand_embeds, text_mask, sim, k: int, batch_size: int,
+                image_queries: bool) -> torch.Tensor:
+    """Top-k candidates of every query row re-scored by the ITM head; query rows are split across ranks."""
     rank, world = _distributed()
-    rows = sim.shape[0]
-    k = min(k, sim.shape[1])
+    rows, k = sim.shape[0], min(k, sim.shape[1])
     topk = sim.topk(k, dim=1).indices
-    per_rank = math.ceil(rows / world)
-    local_scores = torch.zeros(per_rank, k, device=sim.device)
-    for slot in range(per_rank):
-        row = min(rank * per_rank + slot, rows - 1)  # past the end: repeat a row so every rank runs forward
-        cand = topk[row]
-        query = query_embeds[row : row + 1].expand(k, *query_embeds.shape[1:])
+    rows_per_call = max(1, batch_size // k)
+    per_rank = math.ceil(math.ceil(rows / world) / rows_per_call) * rows_per_call
+    # Past the last row, repeat it: every rank must run the same number of forward passes.
+    local_rows = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=sim.device).clamp(max=rows - 1)
+    local_scores = []
+    for chunk in local_rows.split(rows_per_call):
+        cand = topk[chunk].reshape(-1)
+        query = query_embeds[chunk].repeat_interleave(k, dim=0)
         if image_queries:
             logits = model.itm_logits(query, cand_embeds[cand], text_mask[cand])
         else:
-            logits = model.itm_logits(cand_embeds[cand], query, text_mask[row : row + 1].expand(k, -1))
-        local_scores[slot] = logits.float().softmax(dim=-1)[:, 1]
-    scores = _gather_rows(local_scores)[:rows]
+            logits = model.itm_logits(cand_embeds[cand], query, text_mask[chunk].repeat_interleave(k, dim=0))
+        local_scores.append(logits.float().softmax(dim=-1)[:, 1].view(len(chunk), k))
+    scores = _gather_rows(torch.cat(local_scores))[:rows]
     reranked = sim.clone()
     reranked.scatter_(1, topk, scores + RERANK_OFFSET)
     return reranked
@@ -121,9 +123,9 @@ def evaluate_retrieval(model, data, batch_size: int, itm_rerank_k: int, device: 
     i2t, t2i = sim, sim.T
     if itm_rerank_k > 0:
         i2t = _itm_rerank(model, enc["image_embeds"], enc["text_embeds"], enc["text_mask"], sim, itm_rerank_k,
-                          image_queries=True)
+                          batch_size, image_queries=True)
         t2i = _itm_rerank(model, enc["text_embeds"], enc["image_embeds"], enc["text_mask"], sim.T, itm_rerank_k,
-                          image_queries=False)
+                          batch_size, image_queries=False)
     model.train(was_training)
     image_ids, text_image_ids = enc["image_ids"].cpu(), enc["text_ids"].cpu()
     metrics = {

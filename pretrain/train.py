@@ -1,0 +1,282 @@
+"""`python -m pretrain.train`: ALBEF pretraining (ITC + ITM + MLM) on a DeepSpeed ZeRO-3 engine.
+
+Launch with `deepspeed [launcher flags] launch/pretrain.sh [flags]` or `bash launch/pretrain.sh [flags]`.
+Everything a user can get wrong (recipe, data, tokenizer, DeepSpeed config) is checked in `prepare`,
+before any process group exists, and reported as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from data_pipeline import DataError, check_shards, load_eval_data, load_tokenizer, make_train_loader
+from pretrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pretrain.ds_config import build_ds_config, zero_stage
+from pretrain.export import export_run, initialise_partitioned, load_pretrained_partitioned
+from pretrain.flops import train_flops_per_sample
+from pretrain.metrics import TrainLog, console_line, memory_gb, mfu
+from pretrain.model import ALBEF, ModelConfig, model_preset
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.recipe import ModelSection, Recipe, RecipeError, add_recipe_arguments, load_recipe, recipe_to_dict
+from pretrain.retrieval import evaluate_retrieval, format_table
+
+LOSS_NAMES = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy")
+
+
+@dataclass
+class Setup:
+    recipe: Recipe
+    tokenizer: object
+    model_config: ModelConfig
+    ds_config: dict
+    world_size: int
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.train",
+        description="ALBEF-style vision-language pretraining on DeepSpeed. Options after --recipe override it.")
+    parser.add_argument("--recipe", default=None,
+                        help="YAML recipe: a path or a name in pretrain/recipes/ (e.g. tiny_synthetic)")
+    parser.add_argument("--resume", default="none",
+                        help="'auto': continue from the newest complete checkpoint of this run, if any; 'none'")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="check recipe, data, tokenizer and DeepSpeed config, then exit")
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                        help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
+    add_recipe_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.resume not in ("none", "auto"):
+        parser.error(f"--resume must be 'auto' or 'none', got {args.resume!r}")
+    return args
+
+
+def build_model_config(section: ModelSection, tokenizer) -> ModelConfig:
+    overrides = {"vocab_size": len(tokenizer), **section.overrides}
+    try:
+        config = model_preset(section.preset, **overrides)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"model: {err}") from err
+    if config.vocab_size != len(tokenizer):
+        raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the model vocabulary has "
+                          f"{config.vocab_size}: use the tokenizer the model was trained with, or drop "
+                          "model.overrides.vocab_size")
+    return config
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    recipe = load_recipe(args.recipe, args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    model_config = build_model_config(recipe.model, tokenizer)
+    check_shards(recipe.data.train, world_size=world_size, num_workers=recipe.data.num_workers,
+                 mode=recipe.data.mode)
+    if recipe.data.val:
+        check_shards(recipe.data.val, world_size=1, num_workers=1)
+    ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
+    return Setup(recipe, tokenizer, model_config, ds_config, world_size)
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors to the engine's device; images also to its compute dtype (bf16 under ZeRO bf16)."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        moved[key] = value
+    return moved
+
+
+def batches_forever(loader):
+    """Epoch after epoch; the loader keeps its own epoch and position, so a resume continues mid-epoch."""
+    while True:
+        yield from loader
+        loader.set_epoch(loader.epoch + 1)
+
+
+def train_step(engine, micro_batches: list[dict]) -> dict[str, float]:
+    """One optimizer step: forward + backward per micro-batch; DeepSpeed updates after the last one."""
+    totals: dict[str, float] = defaultdict(float)
+    for batch in micro_batches:
+        out = engine(batch)
+        engine.backward(out.loss)
+        engine.step()
+        for name in LOSS_NAMES:
+            totals[name] += float(getattr(out, name)) / len(micro_batches)
+    totals["temperature"] = float(out.temperature)
+    return totals
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return dict(zip(keys, (tensor / dist.get_world_size()).tolist()))
+
+
+def skipped_over_ranks(loader) -> dict[str, float]:
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, loader.skip_counts())
+    total: dict[str, float] = defaultdict(float)
+    for rank_counts in counts:
+        for reason, n in rank_counts.items():
+            total[f"data/skipped_{reason}"] += n
+            total["data/skipped_total"] += n
+    total.setdefault("data/skipped_total", 0.0)
+    return dict(total)
+
+
+def run_evaluation(engine, eval_data, setup: Setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:
+    recipe = setup.recipe
+    metrics, block = evaluate_retrieval(engine.module, eval_data, recipe.eval.batch_size, recipe.eval.itm_rerank_k,
+                                        engine.device, dtype)
+    if dist.get_rank() == 0:
+        (recipe.run_path / "eval.json").write_text(json.dumps(metrics, indent=2))
+        log.retrieval(step, metrics, block)
+        tqdm.write(f"[step {step}] " + format_table(metrics))
+    return metrics
+
+
+def train(setup: Setup, resume: str) -> dict:
+    recipe = setup.recipe
+    deepspeed.init_distributed(dist_backend=recipe.dist.backend,
+                               timeout=timedelta(minutes=recipe.dist.timeout_minutes))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(recipe.seed)
+    run_path, ckpt_dir = recipe.run_path, recipe.run_path / "checkpoints"
+    if rank == 0:
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        (run_path / "model_config.json").write_text(json.dumps(asdict(setup.model_config), indent=2))
+
+    with deepspeed.zero.Init(config_dict_or_path=setup.ds_config, enabled=zero_stage(setup.ds_config) == 3):
+        model = ALBEF(setup.model_config)
+    if zero_stage(setup.ds_config) == 3:
+        initialise_partitioned(model)
+    load_pretrained_partitioned(model, vit=recipe.model.vit, bert=recipe.model.bert)
+    offload = setup.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    optimizer = build_optimizer(model, recipe.optim, offload_to_cpu=offload)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=setup.ds_config,
+                                           lr_scheduler=build_scheduler(optimizer, recipe.schedule, recipe.optim))
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    print(f"[vlpretrain] rank {rank} holds {held} of {total} parameter elements", flush=True)
+
+    loader = make_train_loader(
+        recipe.data.train, setup.tokenizer, batch_size=recipe.schedule.micro_batch_size, rank=rank,
+        world_size=world, num_workers=recipe.data.num_workers, seed=recipe.seed,
+        image_size=setup.model_config.image_size, max_len=recipe.data.max_len, mode=recipe.data.mode,
+        mlm_probability=recipe.data.mlm_probability, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip)
+    eval_data = (load_eval_data(recipe.data.val, setup.tokenizer, image_size=setup.model_config.image_size,
+                                max_len=recipe.data.max_len) if recipe.data.val else None)
+
+    step = 0
+    state = load_checkpoint(engine, ckpt_dir) if resume == "auto" else None
+    if state:
+        step = state["step"]
+        loader.load_state_dict(state["rank_state"]["loader"])
+        set_rng_state(state["rank_state"]["rng"])
+
+    log = TrainLog(run_path, enabled=rank == 0)
+    if rank == 0:
+        log.text("config/recipe", "```\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False) + "\n```", step)
+        print(f"[vlpretrain] world_size={world} zero_stage={zero_stage(setup.ds_config)} "
+              f"bf16={'on' if engine.bfloat16_enabled() else 'off'} dtype={dtype} "
+              f"attention={setup.model_config.attention} resume_step={step} run={run_path}", flush=True)
+
+    flops = train_flops_per_sample(setup.model_config, recipe.data.max_len)
+    samples_per_step = recipe.schedule.micro_batch_size * recipe.schedule.grad_accum * world
+    stream = batches_forever(loader)
+    progress = tqdm(total=recipe.schedule.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    window_start, data_wait, window_steps, window_tokens = time.perf_counter(), 0.0, 0, 0
+
+    def checkpoint() -> None:
+        save_checkpoint(engine, ckpt_dir, step, {"loader": loader.state_dict(), "rng": rng_state()},
+                        {"recipe": recipe_to_dict(recipe)}, keep=recipe.checkpoint.keep)
+
+    last_step = min(recipe.schedule.max_steps, recipe.schedule.exit_at_step or recipe.schedule.max_steps)
+    while step < last_step:
+        fetch_start = time.perf_counter()
+        micro_batches = [to_device(next(stream), engine.device, dtype) for _ in range(recipe.schedule.grad_accum)]
+        data_wait += time.perf_counter() - fetch_start
+        window_tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        lr = engine.get_lr()[0]  # the rate this step applies; the scheduler advances inside engine.step()
+        values = train_step(engine, micro_batches)
+        step += 1
+        window_steps += 1
+        progress.update(1)
+
+        if step % recipe.logging.every == 0 or step == recipe.schedule.max_steps:
+            elapsed = time.perf_counter() - window_start
+            values = mean_over_ranks({**values, "tokens": window_tokens})
+            samples_per_s = samples_per_step * window_steps / elapsed
+            scalars = {
+                "loss/total": values["loss"], "loss/itc": values["loss_itc"], "loss/itm": values["loss_itm"],
+                "loss/mlm": values["loss_mlm"], "train/itm_accuracy": values["itm_accuracy"],
+                "train/temperature": values["temperature"], "train/lr": lr,
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "perf/samples_per_s": samples_per_s, "perf/tokens_per_s": values["tokens"] * world / elapsed,
+                "perf/mfu": mfu(flops, samples_per_s, world, recipe.logging.peak_tflops),
+                "perf/data_wait_s": data_wait / window_steps, "perf/data_wait_fraction": data_wait / elapsed,
+                "perf/memory_gb": memory_gb(),
+                **skipped_over_ranks(loader),
+            }
+            log.scalars(step, scalars)
+            if rank == 0:
+                progress.write(console_line(step, recipe.schedule.max_steps, scalars))
+            window_start, data_wait, window_steps, window_tokens = time.perf_counter(), 0.0, 0, 0
+
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < last_step:
+            checkpoint()
+        if eval_data and recipe.eval.every and step % recipe.eval.every == 0 and step < recipe.schedule.max_steps:
+            run_evaluation(engine, eval_data, setup, step, log, dtype)
+    progress.close()
+
+    checkpoint()
+    if step < recipe.schedule.max_steps:
+        if rank == 0:
+            print(f"[vlpretrain] exiting at step {step} as asked (schedule.exit_at_step); "
+                  "continue with --resume auto", flush=True)
+        log.close()
+        return {}
+    metrics = run_evaluation(engine, eval_data, setup, step, log, dtype) if eval_data else {}
+    dist.barrier()
+    if rank == 0:
+        export_run(ckpt_dir, setup.model_config, setup.tokenizer, run_path / "export")
+        print(f"[vlpretrain] done at step {step}; exported to {run_path / 'export'}\n"
+              f"[vlpretrain] view the logs with: tensorboard --logdir {recipe.logging.run_dir}", flush=True)
+    log.close()
+    dist.barrier()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        setup = prepare(args)
+    except (RecipeError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.validate_only:
+        print(f"[vlpretrain] recipe, data, tokenizer and DeepSpeed config are valid for world_size={setup.world_size}")
+        return 0
+    train(setup, args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
