@@ -105,3 +105,19 @@ def test_train_flops_match_the_flop_counter():
         model(batch).loss.backward()
     measured = counter.get_total_flops() / 4
     assert measured == pytest.approx(train_flops_per_sample(config, 12, masked_fraction), rel=0.02)
+
+
+def test_init_weights_per_module_restores_every_parameter():
+    """What a ZeRO-3 trainer does: re-run `init_weights` module by module over parameters it wiped."""
+    torch.manual_seed(0)
+    model = ALBEF(tiny_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(123.0)
+    for module in model.modules():
+        model.init_weights(module)
+    assert all((p != 123.0).all() for p in model.parameters())
+    assert model.temp.item() == pytest.approx(0.07)
+    assert model.image_encoder.norm.weight.eq(1).all() and model.itm_head.bias.eq(0).all()
+    std = model.image_encoder.blocks[0].fc1.weight.std().item()
+    assert std == pytest.approx(model.config.init_std, rel=0.1)
