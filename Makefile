@@ -79,5 +79,21 @@ BENCH_MODEL_ARGS ?=
 bench-model: env
 	$(PY) -m benchmarks.bench_model $(BENCH_MODEL_ARGS)
 
+# --- training (see README "## Training") ---
+RECIPE ?= tiny_synthetic
+RANKS ?= 2
+TRAIN ?=
+VAL ?=
+TOKENIZER ?=
+ARGS ?=
+PRETRAIN_FLAGS = --recipe $(RECIPE) --resume auto $(if $(TRAIN),--data.train $(TRAIN)) $(if $(VAL),--data.val $(VAL)) \
+	$(if $(TOKENIZER),--data.tokenizer $(TOKENIZER)) $(ARGS)
+
+pretrain: env
+ifeq ($(TRAIN),)
+	@test -f data/shards/synthetic/val/manifest.json -a -f $(TOKENIZER_DIR)/tokenizer.json || $(MAKE) --no-print-directory shards
+endif
+	GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh $(PRETRAIN_FLAGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -78,6 +78,7 @@ def build_model_config(section: ModelSection, tokenizer) -> ModelConfig:
 
 
 def prepare(args: argparse.Namespace) -> Setup:
+    resume = args.resume
     recipe = load_recipe(args.recipe, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = load_tokenizer(recipe.data.tokenizer)
@@ -87,6 +88,9 @@ def prepare(args: argparse.Namespace) -> Setup:
     if recipe.data.val:
         check_shards(recipe.data.val, world_size=1, num_workers=1)
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
+    if resume == "none" and (recipe.run_path / "checkpoints" / "latest").is_file():
+        raise RecipeError(f"run {recipe.run_path} already has checkpoints: pass --resume auto to continue it, or "
+                          "--name to start a new run")
     return Setup(recipe, tokenizer, model_config, ds_config, world_size)
 
 
