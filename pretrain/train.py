@@ -119,7 +119,7 @@ def train_step(engine, micro_batches: list[dict]) -> dict[str, float]:
         engine.backward(out.loss)
         engine.step()
         for name in LOSS_NAMES:
-            totals[name] += float(getattr(out, name)) / len(micro_batches)
+            totals[name] += getattr(out, name).item() / len(micro_batches)
     totals["temperature"] = float(out.temperature)
     return totals
 

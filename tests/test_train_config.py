@@ -1,14 +1,16 @@
 """Recipe loading, DeepSpeed config building and optimizer rules: the errors a user can cause."""
 
 import json
+import os
 
 import pytest
 import torch
 
+from data_pipeline import DataError
 from pretrain.ds_config import build_ds_config
 from pretrain.optim import parameter_groups, warmup_cosine
 from pretrain.recipe import RecipeError, ScheduleSection, load_recipe, recipe_from_dict
-from pretrain.train import parse_args
+from pretrain.train import parse_args, prepare
 
 
 def test_shipped_recipes_load():
@@ -84,3 +86,45 @@ def test_warmup_then_cosine():
     assert factor(10) == pytest.approx(1.0)
     assert factor(60) == pytest.approx(0.55)  # halfway through the cosine: (1 + 0.1) / 2
     assert factor(110) == pytest.approx(0.1)
+
+
+@pytest.fixture
+def base_flags(synthetic_shards, tokenizer_dir, tmp_path):
+    return ["--recipe", "tiny_synthetic", "--data.train", str(synthetic_shards["train"]),
+            "--data.val", str(synthetic_shards["val"]), "--data.tokenizer", str(tokenizer_dir),
+            "--logging.run_dir", str(tmp_path)]  # fmt: skip
+
+
+def prepare_error(flags: list[str], world_size: int = 2) -> str:
+    os.environ["WORLD_SIZE"] = str(world_size)
+    try:
+        with pytest.raises((RecipeError, DataError)) as err:
+            prepare(parse_args(flags))
+    finally:
+        del os.environ["WORLD_SIZE"]
+    message = str(err.value)
+    assert "\n" not in message  # one line
+    return message
+
+
+def test_valid_setup_passes(base_flags):
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        setup = prepare(parse_args(base_flags))
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert setup.model_config.vocab_size == len(setup.tokenizer)
+    assert setup.ds_config["train_batch_size"] == 2 * setup.recipe.schedule.micro_batch_size
+
+
+def test_user_errors_are_caught_before_any_process_group(base_flags, tmp_path):
+    assert "nope" in prepare_error(base_flags + ["--data.train", str(tmp_path / "nope")])
+    assert "matches no file" in prepare_error(base_flags + ["--data.train", str(tmp_path / "x-*.tar")])
+    assert "missing" in prepare_error(base_flags + ["--data.train", str(tmp_path / "x-{000..003}.tar")])
+    assert "vocabulary" in prepare_error(base_flags + ["--model.overrides", "{vocab_size: 999}"])
+    assert "not found" in prepare_error(base_flags + ["--dist.ds_config", "missing_config"])
+    # 4 train shards cannot feed 4 ranks x 2 workers in epoch mode
+    assert "shards" in prepare_error(base_flags + ["--data.num_workers", "2"], world_size=4)
+    with pytest.raises(SystemExit):  # argparse: an option that does not exist
+        parse_args(base_flags + ["--optim.learning_rate", "1"])
+    assert "unknown model config key" in prepare_error(base_flags + ["--model.overrides", "{hiden: 3}"])
