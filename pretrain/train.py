@@ -154,8 +154,17 @@ def run_evaluation(engine, eval_data, setup: Setup, step: int, log: TrainLog, dt
     return metrics
 
 
+def share_cpu_cores() -> None:
+    """On CPU, give each local rank its share of the cores: torch's default (all cores per process)
+    oversubscribes them when several ranks share a machine. OMP_NUM_THREADS, if set, wins."""
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
 def train(setup: Setup, resume: str) -> dict:
     recipe = setup.recipe
+    share_cpu_cores()
     deepspeed.init_distributed(dist_backend=recipe.dist.backend,
                                timeout=timedelta(minutes=recipe.dist.timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
