@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pretrain.model import KeyPadding, attention
+from pretrain.model import KeyPadding, attention, packed_attention
 from pretrain.model.attention import FLASH_ATTN_INSTALLED, _auto_backend
 
 
@@ -79,3 +79,19 @@ def test_flash_attn_varlen_equals_eager(kind):
     torch.testing.assert_close(flash_out.float(), eager_out, atol=2e-2, rtol=2e-2)
     for ours, reference in zip(flash_grads, eager_grads):
         torch.testing.assert_close(ours.float(), reference, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and FLASH_ATTN_INSTALLED), reason="needs CUDA and flash-attn")
+def test_flash_attn_takes_packed_text_directly():
+    """The model's path: packed text self-attention, and packed text streams (two per image) cross-attending."""
+    text = KeyPadding(_padding(4, 7, [7, 4, 1, 5]).mask.cuda())
+    q, k, v = _qkv(batch=4, dim=32, dtype=torch.bfloat16, device="cuda")
+    images = torch.randn(2, 10, 2, 32, dtype=torch.bfloat16, device="cuda")
+    for queries, keys, key_values in ((text, text, (k, v)), (text.grouped(2), None, (images, images))):
+        packed = [text.unpad(t) for t in (q, *key_values)] if keys is not None else [text.unpad(q), *key_values]
+        flash = packed_attention(*packed, backend="flash_attn", queries=queries, keys=keys)
+        padded_kv = (k, v) if keys is not None else key_values
+        reference = attention(queries.pad(text.unpad(q)).float(), *(t.float() for t in padded_kv),
+                              backend="eager", key_padding=keys)  # fmt: skip
+        torch.testing.assert_close(flash.float(), queries.unpad(reference), atol=2e-2, rtol=2e-2)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from model_helpers import VOCAB, make_batch, tiny_config
-from transformers import AutoModel, BertConfig, BertForMaskedLM, ViTConfig, ViTModel
+from transformers import AutoModel, BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTModel
 
 from pretrain.model import (
     ALBEF,
@@ -61,6 +61,24 @@ def test_loaded_encoders_reproduce_hf_outputs(checkpoints):
     torch.testing.assert_close(fusion.ffn_norm.bias, hf_layer.output.LayerNorm.bias)
     torch.testing.assert_close(model.mlm_head.decoder.bias, hf_bert.cls.predictions.bias)
     assert model.mlm_head.decoder.weight is model.text_encoder.embeddings.word_embeddings.weight
+
+
+def test_text_encoder_gradients_equal_hf_bert_on_a_padded_batch(checkpoints):
+    """Ours packs the real tokens, HF BERT computes on the padded batch: same outputs and gradients."""
+    model = _loaded(checkpoints)
+    hf_bert = BertModel.from_pretrained(checkpoints / "bert", add_pooling_layer=False).eval()
+    batch = make_batch(model.config)
+    valid = batch["attention_mask"].bool()
+    assert not valid.all()
+    weights = torch.randn(*valid.shape, 128)[valid]
+    hidden = hf_bert(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    (hidden.hidden_states[model.config.text_layers][valid] * weights).sum().backward()
+    ours = model.text_encoder(batch["input_ids"], KeyPadding(valid))
+    (ours[valid] * weights).sum().backward()
+    hf_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in hf_bert.named_parameters()}
+    expected = bert_state_dict_to_ours(hf_grads, model.config)
+    for name, p in model.text_encoder.named_parameters():
+        torch.testing.assert_close(p.grad, expected[f"text_encoder.{name}"], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_positions_are_interpolated_like_hf(checkpoints):

@@ -96,15 +96,38 @@ def test_itm_logits_groups_texts_per_image():
     torch.testing.assert_close(grouped, repeated, atol=1e-5, rtol=1e-4)
 
 
-def test_train_flops_match_the_flop_counter():
-    config = tiny_config(attention="eager")  # the counter sees eager attention's matmuls
-    model = ALBEF(config)
-    batch = make_batch(config, batch_size=4, length=12)
-    masked_fraction = (batch["mlm_labels"] != -100).float().mean().item()
+def _counted_flops(model: ALBEF, batch: dict) -> dict[str, int]:
+    """FLOPs per aten op of a training step, per sample."""
     with FlopCounterMode(display=False) as counter:
         model(batch).loss.backward()
-    measured = counter.get_total_flops() / 4
+    return {str(op): n / len(batch["input_ids"]) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def test_train_flops_match_the_flop_counter():
+    config = tiny_config(attention="eager")  # the counter sees eager attention's matmuls
+    batch = make_batch(config, batch_size=4, length=12)
+    batch["attention_mask"].fill_(1)  # no padding: the padded kernels then do exactly the counted work
+    masked_fraction = (batch["mlm_labels"] != -100).float().mean().item()
+    measured = sum(_counted_flops(ALBEF(config), batch).values())
     assert measured == pytest.approx(train_flops_per_sample(config, 12, masked_fraction), rel=0.02)
+
+
+def test_padding_costs_no_projection_flops():
+    """Captions of 7 real tokens padded to 12 cost the projections / FFNs / heads of 7 tokens, exactly."""
+    config = tiny_config(attention="eager")
+    model = ALBEF(config)
+    padded = make_batch(config, batch_size=4, length=12)
+    padded["attention_mask"] = (torch.arange(12) < 7).long().expand(4, -1).clone()
+    padded["mlm_labels"][:, 7:] = -100
+    short = {k: v[:, :7] if k != "image_ids" and torch.is_tensor(v) and v.dim() == 2 else v for k, v in padded.items()}
+    torch.manual_seed(0)
+    counted_padded = _counted_flops(model, padded)
+    torch.manual_seed(0)
+    counted_short = _counted_flops(model, short)
+    linear = ("aten.mm", "aten.addmm")
+    assert sum(counted_padded[op] for op in linear) == sum(counted_short[op] for op in linear)
+    # Only the padded attention kernels (batched matmuls here) see the padding.
+    assert counted_padded["aten.bmm"] > counted_short["aten.bmm"]
 
 
 def test_init_weights_per_module_restores_every_parameter():

@@ -1,7 +1,7 @@
 """The ALBEF model library: configuration, attention, encoders, heads and Hugging Face weight I/O."""
 
 from .albef import ALBEF, ALBEFOutput
-from .attention import KeyPadding, attention
+from .attention import attention, packed_attention
 from .config import ATTENTION_BACKENDS, ModelConfig, ModelConfigError, model_preset
 from .hf_io import (
     HFWeightsError,
@@ -13,6 +13,7 @@ from .hf_io import (
     pretrained_state_dict,
     vit_state_dict_to_ours,
 )
+from .padding import KeyPadding
 
 __all__ = [
     "ALBEF",
@@ -23,6 +24,7 @@ __all__ = [
     "ModelConfig",
     "ModelConfigError",
     "attention",
+    "packed_attention",
     "bert_state_dict_to_ours",
     "export_hf",
     "load_pretrained",

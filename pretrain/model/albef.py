@@ -23,10 +23,11 @@ from pretrain.losses import (
     sample_itm_negatives,
 )
 
-from .attention import KeyPadding, check_backend
+from .attention import check_backend
 from .bert import FusionEncoder, TextEncoder, stack_streams
 from .config import ModelConfig
 from .heads import MLMHead
+from .padding import KeyPadding
 from .vit import VisionTransformer
 
 

@@ -1,10 +1,14 @@
-"""The one attention function every self- and cross-attention in the model goes through.
+"""The attention functions every self- and cross-attention in the model goes through.
 
-Backends: `flash_attn` (flash-attn 2; unpadded variable-length text through `flash_attn_varlen_func`),
+Backends: `flash_attn` (flash-attn 2; packed variable-length text through `flash_attn_varlen_func`),
 `sdpa` (torch's scaled_dot_product_attention: flash / memory-efficient kernels on GPU, the fused kernel
 on CPU), `eager` (the plain reference). `auto` decides per input device and dtype: flash-attn for
 fp16/bf16 CUDA inputs when the package is installed, sdpa for other CUDA inputs and fp32 on CPU, eager
 for bf16 on CPU. `flash_attn` itself falls back to sdpa for inputs flash-attn cannot take (CPU, fp32).
+
+`attention` takes padded [B, L, H, Dh] tensors (the ViT's, and the reference); `packed_attention` takes
+text as its real tokens only (see padding.py), which the varlen kernel attends as they are and the
+padded kernels get re-padded.
 """
 
 from __future__ import annotations
@@ -12,40 +16,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .padding import KeyPadding
+
 logger = logging.getLogger(__name__)
 
 FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
-
-
-@dataclass
-class KeyPadding:
-    """Which keys are real tokens (True) or padding (False), [B, L]; computed once per forward."""
-
-    mask: Tensor
-
-    @cached_property
-    def sdpa_mask(self) -> Tensor:
-        return self.mask[:, None, None, :]
-
-    @cached_property
-    def indices(self) -> Tensor:
-        return self.mask.flatten().nonzero().flatten()
-
-    @cached_property
-    def cu_seqlens(self) -> Tensor:
-        lengths = self.mask.sum(dim=1, dtype=torch.int32)
-        return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-
-    @cached_property
-    def max_seqlen(self) -> int:
-        return int(self.mask.sum(dim=1).max())
 
 
 def check_backend(backend: str) -> str:
@@ -68,6 +49,14 @@ def _auto_backend(device_type: str, dtype: torch.dtype) -> str:
     return chosen
 
 
+def _resolve(backend: str, q: Tensor) -> str:
+    if backend == "auto":
+        return _auto_backend(q.device.type, q.dtype)
+    if backend == "flash_attn" and not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return "sdpa"
+    return backend
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -77,14 +66,19 @@ def attention(
     key_padding: KeyPadding | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """Scaled dot-product attention on [B, L, H, Dh] tensors, returning [B, Lq, H, Dh].
+    """Scaled dot-product attention on padded [B, L, H, Dh] tensors, returning [B, Lq, H, Dh].
 
     `key_padding` masks padded keys; query rows at padded positions are don't-care in every backend.
     """
-    if backend == "auto":
-        backend = _auto_backend(q.device.type, q.dtype)
-    if backend == "flash_attn" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return _flash_attention(q, k, v, key_padding, dropout_p)
+    backend = _resolve(backend, q)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_func
+
+        if key_padding is None:
+            return flash_attn_func(q, k, v, dropout_p=dropout_p)
+        q, k, v = (key_padding.unpad(t) for t in (q, k, v))
+        out = packed_attention(q, k, v, backend=backend, queries=key_padding, keys=key_padding, dropout_p=dropout_p)
+        return key_padding.pad(out)
     if backend == "eager":
         return _eager_attention(q, k, v, key_padding, dropout_p)
     mask = key_padding.sdpa_mask if key_padding is not None else None
@@ -94,26 +88,47 @@ def attention(
     return out.transpose(1, 2)
 
 
+def packed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    backend: str,
+    queries: KeyPadding,
+    keys: KeyPadding | None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Attention for queries given as real-token rows q [Tq, H, Dh] of the padded layout `queries`,
+    returning [Tq, H, Dh].
+
+    Self-attention: k, v are packed rows too, of the layout `keys`. Cross-attention (`keys` None): k, v
+    are dense [S, N, H, Dh], one per query sequence of `queries` (S sequences).
+    """
+    backend = _resolve(backend, q)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        if keys is None:
+            sequences, key_len = k.shape[:2]
+            cu_keys = torch.arange(0, (sequences + 1) * key_len, key_len, dtype=torch.int32, device=k.device)
+            k, v, max_keys = k.flatten(0, 1), v.flatten(0, 1), key_len
+        else:
+            cu_keys, max_keys = keys.cu_seqlens, keys.max_seqlen
+        return flash_attn_varlen_func(
+            q, k, v, queries.cu_seqlens, cu_keys, queries.max_seqlen, max_keys, dropout_p=dropout_p
+        )
+    if keys is not None:
+        k, v = keys.pad(k), keys.pad(v)
+    out = attention(queries.pad(q), k, v, backend=backend, key_padding=keys, dropout_p=dropout_p)
+    return queries.unpad(out)
+
+
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, key_padding: KeyPadding | None, dropout_p: float) -> Tensor:
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     if key_padding is not None:
         scores = scores.masked_fill(~key_padding.sdpa_mask, float("-inf"))
     probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def _flash_attention(q: Tensor, k: Tensor, v: Tensor, key_padding: KeyPadding | None, dropout_p: float) -> Tensor:
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-
-    if key_padding is None:
-        return flash_attn_func(q, k, v, dropout_p=dropout_p)
-    # Padded text self-attention: drop the padding tokens, attend over the packed sequences, scatter back.
-    batch, length, heads, head_dim = q.shape
-    idx, cu, max_len = key_padding.indices, key_padding.cu_seqlens, key_padding.max_seqlen
-    packed = [t.reshape(batch * length, heads, head_dim)[idx] for t in (q, k, v)]
-    out = flash_attn_varlen_func(*packed, cu, cu, max_len, max_len, dropout_p=dropout_p)
-    padded = out.new_zeros(batch * length, heads, head_dim).index_copy(0, idx, out)
-    return padded.view(batch, length, heads, head_dim)
 
 
 class SelfAttention(nn.Module):
@@ -125,15 +140,19 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, key_padding: KeyPadding | None = None) -> Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(dim=2)
+    def forward(self, x: Tensor, packed: KeyPadding | None = None) -> Tensor:
+        """x: dense [B, L, D]; or, with `packed`, the real tokens [T, D] of a padded batch of that layout."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(dim=-3)
         dropout_p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, backend=self.backend, key_padding=key_padding, dropout_p=dropout_p)
+        if packed is None:
+            out = attention(q, k, v, backend=self.backend, dropout_p=dropout_p)
+        else:
+            out = packed_attention(q, k, v, backend=self.backend, queries=packed, keys=packed, dropout_p=dropout_p)
         return self.out(out.flatten(-2))
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from text queries to image keys / values (fused key-value projection)."""
+    """Multi-head attention from packed text queries to image keys / values (fused key-value projection)."""
 
     def __init__(self, hidden: int, context_hidden: int, heads: int, backend: str, dropout: float = 0.0):
         super().__init__()
@@ -142,8 +161,10 @@ class CrossAttention(nn.Module):
         self.key_value = nn.Linear(context_hidden, 2 * hidden)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, packed: KeyPadding, context: Tensor) -> Tensor:
+        """x: the real tokens [T, D] of `packed`'s S query sequences; context: [S, N, D_context]."""
         q = self.query(x).unflatten(-1, (self.heads, -1))
         k, v = self.key_value(context).unflatten(-1, (2, self.heads, -1)).unbind(dim=2)
         dropout_p = self.dropout if self.training else 0.0
-        return self.out(attention(q, k, v, backend=self.backend, dropout_p=dropout_p).flatten(-2))
+        out = packed_attention(q, k, v, backend=self.backend, queries=packed, keys=None, dropout_p=dropout_p)
+        return self.out(out.flatten(-2))

@@ -5,6 +5,9 @@ Fusion layers self-attend over the text and then cross-attend to the image token
 [M, N, Dv] and text [M * G, L, D], stream t using image t // G. Cross-attention queries do not
 interact, so the G streams of an image are attended as one [G * L] query block: the image keys and
 values are projected once per image, not once per stream.
+
+Both encoders take and return padded text [B, L, D] but run on its real tokens only, packed [T, D]
+(padding.py): padding costs no projection, FFN or LayerNorm. Padding positions of the output are zeros.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import CrossAttention, KeyPadding, SelfAttention
+from .attention import CrossAttention, SelfAttention
 from .config import ModelConfig
+from .padding import KeyPadding
 
 
 class BertEmbeddings(nn.Module):
@@ -28,10 +32,12 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=config.text_layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        positions = self.position_embeddings.weight[: input_ids.shape[1]]
+    def forward(self, input_ids: Tensor, padding: KeyPadding) -> Tensor:
+        """Padded ids [B, L] -> embeddings of the real tokens [T, D]."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        ids, positions = padding.unpad(input_ids), padding.unpad(positions)
         # Every token has segment 0, as in ALBEF.
-        x = self.word_embeddings(input_ids) + positions + self.token_type_embeddings.weight[0]
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
         return self.dropout(self.norm(x))
 
 
@@ -49,13 +55,14 @@ class BertLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = nn.Dropout(p)
 
-    def forward(self, x: Tensor, key_padding: KeyPadding, image: Tensor | None = None) -> Tensor:
-        x = self.self_attn_norm(x + self.dropout(self.self_attn(x, key_padding=key_padding)))
+    def forward(
+        self, x: Tensor, text: KeyPadding, image: Tensor | None = None, per_image: KeyPadding | None = None
+    ) -> Tensor:
+        """x: the real tokens [T, D] of text laid out as `text`; with `image` [M, N, Dv] also `per_image`,
+        the same tokens as M query blocks (`text.grouped(M)`), one per image."""
+        x = self.self_attn_norm(x + self.dropout(self.self_attn(x, text)))
         if image is not None:
-            streams, length, hidden = x.shape
-            grouped = x.reshape(len(image), -1, hidden)
-            attended = self.cross_attn(grouped, image).reshape(streams, length, hidden)
-            x = self.cross_attn_norm(x + self.dropout(attended))
+            x = self.cross_attn_norm(x + self.dropout(self.cross_attn(x, per_image, image)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
 
 
@@ -76,7 +83,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, key_padding: KeyPadding) -> Tensor:
         checkpointed = self.grad_checkpointing and self.training
-        return _run_layers(self.layers, self.embeddings(input_ids), checkpointed, key_padding)
+        x = _run_layers(self.layers, self.embeddings(input_ids, key_padding), checkpointed, key_padding)
+        return key_padding.pad(x)
 
 
 class FusionEncoder(nn.Module):
@@ -89,7 +97,9 @@ class FusionEncoder(nn.Module):
         if len(text) % len(image):
             raise ValueError(f"{len(text)} text streams cannot be grouped evenly over {len(image)} images")
         checkpointed = self.grad_checkpointing and self.training
-        return _run_layers(self.layers, text, checkpointed, key_padding, image)
+        per_image = key_padding.grouped(len(image))
+        x = _run_layers(self.layers, key_padding.unpad(text), checkpointed, key_padding, image, per_image)
+        return key_padding.pad(x)
 
 
 def stack_streams(*streams: Tensor) -> Tensor:
