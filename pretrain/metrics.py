@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,35 @@ def memory_gb() -> float:
 
 def mfu(flops_per_sample: float, samples_per_s: float, world_size: int, peak_tflops: float) -> float:
     return flops_per_sample * samples_per_s / (world_size * peak_tflops * 1e12)
+
+
+class ThroughputWindow:
+    """Speed figures over the steps since the last log line: samples/s, tokens/s, MFU, data wait, memory."""
+
+    def __init__(self, flops_per_sample: float, samples_per_step: int, world_size: int, peak_tflops: float):
+        self.flops_per_sample, self.samples_per_step = flops_per_sample, samples_per_step
+        self.world_size, self.peak_tflops = world_size, peak_tflops
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.data_wait, self.tokens = time.perf_counter(), 0, 0.0, 0
+
+    def add_step(self, data_wait: float, tokens: int) -> None:
+        self.steps += 1
+        self.data_wait += data_wait
+        self.tokens += tokens
+
+    def scalars(self, mean_tokens_per_rank: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        samples_per_s = self.samples_per_step * self.steps / elapsed
+        return {
+            "perf/samples_per_s": samples_per_s,
+            "perf/tokens_per_s": mean_tokens_per_rank * self.world_size / elapsed,
+            "perf/mfu": mfu(self.flops_per_sample, samples_per_s, self.world_size, self.peak_tflops),
+            "perf/data_wait_s": self.data_wait / self.steps,
+            "perf/data_wait_fraction": self.data_wait / elapsed,
+            "perf/memory_gb": memory_gb(),
+        }
 
 
 def similarity_heatmap(sim: torch.Tensor, cell: int = 8) -> torch.Tensor:

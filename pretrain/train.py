@@ -1,8 +1,7 @@
 """`python -m pretrain.train`: ALBEF pretraining (ITC + ITM + MLM) on a DeepSpeed ZeRO-3 engine.
 
 Launch with `deepspeed [launcher flags] launch/pretrain.sh [flags]` or `bash launch/pretrain.sh [flags]`.
-Everything a user can get wrong (recipe, data, tokenizer, DeepSpeed config) is checked in `prepare`,
-before any process group exists, and reported as one line.
+User mistakes are caught before any process group exists, in `pretrain.preflight`.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 
 import deepspeed
@@ -22,27 +21,19 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from data_pipeline import DataError, check_shards, load_eval_data, load_tokenizer, make_train_loader
+from data_pipeline import DataError, load_eval_data, make_train_loader
 from pretrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pretrain.ds_config import build_ds_config, zero_stage
+from pretrain.ds_config import zero_stage
 from pretrain.export import export_run, initialise_partitioned, load_pretrained_partitioned
 from pretrain.flops import train_flops_per_sample
-from pretrain.metrics import TrainLog, console_line, memory_gb, mfu
-from pretrain.model import ALBEF, ModelConfig, model_preset
+from pretrain.metrics import ThroughputWindow, TrainLog, console_line
+from pretrain.model import ALBEF
 from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.recipe import ModelSection, Recipe, RecipeError, add_recipe_arguments, load_recipe, recipe_to_dict
+from pretrain.preflight import Setup, prepare
+from pretrain.recipe import RecipeError, add_recipe_arguments, recipe_to_dict
 from pretrain.retrieval import evaluate_retrieval, format_table
 
 LOSS_NAMES = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy")
-
-
-@dataclass
-class Setup:
-    recipe: Recipe
-    tokenizer: object
-    model_config: ModelConfig
-    ds_config: dict
-    world_size: int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,36 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume not in ("none", "auto"):
         parser.error(f"--resume must be 'auto' or 'none', got {args.resume!r}")
     return args
-
-
-def build_model_config(section: ModelSection, tokenizer) -> ModelConfig:
-    overrides = {"vocab_size": len(tokenizer), **section.overrides}
-    try:
-        config = model_preset(section.preset, **overrides)
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"model: {err}") from err
-    if config.vocab_size != len(tokenizer):
-        raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the model vocabulary has "
-                          f"{config.vocab_size}: use the tokenizer the model was trained with, or drop "
-                          "model.overrides.vocab_size")
-    return config
-
-
-def prepare(args: argparse.Namespace) -> Setup:
-    resume = args.resume
-    recipe = load_recipe(args.recipe, args)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    tokenizer = load_tokenizer(recipe.data.tokenizer)
-    model_config = build_model_config(recipe.model, tokenizer)
-    check_shards(recipe.data.train, world_size=world_size, num_workers=recipe.data.num_workers,
-                 mode=recipe.data.mode)
-    if recipe.data.val:
-        check_shards(recipe.data.val, world_size=1, num_workers=1)
-    ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
-    if resume == "none" and (recipe.run_path / "checkpoints" / "latest").is_file():
-        raise RecipeError(f"run {recipe.run_path} already has checkpoints: pass --resume auto to continue it, or "
-                          "--name to start a new run")
-    return Setup(recipe, tokenizer, model_config, ds_config, world_size)
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -122,6 +83,14 @@ def train_step(engine, micro_batches: list[dict]) -> dict[str, float]:
             totals[name] += getattr(out, name).item() / len(micro_batches)
     totals["temperature"] = float(out.temperature)
     return totals
+
+
+def step_scalars(values: dict[str, float], lr: float, grad_norm) -> dict[str, float]:
+    return {
+        "loss/total": values["loss"], "loss/itc": values["loss_itc"], "loss/itm": values["loss_itm"],
+        "loss/mlm": values["loss_mlm"], "train/itm_accuracy": values["itm_accuracy"],
+        "train/temperature": values["temperature"], "train/lr": lr, "train/grad_norm": float(grad_norm or 0.0),
+    }  # fmt: skip
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -162,8 +131,48 @@ def share_cpu_cores() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
+def build_engine(setup: Setup):
+    """The model built inside zero.Init (so it never has to fit on one device), initialised and loaded
+    with pretrained weights in place, wrapped with its optimizer and schedule in a DeepSpeed engine."""
+    recipe, stage = setup.recipe, zero_stage(setup.ds_config)
+    with deepspeed.zero.Init(config_dict_or_path=setup.ds_config, enabled=stage == 3):
+        model = ALBEF(setup.model_config)
+    if stage == 3:
+        initialise_partitioned(model)
+    load_pretrained_partitioned(model, vit=recipe.model.vit, bert=recipe.model.bert)
+    offload = setup.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    optimizer = build_optimizer(model, recipe.optim, offload_to_cpu=offload)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=setup.ds_config,
+                                           lr_scheduler=build_scheduler(optimizer, recipe.schedule, recipe.optim))
+    held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    print(f"[vlpretrain] rank {dist.get_rank()} holds {held} of {total} parameter elements", flush=True)
+    return engine
+
+
+def build_data(setup: Setup, rank: int, world: int):
+    recipe, image_size = setup.recipe, setup.model_config.image_size
+    loader = make_train_loader(
+        recipe.data.train, setup.tokenizer, batch_size=recipe.schedule.micro_batch_size, rank=rank,
+        world_size=world, num_workers=recipe.data.num_workers, seed=recipe.seed, image_size=image_size,
+        max_len=recipe.data.max_len, mode=recipe.data.mode, mlm_probability=recipe.data.mlm_probability,
+        crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip)
+    eval_data = None
+    if recipe.data.val:
+        eval_data = load_eval_data(recipe.data.val, setup.tokenizer, image_size=image_size,
+                                   max_len=recipe.data.max_len)
+    return loader, eval_data
+
+
+def write_run_files(setup: Setup) -> None:
+    run_path = setup.recipe.run_path
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(setup.recipe), sort_keys=False))
+    (run_path / "model_config.json").write_text(json.dumps(asdict(setup.model_config), indent=2))
+
+
 def train(setup: Setup, resume: str) -> dict:
-    recipe = setup.recipe
+    recipe, schedule = setup.recipe, setup.recipe.schedule
     share_cpu_cores()
     deepspeed.init_distributed(dist_backend=recipe.dist.backend,
                                timeout=timedelta(minutes=recipe.dist.timeout_minutes))
@@ -171,31 +180,10 @@ def train(setup: Setup, resume: str) -> dict:
     torch.manual_seed(recipe.seed)
     run_path, ckpt_dir = recipe.run_path, recipe.run_path / "checkpoints"
     if rank == 0:
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-        (run_path / "model_config.json").write_text(json.dumps(asdict(setup.model_config), indent=2))
-
-    with deepspeed.zero.Init(config_dict_or_path=setup.ds_config, enabled=zero_stage(setup.ds_config) == 3):
-        model = ALBEF(setup.model_config)
-    if zero_stage(setup.ds_config) == 3:
-        initialise_partitioned(model)
-    load_pretrained_partitioned(model, vit=recipe.model.vit, bert=recipe.model.bert)
-    offload = setup.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-    optimizer = build_optimizer(model, recipe.optim, offload_to_cpu=offload)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=setup.ds_config,
-                                           lr_scheduler=build_scheduler(optimizer, recipe.schedule, recipe.optim))
+        write_run_files(setup)
+    engine = build_engine(setup)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-    held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    print(f"[vlpretrain] rank {rank} holds {held} of {total} parameter elements", flush=True)
-
-    loader = make_train_loader(
-        recipe.data.train, setup.tokenizer, batch_size=recipe.schedule.micro_batch_size, rank=rank,
-        world_size=world, num_workers=recipe.data.num_workers, seed=recipe.seed,
-        image_size=setup.model_config.image_size, max_len=recipe.data.max_len, mode=recipe.data.mode,
-        mlm_probability=recipe.data.mlm_probability, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip)
-    eval_data = (load_eval_data(recipe.data.val, setup.tokenizer, image_size=setup.model_config.image_size,
-                                max_len=recipe.data.max_len) if recipe.data.val else None)
+    loader, eval_data = build_data(setup, rank, world)
 
     step = 0
     state = load_checkpoint(engine, ckpt_dir) if resume == "auto" else None
@@ -205,62 +193,49 @@ def train(setup: Setup, resume: str) -> dict:
         set_rng_state(state["rank_state"]["rng"])
 
     log = TrainLog(run_path, enabled=rank == 0)
+    log.text("config/recipe", "```\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False) + "\n```", step)
     if rank == 0:
-        log.text("config/recipe", "```\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False) + "\n```", step)
         print(f"[vlpretrain] world_size={world} zero_stage={zero_stage(setup.ds_config)} "
               f"bf16={'on' if engine.bfloat16_enabled() else 'off'} dtype={dtype} "
               f"attention={setup.model_config.attention} resume_step={step} run={run_path}", flush=True)
 
-    flops = train_flops_per_sample(setup.model_config, recipe.data.max_len)
-    samples_per_step = recipe.schedule.micro_batch_size * recipe.schedule.grad_accum * world
+    samples_per_step = schedule.micro_batch_size * schedule.grad_accum * world
+    window = ThroughputWindow(train_flops_per_sample(setup.model_config, recipe.data.max_len), samples_per_step,
+                              world, recipe.logging.peak_tflops)
     stream = batches_forever(loader)
-    progress = tqdm(total=recipe.schedule.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    window_start, data_wait, window_steps, window_tokens = time.perf_counter(), 0.0, 0, 0
+    progress = tqdm(total=schedule.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
 
     def checkpoint() -> None:
         save_checkpoint(engine, ckpt_dir, step, {"loader": loader.state_dict(), "rng": rng_state()},
                         {"recipe": recipe_to_dict(recipe)}, keep=recipe.checkpoint.keep)
 
-    last_step = min(recipe.schedule.max_steps, recipe.schedule.exit_at_step or recipe.schedule.max_steps)
+    last_step = min(schedule.max_steps, schedule.exit_at_step or schedule.max_steps)
     while step < last_step:
         fetch_start = time.perf_counter()
-        micro_batches = [to_device(next(stream), engine.device, dtype) for _ in range(recipe.schedule.grad_accum)]
-        data_wait += time.perf_counter() - fetch_start
-        window_tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        micro_batches = [to_device(next(stream), engine.device, dtype) for _ in range(schedule.grad_accum)]
+        window.add_step(data_wait=time.perf_counter() - fetch_start,
+                        tokens=sum(int(b["attention_mask"].sum()) for b in micro_batches))
         lr = engine.get_lr()[0]  # the rate this step applies; the scheduler advances inside engine.step()
         values = train_step(engine, micro_batches)
         step += 1
-        window_steps += 1
         progress.update(1)
 
-        if step % recipe.logging.every == 0 or step == recipe.schedule.max_steps:
-            elapsed = time.perf_counter() - window_start
-            values = mean_over_ranks({**values, "tokens": window_tokens})
-            samples_per_s = samples_per_step * window_steps / elapsed
-            scalars = {
-                "loss/total": values["loss"], "loss/itc": values["loss_itc"], "loss/itm": values["loss_itm"],
-                "loss/mlm": values["loss_mlm"], "train/itm_accuracy": values["itm_accuracy"],
-                "train/temperature": values["temperature"], "train/lr": lr,
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "perf/samples_per_s": samples_per_s, "perf/tokens_per_s": values["tokens"] * world / elapsed,
-                "perf/mfu": mfu(flops, samples_per_s, world, recipe.logging.peak_tflops),
-                "perf/data_wait_s": data_wait / window_steps, "perf/data_wait_fraction": data_wait / elapsed,
-                "perf/memory_gb": memory_gb(),
-                **skipped_over_ranks(loader),
-            }
+        if step % recipe.logging.every == 0 or step == schedule.max_steps:
+            values = mean_over_ranks({**values, "tokens": window.tokens})
+            scalars = {**step_scalars(values, lr, engine.get_global_grad_norm()), **window.scalars(values["tokens"]),
+                       **skipped_over_ranks(loader)}
             log.scalars(step, scalars)
             if rank == 0:
-                progress.write(console_line(step, recipe.schedule.max_steps, scalars))
-            window_start, data_wait, window_steps, window_tokens = time.perf_counter(), 0.0, 0, 0
-
+                progress.write(console_line(step, schedule.max_steps, scalars))
+            window.reset()
         if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < last_step:
             checkpoint()
-        if eval_data and recipe.eval.every and step % recipe.eval.every == 0 and step < recipe.schedule.max_steps:
+        if eval_data and recipe.eval.every and step % recipe.eval.every == 0 and step < schedule.max_steps:
             run_evaluation(engine, eval_data, setup, step, log, dtype)
     progress.close()
 
     checkpoint()
-    if step < recipe.schedule.max_steps:
+    if step < schedule.max_steps:
         if rank == 0:
             print(f"[vlpretrain] exiting at step {step} as asked (schedule.exit_at_step); "
                   "continue with --resume auto", flush=True)

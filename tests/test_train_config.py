@@ -9,8 +9,9 @@ import torch
 from data_pipeline import DataError
 from pretrain.ds_config import build_ds_config
 from pretrain.optim import parameter_groups, warmup_cosine
+from pretrain.preflight import prepare
 from pretrain.recipe import RecipeError, ScheduleSection, load_recipe, recipe_from_dict
-from pretrain.train import parse_args, prepare
+from pretrain.train import parse_args
 
 
 def test_shipped_recipes_load():
