@@ -85,8 +85,9 @@ RANKS ?= 2
 TRAIN ?=
 VAL ?=
 TOKENIZER ?=
+PRESET ?=
 ARGS ?=
-PRETRAIN_FLAGS = --recipe $(RECIPE) --resume auto $(if $(TRAIN),--data.train $(TRAIN)) $(if $(VAL),--data.val $(VAL)) \
+PRETRAIN_FLAGS = --recipe $(RECIPE) --resume auto $(if $(PRESET),--model.preset $(PRESET)) $(if $(TRAIN),--data.train $(TRAIN)) $(if $(VAL),--data.val $(VAL)) \
 	$(if $(TOKENIZER),--data.tokenizer $(TOKENIZER)) $(ARGS)
 
 pretrain: env

@@ -77,7 +77,7 @@ def runs(synthetic_shards, tokenizer_dir, tmp_path_factory):
     nodes = [
         subprocess.Popen(DEEPSPEED + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                                       "--master_addr", "127.0.0.1", "--master_port", port, "launch/pretrain.sh",
-                                      *common, *no_eval, "--name", "C"],
+                                      *common, *no_eval, "--name", "C", "--checkpoint.keep", "1"],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in (0, 1)
     ]
@@ -121,6 +121,8 @@ def test_two_nodes_on_localhost_train_like_one(runs):
     single, multi = losses(runs["root"] / "A"), losses(runs["root"] / "C")
     for step in range(1, STEPS + 1):
         assert multi[step]["loss/total"] == pytest.approx(single[step]["loss/total"], rel=1e-4)
+    tags = sorted(p.name for p in (runs["root"] / "C" / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert tags == ["step00000008"]  # checkpoint.keep 1: the step-4 checkpoint was pruned
 
 
 def test_tensorboard_has_every_tag(runs):
@@ -152,6 +154,11 @@ def test_exported_weights_reproduce_the_training_time_metrics(runs, synthetic_sh
     again = json.loads(out.read_text())
     for direction in ("i2t", "t2i"):
         assert again[direction] == pytest.approx(trained[direction])
+    # the DeepSpeed checkpoint directory itself is accepted too (consolidated to fp32 on the fly)
+    check(run([sys.executable, "-m", "pretrain.evaluate", "--checkpoint", str(run_dir / "checkpoints"), "--data",
+               str(synthetic_shards["val"]), "--tokenizer", str(run_dir / "export" / "tokenizer"), "--batch-size",
+               "16", "--itm-rerank-k", "4", "--out", str(out)]))
+    assert json.loads(out.read_text())["t2i"] == pytest.approx(trained["t2i"])
 
 
 def test_deepspeeds_own_zero_to_fp32_reads_our_checkpoints(runs, tmp_path):
@@ -185,3 +192,24 @@ def test_bad_config_fails_once_before_any_rank_starts(synthetic_shards, tokenize
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error:") and "nope" in errors[0], proc.stderr
     assert "spawned" not in proc.stdout + proc.stderr  # the DeepSpeed launcher never started
+
+
+def test_pretrained_hf_weights_land_in_zero3_partitions(tokenizer, tokenizer_dir, synthetic_shards, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, ViTConfig, ViTModel
+
+    torch.manual_seed(3)  # tiny preset dims: ViT 64 px / patch 8 / 128 wide / 4 layers; BERT 2 text + 2 fusion
+    ViTModel(ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                       image_size=64, patch_size=8), add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                               intermediate_size=512, max_position_embeddings=32)).save_pretrained(tmp_path / "bert")
+    flags = ["--recipe", "tiny_synthetic", "--data.train", str(synthetic_shards["train"]), "--data.val", "null",
+             "--data.tokenizer", str(tokenizer_dir), "--logging.run_dir", str(tmp_path / "runs"),
+             "--model.vit", str(tmp_path / "vit"), "--model.bert", str(tmp_path / "bert")]  # fmt: skip
+    launch = ["--num_gpus", "2", "--master_port", str(free_port()), "tests/zero3_pretrained_probe.py"]
+    proc = check(run(DEEPSPEED + launch + flags, env={"PYTHONPATH": str(REPO)}))
+    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"loaded"')))
+    assert report["max_abs_diff"] == 0.0
+    assert report["partitioned"] > 0.9 * report["loaded"]  # really copied into shards, not whole tensors
+    names = report["names"]
+    assert any(n.startswith("image_encoder.") for n in names) and any(n.startswith("fusion_encoder.") for n in names)
+    assert "text_encoder.embeddings.word_embeddings.weight" in names

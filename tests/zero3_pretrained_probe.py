@@ -1,0 +1,35 @@
+"""Run by the DeepSpeed launcher from test_train_e2e: build the engine as training does (zero.Init,
+initialisation, pretrained HF weights copied into partitioned parameters), then gather every pretrained
+parameter and report how far it is from the Hugging Face value. Prints one JSON line on rank 0."""
+
+import json
+import sys
+from datetime import timedelta
+
+import deepspeed
+import torch.distributed as dist
+
+from pretrain.model import pretrained_state_dict
+from pretrain.preflight import prepare
+from pretrain.train import build_engine, parse_args
+
+
+def main() -> None:
+    setup = prepare(parse_args(sys.argv[1:]))
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(minutes=5))
+    engine = build_engine(setup)
+    expected = pretrained_state_dict(setup.model_config, vit=setup.recipe.model.vit, bert=setup.recipe.model.bert)
+    params = dict(engine.module.named_parameters())
+    worst, partitioned = 0.0, 0
+    for name, value in expected.items():
+        param = params[name]
+        partitioned += int(param.ds_tensor.numel() < param.ds_numel)
+        with deepspeed.zero.GatheredParameters([param]):
+            worst = max(worst, (param.detach().float() - value.float()).abs().max().item())
+    if dist.get_rank() == 0:
+        print(json.dumps({"loaded": len(expected), "partitioned": partitioned, "max_abs_diff": worst,
+                          "names": sorted(expected)}))
+
+
+if __name__ == "__main__":
+    main()
