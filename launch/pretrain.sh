@@ -3,7 +3,7 @@
 #   deepspeed [launcher flags] launch/pretrain.sh [training flags]   (the launcher runs it with python -u per rank)
 #   bash launch/pretrain.sh [training flags]                          (starts the DeepSpeed launcher itself)
 # Environment for the bash form (all optional):
-#   GPUS_PER_NODE  ranks per node (default: visible CUDA GPUs, else 2 CPU ranks)
+#   GPUS_PER_NODE  ranks per node (default: the hostfile's slots, else visible CUDA GPUs, else 2 CPU ranks)
 #   HOSTFILE       DeepSpeed hostfile for multi-node runs (see launch/hostfile.example)
 #   NUM_NODES      use the first N hosts of the hostfile
 #   MASTER_ADDR    rendezvous address (default 127.0.0.1 on one node)   MASTER_PORT (default 29500)
@@ -19,16 +19,16 @@ if [[ -z "$PYTHON" ]]; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-if [[ -z "${GPUS_PER_NODE:-}" ]]; then
-  GPUS_PER_NODE="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')"
-fi
-launcher=(--num_gpus "$GPUS_PER_NODE" --master_port "${MASTER_PORT:-29500}")
-world="$GPUS_PER_NODE"
+launcher=(--master_port "${MASTER_PORT:-29500}")
 if [[ -n "${HOSTFILE:-}" ]]; then
   [[ -f "$HOSTFILE" ]] || { echo "error: HOSTFILE=$HOSTFILE does not exist: point it at a DeepSpeed hostfile" >&2; exit 2; }
-  nodes="$(grep -cE '^[^#[:space:]]' "$HOSTFILE")"
-  nodes="${NUM_NODES:-$nodes}"
-  world=$((nodes * GPUS_PER_NODE))
+  hosts="$(grep -E '^[^#[:space:]]' "$HOSTFILE" | head -n "${NUM_NODES:-1000000}")"
+  nodes="$(wc -l <<< "$hosts")"
+  if [[ -n "${GPUS_PER_NODE:-}" ]]; then
+    launcher+=(--num_gpus "$GPUS_PER_NODE"); world=$((nodes * GPUS_PER_NODE))
+  else  # the hostfile's slots say how many ranks each node runs
+    world="$(awk -F'slots=' '{ranks += $2} END {print ranks}' <<< "$hosts")"
+  fi
   launcher+=(--hostfile "$HOSTFILE" --num_nodes "$nodes" --launcher "${LAUNCHER:-pdsh}")
   [[ -n "${MASTER_ADDR:-}" ]] && launcher+=(--master_addr "$MASTER_ADDR")
   if [[ "${NO_SSH:-0}" == 1 ]]; then
@@ -38,6 +38,9 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     env | grep -E '^(NCCL_|FI_|UCX_|CUDA_DEVICE_MAX_CONNECTIONS=|HF_|TOKENIZERS_PARALLELISM=)' > "$ROOT/.deepspeed_env" || true
     echo "PYTHONPATH=$PYTHONPATH" >> "$ROOT/.deepspeed_env"
   fi
+else
+  GPUS_PER_NODE="${GPUS_PER_NODE:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}"
+  launcher+=(--num_gpus "$GPUS_PER_NODE"); world="$GPUS_PER_NODE"
 fi
 
 # Fail fast, once, on a bad recipe, missing data or a wrong DeepSpeed config, before any rank starts.

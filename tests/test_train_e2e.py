@@ -3,7 +3,7 @@
 Runs (module-scoped, shared by the tests below):
   A  `deepspeed --num_gpus 2 launch/pretrain.sh`, 8 steps, checkpoint at 4, eval + export at the end
   B  `bash launch/pretrain.sh` stopping at step 4 (schedule.exit_at_step), then `--resume auto` to step 8
-  C  two "nodes" of one rank each on localhost (`--no_ssh --node_rank 0/1`), 8 steps
+  C  two "nodes" of one rank each on localhost (`--no_ssh --node_rank 0/1`; node 1 via the bash form), 8 steps
 A, B and C see the same data in the same order, so their per-step losses must agree.
 """
 
@@ -74,13 +74,15 @@ def runs(synthetic_shards, tokenizer_dir, tmp_path_factory):
     hostfile = root / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port = str(free_port())
-    nodes = [
-        subprocess.Popen(DEEPSPEED + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-                                      "--master_addr", "127.0.0.1", "--master_port", port, "launch/pretrain.sh",
-                                      *common, *no_eval, "--name", "C", "--checkpoint.keep", "1"],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for node in (0, 1)
-    ]
+    c_flags = [*common, *no_eval, "--name", "C", "--checkpoint.keep", "1"]
+    # node 0 with DeepSpeed's own flags; node 1 through the bash form that launch/slurm.sbatch uses
+    node0 = DEEPSPEED + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1",
+                         "--master_port", port, "launch/pretrain.sh", *c_flags]
+    node1 = ["bash", "launch/pretrain.sh", *c_flags]
+    node1_env = {**os.environ, "PYTHON": sys.executable, "HOSTFILE": str(hostfile), "NO_SSH": "1", "NODE_RANK": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in ((node0, None), (node1, node1_env))]
     out["C"] = [(node.wait(timeout=600), node.stdout.read()) for node in nodes]
     return out
 
