@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pretrain.model import KeyPadding, attention, packed_attention
+from pretrain.model import KeyPadding, attention, packed_cross_attention, packed_self_attention
 from pretrain.model.attention import FLASH_ATTN_INSTALLED, _auto_backend
 
 
@@ -86,12 +86,13 @@ def test_flash_attn_varlen_equals_eager(kind):
 def test_flash_attn_takes_packed_text_directly():
     """The model's path: packed text self-attention, and packed text streams (two per image) cross-attending."""
     text = KeyPadding(_padding(4, 7, [7, 4, 1, 5]).mask.cuda())
-    q, k, v = _qkv(batch=4, dim=32, dtype=torch.bfloat16, device="cuda")
+    q, k, v = (t.detach() for t in _qkv(batch=4, dim=32, dtype=torch.bfloat16, device="cuda"))
+    flash = packed_self_attention(text.unpad(torch.stack([q, k, v], dim=2)), backend="flash_attn", text=text)
+    reference = attention(q.float(), k.float(), v.float(), backend="eager", key_padding=text)
+    torch.testing.assert_close(flash.float(), text.unpad(reference), atol=2e-2, rtol=2e-2)
+
+    per_image = text.grouped(2)
     images = torch.randn(2, 10, 2, 32, dtype=torch.bfloat16, device="cuda")
-    for queries, keys, key_values in ((text, text, (k, v)), (text.grouped(2), None, (images, images))):
-        packed = [text.unpad(t) for t in (q, *key_values)] if keys is not None else [text.unpad(q), *key_values]
-        flash = packed_attention(*packed, backend="flash_attn", queries=queries, keys=keys)
-        padded_kv = (k, v) if keys is not None else key_values
-        reference = attention(queries.pad(text.unpad(q)).float(), *(t.float() for t in padded_kv),
-                              backend="eager", key_padding=keys)  # fmt: skip
-        torch.testing.assert_close(flash.float(), queries.unpad(reference), atol=2e-2, rtol=2e-2)
+    flash = packed_cross_attention(text.unpad(q), images, images, backend="flash_attn", queries=per_image)
+    reference = attention(per_image.pad(text.unpad(q)).float(), images.float(), images.float(), backend="eager")
+    torch.testing.assert_close(flash.float(), per_image.unpad(reference), atol=2e-2, rtol=2e-2)

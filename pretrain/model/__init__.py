@@ -1,7 +1,7 @@
 """The ALBEF model library: configuration, attention, encoders, heads and Hugging Face weight I/O."""
 
 from .albef import ALBEF, ALBEFOutput
-from .attention import attention, packed_attention
+from .attention import attention, packed_cross_attention, packed_self_attention
 from .config import ATTENTION_BACKENDS, ModelConfig, ModelConfigError, model_preset
 from .hf_io import (
     HFWeightsError,
@@ -24,7 +24,8 @@ __all__ = [
     "ModelConfig",
     "ModelConfigError",
     "attention",
-    "packed_attention",
+    "packed_cross_attention",
+    "packed_self_attention",
     "bert_state_dict_to_ours",
     "export_hf",
     "load_pretrained",

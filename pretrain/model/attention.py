@@ -6,9 +6,9 @@ on CPU), `eager` (the plain reference). `auto` decides per input device and dtyp
 fp16/bf16 CUDA inputs when the package is installed, sdpa for other CUDA inputs and fp32 on CPU, eager
 for bf16 on CPU. `flash_attn` itself falls back to sdpa for inputs flash-attn cannot take (CPU, fp32).
 
-`attention` takes padded [B, L, H, Dh] tensors (the ViT's, and the reference); `packed_attention` takes
-text as its real tokens only (see padding.py), which the varlen kernel attends as they are and the
-padded kernels get re-padded.
+`attention` takes padded [B, L, H, Dh] tensors (the ViT's, and the reference); `packed_self_attention`
+and `packed_cross_attention` take text as its real tokens only (see padding.py), which flash-attn's
+varlen kernels attend as they are and the padded kernels get re-padded (one copy per call).
 """
 
 from __future__ import annotations
@@ -72,13 +72,13 @@ def attention(
     """
     backend = _resolve(backend, q)
     if backend == "flash_attn":
-        from flash_attn import flash_attn_func
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
 
         if key_padding is None:
             return flash_attn_func(q, k, v, dropout_p=dropout_p)
+        cu, max_len = key_padding.cu_seqlens, key_padding.max_seqlen
         q, k, v = (key_padding.unpad(t) for t in (q, k, v))
-        out = packed_attention(q, k, v, backend=backend, queries=key_padding, keys=key_padding, dropout_p=dropout_p)
-        return key_padding.pad(out)
+        return key_padding.pad(flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p))
     if backend == "eager":
         return _eager_attention(q, k, v, key_padding, dropout_p)
     mask = key_padding.sdpa_mask if key_padding is not None else None
@@ -88,39 +88,34 @@ def attention(
     return out.transpose(1, 2)
 
 
-def packed_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    backend: str,
-    queries: KeyPadding,
-    keys: KeyPadding | None,
-    dropout_p: float = 0.0,
-) -> Tensor:
-    """Attention for queries given as real-token rows q [Tq, H, Dh] of the padded layout `queries`,
-    returning [Tq, H, Dh].
+def packed_self_attention(qkv: Tensor, *, backend: str, text: KeyPadding, dropout_p: float = 0.0) -> Tensor:
+    """Self-attention of text given as its real tokens' rows qkv [T, 3, H, Dh] (the padded layout `text`),
+    returning [T, H, Dh]."""
+    backend = _resolve(backend, qkv)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_qkvpacked_func
 
-    Self-attention: k, v are packed rows too, of the layout `keys`. Cross-attention (`keys` None): k, v
-    are dense [S, N, H, Dh], one per query sequence of `queries` (S sequences).
-    """
+        return flash_attn_varlen_qkvpacked_func(qkv, text.cu_seqlens, text.max_seqlen, dropout_p=dropout_p)
+    q, k, v = text.pad(qkv).unbind(dim=2)  # one copy for all three
+    return text.unpad(attention(q, k, v, backend=backend, key_padding=text, dropout_p=dropout_p))
+
+
+def packed_cross_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, backend: str, queries: KeyPadding, dropout_p: float = 0.0
+) -> Tensor:
+    """Attention from queries given as real-token rows q [T, H, Dh] (the padded layout `queries`, S
+    sequences) to dense keys and values k, v [S, N, H, Dh], sequence i attending to k[i]; returns [T, H, Dh]."""
     backend = _resolve(backend, q)
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
-        if keys is None:
-            sequences, key_len = k.shape[:2]
-            cu_keys = torch.arange(0, (sequences + 1) * key_len, key_len, dtype=torch.int32, device=k.device)
-            k, v, max_keys = k.flatten(0, 1), v.flatten(0, 1), key_len
-        else:
-            cu_keys, max_keys = keys.cu_seqlens, keys.max_seqlen
+        sequences, key_len = k.shape[:2]
+        cu_keys = torch.arange(0, (sequences + 1) * key_len, key_len, dtype=torch.int32, device=k.device)
+        k, v = k.flatten(0, 1), v.flatten(0, 1)
         return flash_attn_varlen_func(
-            q, k, v, queries.cu_seqlens, cu_keys, queries.max_seqlen, max_keys, dropout_p=dropout_p
+            q, k, v, queries.cu_seqlens, cu_keys, queries.max_seqlen, key_len, dropout_p=dropout_p
         )
-    if keys is not None:
-        k, v = keys.pad(k), keys.pad(v)
-    out = attention(queries.pad(q), k, v, backend=backend, key_padding=keys, dropout_p=dropout_p)
-    return queries.unpad(out)
+    return queries.unpad(attention(queries.pad(q), k, v, backend=backend, dropout_p=dropout_p))
 
 
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, key_padding: KeyPadding | None, dropout_p: float) -> Tensor:
@@ -142,12 +137,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, packed: KeyPadding | None = None) -> Tensor:
         """x: dense [B, L, D]; or, with `packed`, the real tokens [T, D] of a padded batch of that layout."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(dim=-3)
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))
         dropout_p = self.dropout if self.training else 0.0
         if packed is None:
-            out = attention(q, k, v, backend=self.backend, dropout_p=dropout_p)
+            out = attention(*qkv.unbind(dim=2), backend=self.backend, dropout_p=dropout_p)
         else:
-            out = packed_attention(q, k, v, backend=self.backend, queries=packed, keys=packed, dropout_p=dropout_p)
+            out = packed_self_attention(qkv, backend=self.backend, text=packed, dropout_p=dropout_p)
         return self.out(out.flatten(-2))
 
 
@@ -166,5 +161,5 @@ class CrossAttention(nn.Module):
         q = self.query(x).unflatten(-1, (self.heads, -1))
         k, v = self.key_value(context).unflatten(-1, (2, self.heads, -1)).unbind(dim=2)
         dropout_p = self.dropout if self.training else 0.0
-        out = packed_attention(q, k, v, backend=self.backend, queries=packed, keys=None, dropout_p=dropout_p)
+        out = packed_cross_attention(q, k, v, backend=self.backend, queries=packed, dropout_p=dropout_p)
         return self.out(out.flatten(-2))
