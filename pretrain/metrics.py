@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ def mfu(flops_per_sample: float, samples_per_s: float, world_size: int, peak_tfl
 class ThroughputWindow:
     """Speed figures over the steps since the last log line: samples/s, tokens/s, MFU, data wait, memory."""
 
-    def __init__(self, flops_per_sample: float, samples_per_step: int, world_size: int, peak_tflops: float):
+    def __init__(self, flops_per_sample: Callable[[float], float], samples_per_step: int, world_size: int,
+                 peak_tflops: float):
+        # FLOPs depend on the real (non-padding) caption tokens, which only the batches tell
         self.flops_per_sample, self.samples_per_step = flops_per_sample, samples_per_step
         self.world_size, self.peak_tflops = world_size, peak_tflops
         self.reset()
@@ -41,10 +44,12 @@ class ThroughputWindow:
     def scalars(self, mean_tokens_per_rank: float) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
         samples_per_s = self.samples_per_step * self.steps / elapsed
+        tokens_per_caption = mean_tokens_per_rank * self.world_size / (self.samples_per_step * self.steps)
+        flops = self.flops_per_sample(tokens_per_caption)
         return {
             "perf/samples_per_s": samples_per_s,
             "perf/tokens_per_s": mean_tokens_per_rank * self.world_size / elapsed,
-            "perf/mfu": mfu(self.flops_per_sample, samples_per_s, self.world_size, self.peak_tflops),
+            "perf/mfu": mfu(flops, samples_per_s, self.world_size, self.peak_tflops),
             "perf/data_wait_s": self.data_wait / self.steps,
             "perf/data_wait_fraction": self.data_wait / elapsed,
             "perf/memory_gb": memory_gb(),

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict
 from datetime import timedelta
+from functools import partial
 
 import deepspeed
 import torch
@@ -200,8 +201,9 @@ def train(setup: Setup, resume: str) -> dict:
               f"attention={setup.model_config.attention} resume_step={step} run={run_path}", flush=True)
 
     samples_per_step = schedule.micro_batch_size * schedule.grad_accum * world
-    window = ThroughputWindow(train_flops_per_sample(setup.model_config, recipe.data.max_len), samples_per_step,
-                              world, recipe.logging.peak_tflops)
+    flops_per_sample = partial(train_flops_per_sample, setup.model_config,
+                               mlm_probability=recipe.data.mlm_probability)
+    window = ThroughputWindow(flops_per_sample, samples_per_step, world, recipe.logging.peak_tflops)
     stream = batches_forever(loader)
     progress = tqdm(total=schedule.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
 
