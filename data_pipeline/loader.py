@@ -23,6 +23,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader
 
 from data_pipeline.epoch_plan import epoch_quotas, round_robin_position
@@ -80,6 +81,10 @@ class TrainLoader:
             pin_memory=self.pin_memory,
             in_order=True,
             multiprocessing_context=_worker_start_method(self.config.num_workers),
+            # Our streams seed themselves from (seed, epoch); without its own generator every new
+            # iterator would draw from the global torch RNG, so a mid-epoch resume would shift the
+            # model's random draws (ITM negatives) by one.
+            generator=torch.Generator(),
         )
         try:
             for batch in loader:

@@ -2,7 +2,7 @@
 
 Runs (module-scoped, shared by the tests below):
   A  `deepspeed --num_gpus 2 launch/pretrain.sh`, 8 steps, checkpoint at 4, eval + export at the end
-  B  `bash launch/pretrain.sh` stopping at step 4 (schedule.exit_at_step), then `--resume auto` to step 8
+  B  `bash launch/pretrain.sh` stopping at step 3, mid-epoch (schedule.exit_at_step), then `--resume auto`
   C  two "nodes" of one rank each on localhost (`--no_ssh --node_rank 0/1`; node 1 via the bash form), 8 steps
 A, B and C see the same data in the same order, so their per-step losses must agree.
 """
@@ -67,7 +67,7 @@ def runs(synthetic_shards, tokenizer_dir, tmp_path_factory):
 
     bash_env = {"GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())}
     out["B1"] = check(run(["bash", "launch/pretrain.sh", *common, *no_eval, "--name", "B",
-                           "--schedule.exit_at_step", "4"], env=bash_env))
+                           "--schedule.exit_at_step", "3"], env=bash_env))  # mid-epoch: 2 batches/epoch
     out["B2"] = check(run(["bash", "launch/pretrain.sh", *common, *no_eval, "--name", "B", "--resume", "auto"],
                           env={**bash_env, "MASTER_PORT": str(free_port())}))
 
@@ -109,9 +109,11 @@ def test_training_lowers_the_loss(runs):
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):
-    assert "exiting at step 4" in runs["B1"].stdout
-    assert "resume_step=4" in runs["B2"].stdout
+    assert "exiting at step 3" in runs["B1"].stdout
+    assert "resume_step=3" in runs["B2"].stdout
     uninterrupted, resumed = losses(runs["root"] / "A"), losses(runs["root"] / "B")
+    logged = [json.loads(line)["step"] for line in (runs["root"] / "B" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1))  # each step logged once across the two jobs
     for step in range(1, STEPS + 1):
         for key in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
             assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-4, abs=1e-5), (step, key)
@@ -123,8 +125,10 @@ def test_two_nodes_on_localhost_train_like_one(runs):
     single, multi = losses(runs["root"] / "A"), losses(runs["root"] / "C")
     for step in range(1, STEPS + 1):
         assert multi[step]["loss/total"] == pytest.approx(single[step]["loss/total"], rel=1e-4)
-    tags = sorted(p.name for p in (runs["root"] / "C" / "checkpoints").iterdir() if p.name.startswith("step"))
+    ckpt = runs["root"] / "C" / "checkpoints"
+    tags = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step"))
     assert tags == ["step00000008"]  # checkpoint.keep 1: the step-4 checkpoint was pruned
+    assert (ckpt / "latest").read_text() == "step00000008" and not (ckpt / "latest.tmp").exists()
 
 
 def test_tensorboard_has_every_tag(runs):
