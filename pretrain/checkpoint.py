@@ -6,6 +6,7 @@ is gathered from every rank first and stored as a list indexed by rank.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -37,32 +38,43 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, shared_state: dict, keep: int) -> str:
+def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, keep: int) -> str:
     """All ranks call this. Returns the tag written; prunes to the newest `keep` tags."""
     rank_states = [None] * dist.get_world_size()
     dist.all_gather_object(rank_states, rank_state)
     tag = checkpoint_tag(step)
-    client_state = {"step": step, "rank_states": rank_states, **shared_state}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    # DeepSpeed's own `latest` is written by rank 0 with a plain write and no barrier after the other
+    # ranks' shards; ours is written once every rank has finished, and replaced atomically.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "rank_states": rank_states},
+                           save_latest=False)
+    dist.barrier()
     if dist.get_rank() == 0:
-        _prune(ckpt_dir, keep)
+        partial = ckpt_dir / "latest.tmp"
+        partial.write_text(tag)
+        os.replace(partial, ckpt_dir / "latest")
+        _prune_older(ckpt_dir, step, keep)
     dist.barrier()
     return tag
 
 
-def _prune(ckpt_dir: Path, keep: int) -> None:
-    tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
-    for old in tags[: max(0, len(tags) - keep)]:
+def _prune_older(ckpt_dir: Path, step: int, keep: int) -> None:
+    """Delete tags older than the one just saved beyond the newest `keep`; never a newer (unfinished) one."""
+    older = sorted(p for p in ckpt_dir.iterdir()
+                   if p.is_dir() and TAG_PATTERN.match(p.name) and int(p.name[4:]) <= step)
+    for old in older[: max(0, len(older) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag DeepSpeed's `latest` file names; it is written only after a save completed."""
+    """The tag `latest` names (written only after every rank finished its save), or None if no checkpoint."""
     latest = ckpt_dir / "latest"
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+    if not TAG_PATTERN.match(tag) or not (ckpt_dir / tag).is_dir():
+        raise RuntimeError(f"{latest} names {tag!r}, which is not a complete checkpoint in {ckpt_dir}: "
+                           "point it at an existing step directory or remove the checkpoints to start over")
+    return tag
 
 
 def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:

@@ -49,6 +49,8 @@ def prepare(args: argparse.Namespace) -> Setup:
                  mode=recipe.data.mode)
     if recipe.data.val:
         check_shards(recipe.data.val, world_size=1, num_workers=1)
+    if recipe.checkpoint.keep < 1:
+        raise RecipeError(f"checkpoint.keep is {recipe.checkpoint.keep}: keep at least 1 checkpoint")
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
     if resume == "none" and (recipe.run_path / "checkpoints" / "latest").is_file():
         raise RecipeError(f"run {recipe.run_path} already has checkpoints: pass --resume auto to continue it, or "
