@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from data_pipeline import DataError, load_eval_data, load_tokenizer
 from pretrain.export import CONFIG_FILE, WEIGHTS_FILE, load_exported, model_from_zero_checkpoint
 from pretrain.model import ALBEF, ModelConfig
-from pretrain.retrieval import evaluate_retrieval, format_table
+from pretrain.retrieval import evaluate_retrieval, format_table, save_eval_json
 
 
 def load_model(checkpoint: Path) -> ALBEF:
@@ -39,12 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="validation shards (directory with manifest.json or pattern)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer name or directory (default: the export's tokenizer/)")
-    parser.add_argument("--max-len", type=int, default=32, help="caption length in tokens")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="caption length in tokens (default: data.max_len of the run's recipe.yaml, else 32)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--itm-rerank-k", type=int, default=0,
                         help="re-rank the top k by the ITM head (ALBEF: 256 for COCO 5k, 128 for Flickr30k 1k)")
     parser.add_argument("--out", type=Path, default=None, help="where to write eval.json (default: beside checkpoint)")
     args = parser.parse_args(argv)
+    recipe_file = args.checkpoint.parent / "recipe.yaml"
+    if args.max_len is None:  # evaluate as the run did
+        args.max_len = yaml.safe_load(recipe_file.read_text())["data"]["max_len"] if recipe_file.is_file() else 32
     try:
         model = load_model(args.checkpoint)
         tokenizer = load_tokenizer(args.tokenizer or str(args.checkpoint / "tokenizer"))
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics, _ = evaluate_retrieval(model.to(device), data, args.batch_size, args.itm_rerank_k, device)
     out = args.out or args.checkpoint / "eval.json"
-    out.write_text(json.dumps(metrics, indent=2))
+    save_eval_json(out, metrics)
     print(format_table(metrics))
     print(f"wrote {out}")
     return 0

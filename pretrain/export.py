@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +31,8 @@ def initialise_partitioned(model: ALBEF) -> None:
     zero.Init partitions each submodule as soon as its __init__ returns, so initialisation done later by a
     parent only touched empty shards (a zero [CLS] token then meets a LayerNorm with eps 1e-12, and the
     first gradients are ~1e4). Gather one module's own parameters at a time, let rank 0 initialise them,
-    and GatheredParameters re-partitions rank 0's values to every rank. Without ZeRO-3 this is a no-op gather.
+    and GatheredParameters re-partitions rank 0's values to every rank. Only needed (and only called)
+    under ZeRO-3: without it the model's own __init__ already initialised everything.
     """
     for module in model.modules():
         own = list(module.parameters(recurse=False))
@@ -59,9 +62,16 @@ def save_export(model: ALBEF, tokenizer, out_dir: Path) -> None:
 
 
 def export_run(ckpt_dir: Path, config: ModelConfig, tokenizer, out_dir: Path) -> ALBEF:
-    """Consolidate the newest ZeRO checkpoint to fp32 and write safetensors + HF encoders + tokenizer."""
+    """Consolidate the newest ZeRO checkpoint to fp32 and write safetensors + HF encoders + tokenizer.
+
+    Written into `<out_dir>.tmp` and renamed at the end: an export directory that exists is complete.
+    """
     model = model_from_zero_checkpoint(ckpt_dir, config)
-    save_export(model, tokenizer, out_dir)
+    partial = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_export(model, tokenizer, partial)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
     return model
 
 

@@ -71,9 +71,16 @@ class TrainLog:
     Every call is a no-op on other ranks so the training loop needs no rank checks.
     """
 
-    def __init__(self, run_path: Path, enabled: bool):
-        self.writer = SummaryWriter(str(run_path)) if enabled else None
-        self.jsonl = (run_path / "metrics.jsonl").open("a") if enabled else None
+    def __init__(self, run_path: Path, enabled: bool, resume_step: int = 0):
+        # A resumed run repeats the steps after its checkpoint: drop what the interrupted run logged for them.
+        self.writer = self.jsonl = None
+        if enabled:
+            self.writer = SummaryWriter(str(run_path), purge_step=resume_step + 1 if resume_step else None)
+            jsonl = run_path / "metrics.jsonl"
+            kept = [line for line in (jsonl.read_text().splitlines() if jsonl.is_file() else [])
+                    if json.loads(line)["step"] <= resume_step]
+            jsonl.write_text("".join(line + "\n" for line in kept))
+            self.jsonl = jsonl.open("a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer:

@@ -10,19 +10,18 @@ from torch import nn
 from pretrain.recipe import OptimSection, ScheduleSection
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    # Norm weights, biases and the ITC temperature are scales/offsets, not features: decaying them
-    # only pulls them toward zero (a temperature of 0 would make ITC logits explode).
-    numel = getattr(param, "ds_numel", param.numel())
-    shape = getattr(param, "ds_shape", param.shape)
-    return len(shape) <= 1 or name.endswith(".bias") or "temp" in name or numel == 1
+def _no_decay(param: nn.Parameter) -> bool:
+    # Norm weights, biases and the ITC temperature (all 1-D) are scales/offsets, not features: decaying
+    # them only pulls them toward zero (a temperature of 0 would make ITC logits explode). ZeRO-3
+    # partitions flatten parameters, so the original shape is read from ds_shape.
+    return len(getattr(param, "ds_shape", param.shape)) <= 1
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
+            (no_decay if _no_decay(param) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -7,10 +7,16 @@ forward passes (ZeRO-3 gathers parameters collectively and would hang otherwise)
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pretrain.batch import to_device
+from pretrain.losses import gather_no_grad
 
 RECALL_KS = (1, 5, 10)
 # Re-ranked pairs are placed above every ITC-only pair: cosine similarities lie in [-1, 1].
@@ -44,34 +50,20 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped per-rank tensors in rank order."""
-    _, world = _distributed()
-    if world == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local.contiguous())
-    return torch.cat(parts)
-
-
-def _to(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def encode_eval_set(model, data, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
     """Image and text embeddings/features for the whole eval set, in global order, on every rank."""
     rank, world = _distributed()
     images = {"embeds": [], "feats": [], "ids": []}
     for batch in data.image_batches(batch_size, rank=rank, world_size=world):
-        batch = _to(batch, device, dtype)
+        batch = to_device(batch, device, dtype)
         embeds, feats = model.encode_image(batch["pixel_values"])
         images["embeds"].append(embeds)
         images["feats"].append(feats.float())
         images["ids"].append(batch["image_ids"])
     texts = {"embeds": [], "feats": [], "ids": [], "mask": []}
     for batch in data.text_batches(batch_size, rank=rank, world_size=world):
-        batch = _to(batch, device, dtype)
+        batch = to_device(batch, device, dtype)
         embeds, feats = model.encode_text(batch["input_ids"], batch["attention_mask"])
         texts["embeds"].append(embeds)
         texts["feats"].append(feats.float())
@@ -79,10 +71,10 @@ def encode_eval_set(model, data, batch_size: int, device: torch.device, dtype: t
         texts["mask"].append(batch["attention_mask"])
     out = {}
     for name, parts in (("image", images), ("text", texts)):
-        ids = _gather_rows(torch.cat(parts["ids"]))
+        ids = gather_no_grad(torch.cat(parts["ids"]))
         keep = ids >= 0  # padding rows carry image id -1
         for key, chunks in parts.items():
-            out[f"{name}_{key}"] = _gather_rows(torch.cat(chunks))[keep]
+            out[f"{name}_{key}"] = gather_no_grad(torch.cat(chunks))[keep]
     return out
 
 
@@ -106,7 +98,7 @@ def _itm_rerank(model, query_embeds, cand_embeds, text_mask, sim, k: int, batch_
         else:
             logits = model.itm_logits(cand_embeds[cand], query, text_mask[chunk].repeat_interleave(k, dim=0))
         local_scores.append(logits.float().softmax(dim=-1)[:, 1].view(len(chunk), k))
-    scores = _gather_rows(torch.cat(local_scores))[:rows]
+    scores = gather_no_grad(torch.cat(local_scores))[:rows]
     reranked = sim.clone()
     reranked.scatter_(1, topk, scores + RERANK_OFFSET)
     return reranked
@@ -143,6 +135,13 @@ def _first_caption_block(sim: torch.Tensor, image_ids: torch.Tensor, text_image_
     """[n, n] block: image i against the first caption of image j; a good model lights the diagonal."""
     first_caption = (image_ids[:n, None] == text_image_ids[None, :]).float().argmax(dim=1)
     return sim[:n][:, first_caption]
+
+
+def save_eval_json(path: Path, metrics: dict) -> None:
+    """Written beside and renamed into place, so an eval.json that exists is always complete."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(metrics, indent=2))
+    os.replace(partial, path)
 
 
 def format_table(metrics: dict) -> str:

@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from data_pipeline import DataError, load_eval_data, make_train_loader
+from pretrain.batch import to_device
 from pretrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pretrain.ds_config import zero_stage
 from pretrain.export import export_run, initialise_partitioned, load_pretrained_partitioned
@@ -32,9 +33,9 @@ from pretrain.model import ALBEF
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.preflight import Setup, prepare
 from pretrain.recipe import RecipeError, add_recipe_arguments, recipe_to_dict
-from pretrain.retrieval import evaluate_retrieval, format_table
+from pretrain.retrieval import evaluate_retrieval, format_table, save_eval_json
 
-LOSS_NAMES = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy")
+STEP_OUTPUTS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy", "itc_positive_sim", "itc_negative_sim")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,16 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensors to the engine's device; images also to its compute dtype (bf16 under ZeRO bf16)."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
-        moved[key] = value
-    return moved
-
-
 def batches_forever(loader):
     """Epoch after epoch; the loader keeps its own epoch and position, so a resume continues mid-epoch."""
     while True:
@@ -73,16 +64,19 @@ def batches_forever(loader):
         loader.set_epoch(loader.epoch + 1)
 
 
-def train_step(engine, micro_batches: list[dict]) -> dict[str, float]:
-    """One optimizer step: forward + backward per micro-batch; DeepSpeed updates after the last one."""
-    totals: dict[str, float] = defaultdict(float)
+def train_step(engine, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+    """One optimizer step: forward + backward per micro-batch; DeepSpeed updates after the last one.
+
+    Returns the step's means as detached device tensors: nothing waits on the device until a log step.
+    """
+    totals: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
         out = engine(batch)
         engine.backward(out.loss)
         engine.step()
-        for name in LOSS_NAMES:
-            totals[name] += getattr(out, name).item() / len(micro_batches)
-    totals["temperature"] = float(out.temperature)
+        for name in STEP_OUTPUTS:
+            totals[name] = totals.get(name, 0) + getattr(out, name).detach().float() / len(micro_batches)
+    totals["temperature"] = out.temperature.float()
     return totals
 
 
@@ -90,13 +84,15 @@ def step_scalars(values: dict[str, float], lr: float, grad_norm) -> dict[str, fl
     return {
         "loss/total": values["loss"], "loss/itc": values["loss_itc"], "loss/itm": values["loss_itm"],
         "loss/mlm": values["loss_mlm"], "train/itm_accuracy": values["itm_accuracy"],
+        "train/itc_positive_sim": values["itc_positive_sim"], "train/itc_negative_sim": values["itc_negative_sim"],
         "train/temperature": values["temperature"], "train/lr": lr, "train/grad_norm": float(grad_norm or 0.0),
     }  # fmt: skip
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+def mean_over_ranks(values: dict, device: torch.device) -> dict[str, float]:
+    """Mean of each value over ranks, on the engine's device (NCCL reduces device tensors only)."""
     keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    tensor = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
     dist.all_reduce(tensor)
     return dict(zip(keys, (tensor / dist.get_world_size()).tolist()))
 
@@ -118,7 +114,7 @@ def run_evaluation(engine, eval_data, setup: Setup, step: int, log: TrainLog, dt
     metrics, block = evaluate_retrieval(engine.module, eval_data, recipe.eval.batch_size, recipe.eval.itm_rerank_k,
                                         engine.device, dtype)
     if dist.get_rank() == 0:
-        (recipe.run_path / "eval.json").write_text(json.dumps(metrics, indent=2))
+        save_eval_json(recipe.run_path / "eval.json", metrics)
         log.retrieval(step, metrics, block)
         tqdm.write(f"[step {step}] " + format_table(metrics))
     return metrics
@@ -192,8 +188,9 @@ def train(setup: Setup, resume: str) -> dict:
         step = state["step"]
         loader.load_state_dict(state["rank_state"]["loader"])
         set_rng_state(state["rank_state"]["rng"])
+    start_step = step
 
-    log = TrainLog(run_path, enabled=rank == 0)
+    log = TrainLog(run_path, enabled=rank == 0, resume_step=start_step)
     log.text("config/recipe", "```\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False) + "\n```", step)
     if rank == 0:
         print(f"[vlpretrain] world_size={world} zero_stage={zero_stage(setup.ds_config)} "
@@ -209,21 +206,21 @@ def train(setup: Setup, resume: str) -> dict:
 
     def checkpoint() -> None:
         save_checkpoint(engine, ckpt_dir, step, {"loader": loader.state_dict(), "rng": rng_state()},
-                        {"recipe": recipe_to_dict(recipe)}, keep=recipe.checkpoint.keep)
+                        keep=recipe.checkpoint.keep)
 
     last_step = min(schedule.max_steps, schedule.exit_at_step or schedule.max_steps)
     while step < last_step:
         fetch_start = time.perf_counter()
         micro_batches = [to_device(next(stream), engine.device, dtype) for _ in range(schedule.grad_accum)]
         window.add_step(data_wait=time.perf_counter() - fetch_start,
-                        tokens=sum(int(b["attention_mask"].sum()) for b in micro_batches))
+                        tokens=sum(b["attention_mask"].sum() for b in micro_batches))
         lr = engine.get_lr()[0]  # the rate this step applies; the scheduler advances inside engine.step()
         values = train_step(engine, micro_batches)
         step += 1
         progress.update(1)
 
         if step % recipe.logging.every == 0 or step == schedule.max_steps:
-            values = mean_over_ranks({**values, "tokens": window.tokens})
+            values = mean_over_ranks({**values, "tokens": window.tokens}, engine.device)
             scalars = {**step_scalars(values, lr, engine.get_global_grad_norm()), **window.scalars(values["tokens"]),
                        **skipped_over_ranks(loader)}
             log.scalars(step, scalars)
@@ -236,7 +233,8 @@ def train(setup: Setup, resume: str) -> dict:
             run_evaluation(engine, eval_data, setup, step, log, dtype)
     progress.close()
 
-    checkpoint()
+    if step > start_step:  # a resumed, already finished run must not rewrite its only checkpoint
+        checkpoint()
     if step < schedule.max_steps:
         if rank == 0:
             print(f"[vlpretrain] exiting at step {step} as asked (schedule.exit_at_step); "
@@ -264,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.validate_only:
         print(f"[vlpretrain] recipe, data, tokenizer and DeepSpeed config are valid for world_size={setup.world_size}")
         return 0
-    train(setup, args.resume)
+    try:
+        train(setup, args.resume)
+    except (RecipeError, DataError) as err:  # e.g. a checkpoint's loader state that the recipe contradicts
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
