@@ -71,11 +71,13 @@ def sample_itm_negatives(sim_i2t: Tensor, sim_t2i: Tensor, positives: Tensor) ->
     drawn in proportion to softmax similarity over every pair with a different image id.
 
     One multinomial call for both directions, no host sync. A row whose global batch shows only its own
-    image has no negative to offer and falls back to a uniform draw.
+    image has no negative to offer and falls back to a uniform draw. Non-finite similarities (a NaN batch
+    on any rank) count as 0, so sampling still works; the step's loss is non-finite and DeepSpeed skips it.
     """
     both = torch.cat([positives, positives])
     excluded = both & ~both.all(dim=1, keepdim=True)
-    weights = torch.cat([sim_i2t, sim_t2i]).float().masked_fill(excluded, float("-inf")).softmax(dim=1)
+    similarities = torch.cat([sim_i2t, sim_t2i]).float().nan_to_num(0.0)
+    weights = similarities.masked_fill(excluded, float("-inf")).softmax(dim=1)
     negative_texts, negative_images = torch.multinomial(weights, 1).squeeze(1).chunk(2)
     return negative_texts, negative_images
 

@@ -49,6 +49,18 @@ def test_itm_sampling_never_picks_a_same_image_negative():
     assert set(picks_text[:, 0].tolist()) == {2, 3, 4, 5, 6, 7}
 
 
+def test_itm_sampling_survives_non_finite_similarities():
+    # a NaN batch on one rank reaches every rank's similarities through the ITC gather; sampling must not
+    # crash (the step's loss is NaN and DeepSpeed skips the update)
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2])
+    positives = ids[:, None] == ids[None, :]
+    sim = torch.full((4, 4), float("nan"))
+    sim[3, 0] = float("inf")
+    neg_text, neg_image = sample_itm_negatives(sim, sim, positives)
+    assert (ids[neg_text] != ids).all() and (ids[neg_image] != ids).all()
+
+
 def test_itm_sampling_follows_the_dominant_similarity():
     torch.manual_seed(0)
     positives = torch.eye(6, dtype=torch.bool)
