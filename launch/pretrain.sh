@@ -46,6 +46,9 @@ fi
 # Fail fast, once, on a bad recipe, missing data or a wrong DeepSpeed config, before any rank starts.
 WORLD_SIZE="$world" "$PYTHON" -m pretrain.train --validate-only "$@"
 cd "$ROOT"
+# SIGUSR1 (SLURM's warning before the time limit) is for the ranks: they finish the step, checkpoint and
+# exit 0. Its default action would kill DeepSpeed's launcher processes first, so they ignore it (inherited).
+trap '' USR1
 exec "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" "$0" "$@"
 ":"""
 # Python part: what every rank runs (the DeepSpeed launcher appends --local_rank=N).

@@ -78,7 +78,7 @@ class TrainLog:
             self.writer = SummaryWriter(str(run_path), purge_step=resume_step + 1 if resume_step else None)
             jsonl = run_path / "metrics.jsonl"
             kept = [line for line in (jsonl.read_text().splitlines() if jsonl.is_file() else [])
-                    if json.loads(line)["step"] <= resume_step]
+                    if _logged_step(line) <= resume_step]
             jsonl.write_text("".join(line + "\n" for line in kept))
             self.jsonl = jsonl.open("a")
 
@@ -109,6 +109,14 @@ class TrainLog:
         if self.writer:
             self.writer.close()
             self.jsonl.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line torn by a crash mid-write is dropped (infinitely late)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def console_line(step: int, max_steps: int, values: dict[str, float]) -> str:

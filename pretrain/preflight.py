@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from data_pipeline import check_shards, load_tokenizer
+from pretrain.checkpoint import CheckpointError, check_resumable
 from pretrain.ds_config import build_ds_config
 from pretrain.model import ModelConfig, model_preset
 from pretrain.recipe import ModelSection, Recipe, RecipeError, load_recipe
@@ -49,10 +52,44 @@ def prepare(args: argparse.Namespace) -> Setup:
                  mode=recipe.data.mode)
     if recipe.data.val:
         check_shards(recipe.data.val, world_size=1, num_workers=1)
-    if recipe.checkpoint.keep < 1:
-        raise RecipeError(f"checkpoint.keep is {recipe.checkpoint.keep}: keep at least 1 checkpoint")
+    check_fault_limits(recipe)
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
-    if resume == "none" and (recipe.run_path / "checkpoints" / "latest").is_file():
+    check_writable(recipe.run_path)
+    ckpt_dir = recipe.run_path / "checkpoints"
+    if resume == "none" and (ckpt_dir / "latest").is_file():
         raise RecipeError(f"run {recipe.run_path} already has checkpoints: pass --resume auto to continue it, or "
                           "--name to start a new run")
+    if resume == "auto":
+        try:
+            check_resumable(ckpt_dir, world_size)
+        except CheckpointError as err:
+            raise RecipeError(str(err)) from None
     return Setup(recipe, tokenizer, model_config, ds_config, world_size)
+
+
+def check_fault_limits(recipe: Recipe) -> None:
+    limits = {
+        "checkpoint.keep": (recipe.checkpoint.keep, recipe.checkpoint.keep >= 1, "keep at least 1 checkpoint"),
+        "data.max_bad_fraction": (recipe.data.max_bad_fraction, 0 <= recipe.data.max_bad_fraction <= 1,
+                                  "use a fraction between 0 and 1"),
+        "optim.max_nonfinite_steps": (recipe.optim.max_nonfinite_steps, recipe.optim.max_nonfinite_steps >= 0,
+                                      "use 0 (never stop) or more"),
+        "dist.timeout_minutes": (recipe.dist.timeout_minutes, recipe.dist.timeout_minutes > 0,
+                                 "a hung collective must end: use minutes > 0"),
+        "dist.watchdog_minutes": (recipe.dist.watchdog_minutes, recipe.dist.watchdog_minutes >= 0,
+                                  "use 0 (off) or more"),
+    }  # fmt: skip
+    for name, (value, valid, fix) in limits.items():
+        if not valid:
+            raise RecipeError(f"{name} is {value}: {fix}")
+
+
+def check_writable(run_path: Path) -> None:
+    """The run directory takes files: found now, not at the first checkpoint hours in."""
+    try:
+        run_path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_path, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise RecipeError(f"the run directory {run_path} is not writable ({err.strerror}): fix its permissions "
+                          "or choose another --logging.run_dir") from None

@@ -50,6 +50,8 @@ class DataSection:
     crop_scale: tuple[float, float] = _help("random resized crop scale range", (0.5, 1.0))
     hflip: bool = _help("random horizontal flip (off when captions say left/right)", False)
     mlm_probability: float = _help("fraction of caption tokens masked for MLM", 0.15)
+    max_bad_fraction: float = _help("stop with an error once more than this fraction of the samples a loader "
+                                    "worker read were skipped as broken (1.0: never)", 0.1)
 
 
 @dataclass
@@ -59,6 +61,8 @@ class OptimSection:
     weight_decay: float = _help("AdamW weight decay (never applied to norms, biases, temperature)", 0.02)
     betas: tuple[float, float] = _help("AdamW betas", (0.9, 0.999))
     eps: float = _help("AdamW epsilon", 1e-8)
+    max_nonfinite_steps: int = _help("stop after this many optimizer steps in a row were skipped for a non-finite "
+                                     "loss or gradient (0: never stop)", 10)
 
 
 @dataclass
@@ -96,6 +100,8 @@ class DistSection:
     ds_config: str = _help("DeepSpeed JSON (path, or a name in ds_configs/)", "ds_configs/cpu_zero3.json")
     backend: str = _help("torch.distributed backend: nccl on GPUs, gloo on CPU", "gloo")
     timeout_minutes: float = _help("collective timeout: a hung rank fails the job after this long", 10.0)
+    watchdog_minutes: float = _help("report a rank that stays this long in one phase of a step, with its step, "
+                                    "phase and stacks (0: off)", 5.0)
 
 
 @dataclass

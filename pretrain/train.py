@@ -24,16 +24,19 @@ from tqdm import tqdm
 
 from data_pipeline import DataError, load_eval_data, make_train_loader
 from pretrain.batch import to_device
-from pretrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pretrain.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pretrain.ds_config import zero_stage
 from pretrain.export import export_run, initialise_partitioned, load_pretrained_partitioned
+from pretrain.faults import NonFiniteSteps, RunHalted, is_collective_failure, lost_contact
 from pretrain.flops import train_flops_per_sample
 from pretrain.metrics import ThroughputWindow, TrainLog, console_line
 from pretrain.model import ALBEF
 from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.preemption import StopSignals
 from pretrain.preflight import Setup, prepare
 from pretrain.recipe import RecipeError, add_recipe_arguments, recipe_to_dict
 from pretrain.retrieval import evaluate_retrieval, format_table, save_eval_json
+from pretrain.watchdog import Watchdog
 
 STEP_OUTPUTS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy", "itc_positive_sim", "itc_negative_sim")
 
@@ -64,15 +67,19 @@ def batches_forever(loader):
         loader.set_epoch(loader.epoch + 1)
 
 
-def train_step(engine, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
-    """One optimizer step: forward + backward per micro-batch; DeepSpeed updates after the last one.
+def train_step(engine, micro_batches: list[dict], watchdog: Watchdog) -> dict[str, torch.Tensor]:
+    """One optimizer step: forward + backward per micro-batch; DeepSpeed updates after the last one
+    (or skips the update when the gradient norm is not finite: see NonFiniteSteps).
 
     Returns the step's means as detached device tensors: nothing waits on the device until a log step.
     """
     totals: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
+        watchdog.enter("forward")
         out = engine(batch)
+        watchdog.enter("backward")
         engine.backward(out.loss)
+        watchdog.enter("optimizer step")
         engine.step()
         for name in STEP_OUTPUTS:
             totals[name] = totals.get(name, 0) + getattr(out, name).detach().float() / len(micro_batches)
@@ -169,10 +176,24 @@ def write_run_files(setup: Setup) -> None:
 
 
 def train(setup: Setup, resume: str) -> dict:
-    recipe, schedule = setup.recipe, setup.recipe.schedule
+    recipe = setup.recipe
+    stop_signals = StopSignals()
+    stop_signals.install()  # from the start: a signal during start-up stops the job after its first step
     share_cpu_cores()
     deepspeed.init_distributed(dist_backend=recipe.dist.backend,
                                timeout=timedelta(minutes=recipe.dist.timeout_minutes))
+    rank = dist.get_rank()
+    with Watchdog(rank, recipe.dist.watchdog_minutes * 60) as watchdog:
+        try:
+            return run(setup, resume, stop_signals, watchdog)
+        except RuntimeError as err:
+            if not is_collective_failure(err):
+                raise
+            raise lost_contact(err, rank, watchdog.where(), recipe.run_path / "checkpoints") from None
+
+
+def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog) -> dict:
+    recipe, schedule = setup.recipe, setup.recipe.schedule
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(recipe.seed)
     run_path, ckpt_dir = recipe.run_path, recipe.run_path / "checkpoints"
@@ -201,35 +222,43 @@ def train(setup: Setup, resume: str) -> dict:
     flops_per_sample = partial(train_flops_per_sample, setup.model_config,
                                mlm_probability=recipe.data.mlm_probability)
     window = ThroughputWindow(flops_per_sample, samples_per_step, world, recipe.logging.peak_tflops)
+    nonfinite = NonFiniteSteps(recipe.optim.max_nonfinite_steps, ckpt_dir, announce=rank == 0)
     stream = batches_forever(loader)
     progress = tqdm(total=schedule.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
 
     def checkpoint() -> None:
+        watchdog.enter("checkpoint")
         save_checkpoint(engine, ckpt_dir, step, {"loader": loader.state_dict(), "rng": rng_state()},
                         keep=recipe.checkpoint.keep)
 
+    stop_signal = None
     last_step = min(schedule.max_steps, schedule.exit_at_step or schedule.max_steps)
-    while step < last_step:
+    while step < last_step and not stop_signal:
+        watchdog.enter("data", step + 1)
         fetch_start = time.perf_counter()
         micro_batches = [to_device(next(stream), engine.device, dtype) for _ in range(schedule.grad_accum)]
         window.add_step(data_wait=time.perf_counter() - fetch_start,
                         tokens=sum(b["attention_mask"].sum() for b in micro_batches))
         lr = engine.get_lr()[0]  # the rate this step applies; the scheduler advances inside engine.step()
-        values = train_step(engine, micro_batches)
+        values = train_step(engine, micro_batches, watchdog)
         step += 1
         progress.update(1)
 
+        watchdog.enter("logging")
         if step % recipe.logging.every == 0 or step == schedule.max_steps:
             values = mean_over_ranks({**values, "tokens": window.tokens}, engine.device)
             scalars = {**step_scalars(values, lr, engine.get_global_grad_norm()), **window.scalars(values["tokens"]),
-                       **skipped_over_ranks(loader)}
+                       "train/skipped_steps": engine.skipped_steps, **skipped_over_ranks(loader)}
             log.scalars(step, scalars)
             if rank == 0:
                 progress.write(console_line(step, schedule.max_steps, scalars))
             window.reset()
-        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < last_step:
+        nonfinite.update(engine.was_step_applied(), step)
+        stop_signal = stop_signals.agreed(engine.device)  # then the checkpoint below is the last one
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < last_step and not stop_signal:
             checkpoint()
         if eval_data and recipe.eval.every and step % recipe.eval.every == 0 and step < schedule.max_steps:
+            watchdog.enter("evaluation")
             run_evaluation(engine, eval_data, setup, step, log, dtype)
     progress.close()
 
@@ -237,11 +266,14 @@ def train(setup: Setup, resume: str) -> dict:
         checkpoint()
     if step < schedule.max_steps:
         if rank == 0:
-            print(f"[vlpretrain] exiting at step {step} as asked (schedule.exit_at_step); "
-                  "continue with --resume auto", flush=True)
+            reason = f"on {stop_signal}" if stop_signal else "as asked (schedule.exit_at_step)"
+            print(f"[vlpretrain] exiting at step {step} {reason} with a checkpoint; continue with --resume auto",
+                  flush=True)
         log.close()
         return {}
+    watchdog.enter("evaluation")
     metrics = run_evaluation(engine, eval_data, setup, step, log, dtype) if eval_data else {}
+    watchdog.enter("export")
     dist.barrier()
     if rank == 0:
         export_run(ckpt_dir, setup.model_config, setup.tokenizer, run_path / "export")
@@ -265,8 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(setup, args.resume)
     except (RecipeError, DataError) as err:  # e.g. a checkpoint's loader state that the recipe contradicts
-        print(f"error: {err}", file=sys.stderr)
+        tqdm.write(f"error: {err}", file=sys.stderr)
         return 2
+    except (RunHalted, CheckpointError) as err:
+        if not getattr(err, "agreed", False) or dist.get_rank() == 0:
+            tqdm.write(f"error: {err}", file=sys.stderr)  # on a line of its own, not after the progress bar
+        return 1
     return 0
 
 

@@ -10,43 +10,18 @@ A, B and C see the same data in the same order, so their per-step losses must ag
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from job_helpers import DEEPSPEED, REPO, check, free_port, losses, run
 
 from pretrain.export import load_exported
 from pretrain.model import ALBEF, ModelConfig
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 STEPS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    return proc
-
-
-def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def losses(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row for row in rows if "loss/total" in row}
 
 
 @pytest.fixture(scope="module")

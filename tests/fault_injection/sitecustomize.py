@@ -1,0 +1,81 @@
+"""Fault injection for tests/test_faults.py.
+
+Python imports `sitecustomize` at start-up from PYTHONPATH, so a job launched with this directory on its
+PYTHONPATH runs its real launcher, engine, loader and checkpoint code with one fault planted in its
+training ranks (launcher processes are left alone):
+
+    VLPRETRAIN_FAULT="<kind>@<rank>:<step>[,<step>...]"   e.g. "kill@1:6", "nan@1:2,5,6,7"
+      kill       SIGKILL the rank in the middle of the step's forward pass
+      kill_save  SIGKILL the rank right after it wrote its files of the step's checkpoint
+      enospc     the rank's write of the step's checkpoint fails with ENOSPC (disk full)
+      nan        the rank's batch of the step has NaN pixels (a non-finite loss and gradient)
+      hang       the rank stops in the middle of the step's forward pass and never comes back
+      usr1, term the rank sends SIGUSR1 / SIGTERM to the job's process group during the step (as SLURM does)
+    VLPRETRAIN_PROBE=<dir>   each rank appends a JSON line per step to <dir>/rank<r>.jsonl: the step,
+                             whether DeepSpeed applied it, and the sum of the rank's parameter partition
+                             before and after it
+"""
+
+import json
+import os
+
+if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRAIN_PROBE" in os.environ):
+    import errno
+    import signal
+    import time
+    from pathlib import Path
+
+    import torch
+
+    import pretrain.train as train_module
+
+    RANK = int(os.environ["RANK"])
+    KIND, _, WHERE = os.environ.get("VLPRETRAIN_FAULT", "none@-1:0").partition("@")
+    FAULT_RANK, _, STEPS = WHERE.partition(":")
+    FAULT_STEPS = {int(s) for s in STEPS.split(",")}
+    HERE = int(FAULT_RANK) == RANK  # this rank carries the fault
+    PROBE = os.environ.get("VLPRETRAIN_PROBE")
+    real_train_step, real_save = train_module.train_step, torch.save
+
+    def partition_sum(engine) -> float:
+        return sum(float(getattr(p, "ds_tensor", p).double().sum()) for p in engine.module.parameters())
+
+    def in_forward(engine, action) -> None:
+        """Run `action` once, inside the forward pass: after the encoders, as the fusion encoder starts."""
+
+        def hook(module, args):
+            handle.remove()
+            action()
+
+        handle = engine.module.fusion_encoder.register_forward_pre_hook(hook)
+
+    def faulty_train_step(engine, micro_batches, watchdog):
+        step = engine.global_steps + 1  # DeepSpeed's counter is restored on resume, like ours
+        if HERE and step in FAULT_STEPS:
+            if KIND == "kill":
+                in_forward(engine, lambda: os.kill(os.getpid(), signal.SIGKILL))
+            elif KIND == "hang":
+                in_forward(engine, lambda: time.sleep(3600))
+            elif KIND == "nan":
+                for batch in micro_batches:
+                    batch["pixel_values"].fill_(float("nan"))
+            elif KIND in ("usr1", "term"):
+                os.killpg(os.getpgrp(), signal.SIGUSR1 if KIND == "usr1" else signal.SIGTERM)
+        before = partition_sum(engine) if PROBE else 0.0
+        values = real_train_step(engine, micro_batches, watchdog)
+        if PROBE:
+            row = {"step": step, "applied": engine.was_step_applied(), "before": before, "after": partition_sum(engine)}
+            with open(Path(PROBE) / f"rank{RANK}.jsonl", "a") as out:
+                out.write(json.dumps(row) + "\n")
+        return values
+
+    def faulty_save(obj, path, *args, **kwargs):
+        tag = f"step{min(FAULT_STEPS):08d}"
+        if HERE and KIND == "enospc" and tag in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_save(obj, path, *args, **kwargs)
+        if HERE and KIND == "kill_save" and tag in str(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train_module.train_step = faulty_train_step
+    torch.save = faulty_save
