@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image
@@ -23,7 +24,11 @@ class ImageRejected(Exception):
 def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open image bytes lazily, refusing decompression bombs from the header before any pixel is decoded."""
     try:
-        image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
+        with warnings.catch_warnings():  # PIL's bomb warning: we reject by our own limit just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
+    except Image.DecompressionBombError as exc:  # over 2x PIL's limit PIL refuses first; still a pixel bomb
+        raise ImageRejected("too_many_pixels", str(exc)) from exc
     except Exception as exc:
         raise ImageRejected("undecodable_image", str(exc)) from exc
     width, height = image.size

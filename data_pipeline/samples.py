@@ -71,19 +71,26 @@ def _wanted(name: str) -> bool:
 
 
 def parse_sample(raw: dict, skipped: Counter) -> ParsedSample | None:
-    """Image bytes and captions of a raw sample, or None (reason counted) when it has no image or caption."""
+    """Image bytes and captions of a raw sample, or None (reason counted) when it has no image or caption.
+
+    Captions come from the json member; the txt member is the fallback when the json is absent or bad.
+    """
     image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image is None:
         skipped["missing_image"] += 1
         return None
     captions = []
     if "json" in raw:
-        try:
-            captions = json.loads(raw["json"]).get("captions") or []
+        try:  # UTF-8 only (json.loads of bytes would also guess UTF-16/32); UnicodeDecodeError is a ValueError
+            captions = json.loads(raw["json"].decode("utf-8-sig")).get("captions") or []
         except (ValueError, AttributeError):
             skipped["bad_json"] += 1
     if not captions and "txt" in raw:
-        captions = [raw["txt"].decode("utf-8", "replace")]
+        try:  # never a caption with replacement characters: the bytes are not what the writer meant
+            captions = [raw["txt"].decode("utf-8")]
+        except UnicodeDecodeError:
+            skipped["bad_text_encoding"] += 1
+            return None
     captions = [c for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
         skipped["no_caption"] += 1

@@ -2,12 +2,18 @@
 
 import io
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 
+import psutil
 import pytest
 import torch
-from data_helpers import image_bytes, write_tar
+from data_helpers import CreatesFile, image_bytes, write_tar
 
 from data_pipeline import DataError, check_shards, make_train_loader
 from data_pipeline.epoch_plan import epoch_quotas, round_robin_position
@@ -168,19 +174,42 @@ def test_resume_rejects_a_different_layout(synthetic_shards, tokenizer):
         loader(str(synthetic_shards["train"]), tokenizer, num_workers=1).load_state_dict(state)
 
 
+def wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_workers_survive_the_schedulers_signals_but_not_their_rank(synthetic_shards, tokenizer):
+    """On preemption SLURM signals every process of the job; the rank checkpoints and needs its workers until
+    it exits. The rank itself must still be able to end them (multiprocessing does at interpreter exit)."""
+    train = loader(str(synthetic_shards["train"]), tokenizer, num_workers=1)
+    before = {child.pid for child in psutil.Process().children()}
+    batches = iter(train)
+    received = [next(batches)]
+    (worker,) = [child for child in psutil.Process().children() if child.pid not in before]
+    for number in (signal.SIGTERM, signal.SIGUSR1):  # from another process, as the scheduler sends them
+        subprocess.run([sys.executable, "-c", f"import os; os.kill({worker.pid}, {int(number)})"], check=True)
+    time.sleep(0.5)
+    for batch in batches:
+        assert worker.status() != psutil.STATUS_ZOMBIE  # still alive while the epoch runs
+        received.append(batch)
+    assert len(received) == len(train)
+
+    batches = iter(train)
+    next(batches)
+    (worker,) = [child for child in psutil.Process().children() if child.pid not in before]
+    os.kill(worker.pid, signal.SIGTERM)  # from its rank: it ends (not reaped here: torch joins it)
+    assert wait_until(lambda: worker.status() == psutil.STATUS_ZOMBIE)
+    batches.close()
+
+
 def good_member_set(key: str, caption: str | None = "a red square") -> dict[str, bytes]:
     members = {f"{key}.jpg": image_bytes()}
     if caption is not None:
         members[f"{key}.json"] = json.dumps({"captions": [caption]}).encode()
     return members
-
-
-class CreatesFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (str(self.path), "w")
 
 
 def test_pickle_members_are_never_loaded(tmp_path, tokenizer):
@@ -208,14 +237,19 @@ def test_corrupt_samples_are_skipped_counted_and_batches_stay_exact(tmp_path, to
     members |= {"nocap.jpg": image_bytes(), "nocap.txt": b"  ...  "}
     members |= {"noimage.txt": b"a caption"}
     members |= {"big.png": image_bytes(200, 200, fmt="PNG"), "big.txt": b"big"}
+    members |= {"latin1.jpg": image_bytes(), "latin1.txt": "café crème".encode("latin-1")}  # never "caf\ufffd"
+    members |= {"badjson.jpg": image_bytes(), "badjson.json": b"{oops", "badjson.txt": b"a blue circle"}
     write_tar(tmp_path / "mixed.tar", members)
     mixed = loader(str(tmp_path / "mixed.tar"), tokenizer, batch_size=3, num_workers=1, max_pixels=20_000)
     batches = list(mixed)
-    assert len(batches) == len(mixed) == 13 // 3
-    assert mixed.skip_counts() == {"undecodable_image": 2, "no_caption": 1, "missing_image": 1, "too_many_pixels": 1}
+    assert len(batches) == len(mixed) == 15 // 3
+    assert mixed.skip_counts() == {
+        "undecodable_image": 2, "no_caption": 1, "missing_image": 1, "too_many_pixels": 1, "bad_text_encoding": 1,
+        "bad_json": 1,  # counted, but the sample still trains on its txt caption
+    }  # fmt: skip
     keys = Counter(k for b in batches for k in b["keys"])
-    assert set(keys) == {f"g{i}" for i in range(8)} and sum(keys.values()) == 12  # 4 repeated to fill the epoch
-    assert mixed.stats()["padded"] == 4
+    assert set(keys) == {f"g{i}" for i in range(8)} | {"badjson"} and sum(keys.values()) == 15  # 6 repeated
+    assert mixed.stats()["padded"] == 6
     with pytest.raises(DataError, match="max_bad_fraction"):
         list(loader(str(tmp_path / "mixed.tar"), tokenizer, batch_size=3, max_pixels=20_000, max_bad_fraction=0.2))
 
