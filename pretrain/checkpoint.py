@@ -8,7 +8,6 @@ written after every rank finished writing (a crash mid-save leaves `latest` on t
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import re
@@ -19,12 +18,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.faults import RunHalted, is_collective_failure
+
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 MODEL_STATES = "*model_states.pt"  # one per rank under ZeRO-3, one in all otherwise
 OPTIMIZER_SHARDS = "*zero_pp_rank_*_optim_states.pt"  # one per data-parallel rank under ZeRO
 
 
-class CheckpointError(Exception):
+class CheckpointError(RunHalted):
     """A checkpoint cannot be written or read; the message says which, why, and what still holds."""
 
 
@@ -61,16 +62,32 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, keep: i
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "rank_states": rank_states},
                                save_latest=False)
-    except OSError as err:  # the other ranks then fail at DeepSpeed's closing barrier, on losing this one
-        raise _write_failed(ckpt_dir, tag, err) from None
+    except Exception as err:  # OSError, or torch's zip writer on a full disk: "RuntimeError: ... unexpected pos"
+        if is_collective_failure(err):
+            raise
+        # the other ranks then fail at DeepSpeed's closing barrier, on losing this one
+        raise _write_failed(ckpt_dir, tag, f"rank {dist.get_rank()}: {err}") from None
     dist.barrier()
     if dist.get_rank() == 0:
-        partial = ckpt_dir / "latest.tmp"
-        partial.write_text(tag)
-        os.replace(partial, ckpt_dir / "latest")
+        _write_durably(ckpt_dir / "latest", tag)
         _prune_older(ckpt_dir, step, keep)
     dist.barrier()
     return tag
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replace `path` atomically, and make the new content survive a node crash (not only a killed process)."""
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _prepare_directory(ckpt_dir: Path, tag: str) -> None:
@@ -89,20 +106,20 @@ def _prepare_directory(ckpt_dir: Path, tag: str) -> None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as err:
-        error = err
+        error = f"rank {rank}: {err}"
     errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, None if error is None else (rank, error.errno, str(error)))
+    dist.all_gather_object(errors, error)
     failed = next((e for e in errors if e is not None), None)
     if failed:
-        raise _write_failed(ckpt_dir, tag, OSError(failed[1], f"rank {failed[0]}: {failed[2]}"))
+        raise _write_failed(ckpt_dir, tag, failed, agreed=True)
 
 
-def _write_failed(ckpt_dir: Path, tag: str, err: OSError) -> CheckpointError:
-    hint = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the directory's permissions"
+def _write_failed(ckpt_dir: Path, tag: str, reason: str, agreed: bool = False) -> CheckpointError:
+    free = shutil.disk_usage(ckpt_dir).free / 2**30 if ckpt_dir.is_dir() else 0.0
     return CheckpointError(
-        f"checkpoint {tag} could not be written to {ckpt_dir} ({err}); the newest complete checkpoint, "
-        f"{newest_checkpoint(ckpt_dir)}, is intact. {hint.capitalize()} (the incomplete {ckpt_dir / tag} can go), "
-        "then continue with --resume auto")
+        f"checkpoint {tag} could not be written to {ckpt_dir} ({reason}; {free:.1f} GiB free there); the newest "
+        f"complete checkpoint, {newest_checkpoint(ckpt_dir)}, is intact. Free space or fix the directory (the "
+        f"incomplete {ckpt_dir / tag} can go), then continue with --resume auto", agreed=agreed)
 
 
 def _prune_older(ckpt_dir: Path, step: int, keep: int) -> None:

@@ -7,15 +7,15 @@ how to continue; `pretrain.train.main` prints it as one `error:` line and exits 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Callable
 
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pretrain.checkpoint import newest_checkpoint
-
-# gloo reports a dead or silent peer as a plain RuntimeError; NCCL raises torch.distributed.DistError
-COLLECTIVE_FAILURE_MARKERS = ("gloo", "NCCL", "Connection closed by peer", "Timed out waiting")
+# gloo reports a dead or silent peer as a plain RuntimeError with one of these; NCCL errors that reach
+# Python are torch.distributed.DistError (its timeouts abort the process from NCCL's own watchdog)
+GLOO_PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                      "Application timeout caused pair closure")
 
 
 class RunHalted(Exception):
@@ -36,8 +36,8 @@ class NonFiniteSteps:
     no weight update, no optimizer-state update, no learning-rate step. The batch is not retried.
     """
 
-    def __init__(self, limit: int, ckpt_dir: Path, announce: bool):
-        self.limit, self.ckpt_dir, self.announce = limit, ckpt_dir, announce
+    def __init__(self, limit: int, newest_checkpoint: Callable[[], str], announce: bool):
+        self.limit, self.newest_checkpoint, self.announce = limit, newest_checkpoint, announce
         self.streak = 0
 
     def update(self, applied: bool, step: int) -> None:
@@ -52,19 +52,19 @@ class NonFiniteSteps:
             raise RunHalted(
                 f"steps {step - self.streak + 1}-{step} all had a non-finite loss or gradient and were skipped, "
                 f"so the run stopped at step {step} (optim.max_nonfinite_steps {self.limit}); newest complete "
-                f"checkpoint: {newest_checkpoint(self.ckpt_dir)}. Lower optim.lr or check the data, then "
+                f"checkpoint: {self.newest_checkpoint()}. Lower optim.lr or check the data, then "
                 "continue with --resume auto", agreed=True)
 
 
 def is_collective_failure(error: BaseException) -> bool:
-    return isinstance(error, dist.DistError) or any(m in str(error) for m in COLLECTIVE_FAILURE_MARKERS)
+    return isinstance(error, dist.DistError) or any(m in str(error) for m in GLOO_PEER_FAILURES)
 
 
-def lost_contact(error: BaseException, rank: int, where: str, ckpt_dir: Path) -> RunHalted:
+def lost_contact(error: BaseException, rank: int, where: str, newest_checkpoint: str) -> RunHalted:
     # "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [addr]. This is typically ...": keep
     # the first sentence without the source location
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().split("\n")[0]).split(". ")[0] or type(error).__name__
     return RunHalted(
         f"rank {rank} lost contact with the other ranks in {where} ({text[:200]}): another rank died, "
         f"was killed or stopped responding (see its error or watchdog report). Newest complete checkpoint: "
-        f"{newest_checkpoint(ckpt_dir)}; restart the job with --resume auto")
+        f"{newest_checkpoint}; restart the job with --resume auto")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -79,7 +80,9 @@ class TrainLog:
             jsonl = run_path / "metrics.jsonl"
             kept = [line for line in (jsonl.read_text().splitlines() if jsonl.is_file() else [])
                     if _logged_step(line) <= resume_step]
-            jsonl.write_text("".join(line + "\n" for line in kept))
+            rewritten = jsonl.with_name(jsonl.name + ".tmp")  # a kill now must not lose the whole log
+            rewritten.write_text("".join(line + "\n" for line in kept))
+            os.replace(rewritten, jsonl)
             self.jsonl = jsonl.open("a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

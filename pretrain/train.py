@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import asdict
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from data_pipeline import DataError, load_eval_data, make_train_loader
 from pretrain.batch import to_device
-from pretrain.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pretrain.checkpoint import load_checkpoint, newest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pretrain.ds_config import zero_stage
 from pretrain.export import export_run, initialise_partitioned, load_pretrained_partitioned
 from pretrain.faults import NonFiniteSteps, RunHalted, is_collective_failure, lost_contact
@@ -71,7 +72,7 @@ def train_step(engine, micro_batches: list[dict], watchdog: Watchdog) -> dict[st
     """One optimizer step: forward + backward per micro-batch; DeepSpeed updates after the last one
     (or skips the update when the gradient norm is not finite: see NonFiniteSteps).
 
-    Returns the step's means as detached device tensors: nothing waits on the device until a log step.
+    Returns the step's means as detached device tensors, read (synchronising) on log steps only.
     """
     totals: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
@@ -148,10 +149,19 @@ def build_engine(setup: Setup):
     optimizer = build_optimizer(model, recipe.optim, offload_to_cpu=offload)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=setup.ds_config,
                                            lr_scheduler=build_scheduler(optimizer, recipe.schedule, recipe.optim))
+    apply_collective_timeout(timedelta(minutes=recipe.dist.timeout_minutes))
     held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     print(f"[vlpretrain] rank {dist.get_rank()} holds {held} of {total} parameter elements", flush=True)
     return engine
+
+
+def apply_collective_timeout(timeout: timedelta) -> None:
+    """Give every process group the recipe's timeout. DeepSpeed makes its own groups without one (ZeRO's
+    gradient reductions run on a clone of the world group), and torch's default there is 30 min on gloo."""
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if not dist.distributed_c10d._rank_not_in_group(group):
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def build_data(setup: Setup, rank: int, world: int):
@@ -182,14 +192,25 @@ def train(setup: Setup, resume: str) -> dict:
     share_cpu_cores()
     deepspeed.init_distributed(dist_backend=recipe.dist.backend,
                                timeout=timedelta(minutes=recipe.dist.timeout_minutes))
-    rank = dist.get_rank()
+    rank, ckpt_dir = dist.get_rank(), recipe.run_path / "checkpoints"
     with Watchdog(rank, recipe.dist.watchdog_minutes * 60) as watchdog:
         try:
             return run(setup, resume, stop_signals, watchdog)
         except RuntimeError as err:
             if not is_collective_failure(err):
                 raise
-            raise lost_contact(err, rank, watchdog.where(), recipe.run_path / "checkpoints") from None
+            raise lost_contact(err, rank, watchdog.where(), newest_checkpoint(ckpt_dir)) from None
+
+
+def restore(engine, loader, ckpt_dir: Path) -> int:
+    """Weights, optimizer, schedule, this rank's data position and RNG from the newest complete checkpoint;
+    the step to continue from (0 without one)."""
+    state = load_checkpoint(engine, ckpt_dir)
+    if not state:
+        return 0
+    loader.load_state_dict(state["rank_state"]["loader"])
+    set_rng_state(state["rank_state"]["rng"])
+    return state["step"]
 
 
 def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog) -> dict:
@@ -202,14 +223,7 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
     engine = build_engine(setup)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     loader, eval_data = build_data(setup, rank, world)
-
-    step = 0
-    state = load_checkpoint(engine, ckpt_dir) if resume == "auto" else None
-    if state:
-        step = state["step"]
-        loader.load_state_dict(state["rank_state"]["loader"])
-        set_rng_state(state["rank_state"]["rng"])
-    start_step = step
+    step = start_step = restore(engine, loader, ckpt_dir) if resume == "auto" else 0
 
     log = TrainLog(run_path, enabled=rank == 0, resume_step=start_step)
     log.text("config/recipe", "```\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False) + "\n```", step)
@@ -217,12 +231,11 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
         print(f"[vlpretrain] world_size={world} zero_stage={zero_stage(setup.ds_config)} "
               f"bf16={'on' if engine.bfloat16_enabled() else 'off'} dtype={dtype} "
               f"attention={setup.model_config.attention} resume_step={step} run={run_path}", flush=True)
-
-    samples_per_step = schedule.micro_batch_size * schedule.grad_accum * world
     flops_per_sample = partial(train_flops_per_sample, setup.model_config,
                                mlm_probability=recipe.data.mlm_probability)
-    window = ThroughputWindow(flops_per_sample, samples_per_step, world, recipe.logging.peak_tflops)
-    nonfinite = NonFiniteSteps(recipe.optim.max_nonfinite_steps, ckpt_dir, announce=rank == 0)
+    window = ThroughputWindow(flops_per_sample, schedule.micro_batch_size * schedule.grad_accum * world, world,
+                              recipe.logging.peak_tflops)
+    nonfinite = NonFiniteSteps(recipe.optim.max_nonfinite_steps, partial(newest_checkpoint, ckpt_dir), rank == 0)
     stream = batches_forever(loader)
     progress = tqdm(total=schedule.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
 
@@ -243,19 +256,14 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
         values = train_step(engine, micro_batches, watchdog)
         step += 1
         progress.update(1)
-
         watchdog.enter("logging")
         if step % recipe.logging.every == 0 or step == schedule.max_steps:
-            values = mean_over_ranks({**values, "tokens": window.tokens}, engine.device)
-            scalars = {**step_scalars(values, lr, engine.get_global_grad_norm()), **window.scalars(values["tokens"]),
-                       "train/skipped_steps": engine.skipped_steps, **skipped_over_ranks(loader)}
-            log.scalars(step, scalars)
-            if rank == 0:
-                progress.write(console_line(step, schedule.max_steps, scalars))
-            window.reset()
+            log_step(engine, loader, log, window, values, lr, step, progress)
         nonfinite.update(engine.was_step_applied(), step)
-        stop_signal = stop_signals.agreed(engine.device)  # then the checkpoint below is the last one
-        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < last_step and not stop_signal:
+        stop_signal = stop_signals.agreed(engine.device)  # then the checkpoint after the loop is the last one
+        if stop_signal:
+            break
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < last_step:
             checkpoint()
         if eval_data and recipe.eval.every and step % recipe.eval.every == 0 and step < schedule.max_steps:
             watchdog.enter("evaluation")
@@ -274,14 +282,32 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
     watchdog.enter("evaluation")
     metrics = run_evaluation(engine, eval_data, setup, step, log, dtype) if eval_data else {}
     watchdog.enter("export")
+    finish(setup, step, log)
+    return metrics
+
+
+def log_step(engine, loader, log: TrainLog, window: ThroughputWindow, values: dict, lr: float, step: int,
+             progress: tqdm) -> None:
+    """Rank means of the step's figures and the window's speed to TensorBoard, metrics.jsonl and the console."""
+    values = mean_over_ranks({**values, "tokens": window.tokens}, engine.device)
+    scalars = {**step_scalars(values, lr, engine.get_global_grad_norm()), **window.scalars(values["tokens"]),
+               "train/skipped_steps": engine.skipped_steps, **skipped_over_ranks(loader)}
+    log.scalars(step, scalars)
+    if not progress.disable:  # rank 0
+        progress.write(console_line(step, progress.total, scalars))
+    window.reset()
+
+
+def finish(setup: Setup, step: int, log: TrainLog) -> None:
+    """Export the finished run (rank 0, from the final checkpoint) and say where everything is."""
+    recipe = setup.recipe
     dist.barrier()
-    if rank == 0:
-        export_run(ckpt_dir, setup.model_config, setup.tokenizer, run_path / "export")
-        print(f"[vlpretrain] done at step {step}; exported to {run_path / 'export'}\n"
+    if dist.get_rank() == 0:
+        export_run(recipe.run_path / "checkpoints", setup.model_config, setup.tokenizer, recipe.run_path / "export")
+        print(f"[vlpretrain] done at step {step}; exported to {recipe.run_path / 'export'}\n"
               f"[vlpretrain] view the logs with: tensorboard --logdir {recipe.logging.run_dir}", flush=True)
     log.close()
     dist.barrier()
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError) as err:  # e.g. a checkpoint's loader state that the recipe contradicts
         tqdm.write(f"error: {err}", file=sys.stderr)
         return 2
-    except (RunHalted, CheckpointError) as err:
-        if not getattr(err, "agreed", False) or dist.get_rank() == 0:
+    except RunHalted as err:
+        if not err.agreed or dist.get_rank() == 0:
             tqdm.write(f"error: {err}", file=sys.stderr)  # on a line of its own, not after the progress bar
         return 1
     return 0
