@@ -59,11 +59,12 @@ def _survive_scheduler_signals(worker_id: int) -> None:
     dropped. A worker whose rank died notices by itself (torch's watchdog polls the parent pid).
     """
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the rank never sends it; its default action kills
-    if not hasattr(signal, "sigwaitinfo"):  # no siginfo (macOS): keep torch's handlers
+    if not hasattr(signal, "sigwaitinfo"):  # no siginfo (macOS): torch's handlers stay, SIGTERM ends workers
         return
     # blocked in this (so far the only) thread and inherited by all later ones: only the waiter receives it
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+    rank = multiprocessing.parent_process()  # the rank, also under forkserver (where getppid is the server)
+    threading.Thread(target=_exit_on_sigterm_from, args=(rank.pid if rank else os.getppid(),), daemon=True).start()
 
 
 def _exit_on_sigterm_from(parent: int) -> None:

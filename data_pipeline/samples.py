@@ -73,18 +73,19 @@ def _wanted(name: str) -> bool:
 def parse_sample(raw: dict, skipped: Counter) -> ParsedSample | None:
     """Image bytes and captions of a raw sample, or None (reason counted) when it has no image or caption.
 
-    Captions come from the json member; the txt member is the fallback when the json is absent or bad.
+    Captions come from the json member; the txt member is the fallback when the json is absent or bad. A
+    bad json is counted only when it costs the sample (counts are skipped samples: the bad-fraction bound).
     """
     image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image is None:
         skipped["missing_image"] += 1
         return None
-    captions = []
+    captions, bad_json = [], False
     if "json" in raw:
         try:  # UTF-8 only (json.loads of bytes would also guess UTF-16/32); UnicodeDecodeError is a ValueError
             captions = json.loads(raw["json"].decode("utf-8-sig")).get("captions") or []
         except (ValueError, AttributeError):
-            skipped["bad_json"] += 1
+            bad_json = True
     if not captions and "txt" in raw:
         try:  # never a caption with replacement characters: the bytes are not what the writer meant
             captions = [raw["txt"].decode("utf-8")]
@@ -93,7 +94,7 @@ def parse_sample(raw: dict, skipped: Counter) -> ParsedSample | None:
             return None
     captions = [c for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
-        skipped["no_caption"] += 1
+        skipped["bad_json" if bad_json else "no_caption"] += 1
         return None
     return ParsedSample(raw["__key__"].rsplit("/", 1)[-1], image, captions)
 

@@ -239,13 +239,14 @@ def test_corrupt_samples_are_skipped_counted_and_batches_stay_exact(tmp_path, to
     members |= {"big.png": image_bytes(200, 200, fmt="PNG"), "big.txt": b"big"}
     members |= {"latin1.jpg": image_bytes(), "latin1.txt": "café crème".encode("latin-1")}  # never "caf\ufffd"
     members |= {"badjson.jpg": image_bytes(), "badjson.json": b"{oops", "badjson.txt": b"a blue circle"}
+    members |= {"onlyjson.jpg": image_bytes(), "onlyjson.json": b"\xff{not json"}  # no txt to fall back on
     write_tar(tmp_path / "mixed.tar", members)
     mixed = loader(str(tmp_path / "mixed.tar"), tokenizer, batch_size=3, num_workers=1, max_pixels=20_000)
     batches = list(mixed)
-    assert len(batches) == len(mixed) == 15 // 3
+    assert len(batches) == len(mixed) == 16 // 3
     assert mixed.skip_counts() == {
         "undecodable_image": 2, "no_caption": 1, "missing_image": 1, "too_many_pixels": 1, "bad_text_encoding": 1,
-        "bad_json": 1,  # counted, but the sample still trains on its txt caption
+        "bad_json": 1,  # only the sample without a txt; "badjson" trains on its txt caption, uncounted
     }  # fmt: skip
     keys = Counter(k for b in batches for k in b["keys"])
     assert set(keys) == {f"g{i}" for i in range(8)} | {"badjson"} and sum(keys.values()) == 15  # 6 repeated
