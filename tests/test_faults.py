@@ -10,9 +10,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
-import time
 
 import pytest
 from data_helpers import write_hostile_shards
@@ -76,7 +74,7 @@ def assert_continues_the_reference(job, name: str, reference: dict, resume_step:
 def test_same_seed_and_world_size_give_the_same_losses(job, reference):
     check(job("again"))
     again = losses(job.root / "again")
-    assert [again[s]["loss/total"] for s in range(1, STEPS + 1)] == [reference[s]["loss/total"] for s in range(1, 9)]
+    assert [again[s]["loss/total"] for s in range(1, STEPS + 1)] == [reference[s]["loss/total"] for s in again]
 
 
 def test_a_rank_killed_mid_step_ends_the_job_and_resume_loses_nothing_before_the_checkpoint(job, reference):
@@ -90,7 +88,7 @@ def test_a_rank_killed_mid_step_ends_the_job_and_resume_loses_nothing_before_the
 
 
 def test_a_checkpoint_interrupted_mid_write_is_never_resumed_from(job, reference):
-    proc = job("kill-save", fault="kill_save@1:8")  # rank 1 dies right after writing its step-8 files
+    proc = job("kill-save", fault="kill_save@0:8")  # rank 0 dies right after writing its first step-8 file
     assert proc.returncode != 0
     assert "in phase 'checkpoint' of step 8" in errors(proc)[0]
     run_dir = job.root / "kill-save"
@@ -100,10 +98,10 @@ def test_a_checkpoint_interrupted_mid_write_is_never_resumed_from(job, reference
 
 
 def test_disk_full_at_checkpoint_time_is_one_error_and_the_previous_checkpoint_holds(job, reference):
-    proc = job("disk-full", fault="enospc@1:8")
+    proc = job("disk-full", fault="disk_full@1:8")
     assert proc.returncode != 0
     failed = [line for line in errors(proc) if "could not be written" in line]
-    assert len(failed) == 1 and "No space left on device" in failed[0]
+    assert len(failed) == 1 and "rank 1" in failed[0]  # torch's zip writer: "unexpected pos", not an OSError
     assert "step 4" in failed[0] and "is intact" in failed[0]
     assert latest(job.root / "disk-full") == "step00000004"
     assert_continues_the_reference(job, "disk-full", reference, resume_step=4)
@@ -113,14 +111,12 @@ def test_disk_full_at_checkpoint_time_is_one_error_and_the_previous_checkpoint_h
     ("fault", "signal_name", "stop_step"), [("usr1@0:3", "SIGUSR1", 3), ("term@1:5", "SIGTERM", 5)]
 )
 def test_a_preemption_signal_checkpoints_and_exits_cleanly(job, reference, fault, signal_name, stop_step):
-    # the rank signals the job's whole process group, as SLURM signals every process of a job step
+    # SIGUSR1 goes to the job's whole process group, as SLURM signals every process of a job step (the
+    # launchers ignore it); SIGTERM reaches rank 1 alone, and rank 0 must stop at the same step
     name = f"preempted-{signal_name}"
     proc = job(name, fault=fault)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"exiting at step {stop_step} on {signal_name} with a checkpoint" in proc.stdout
-    if signal_name == "SIGUSR1":  # the launcher ignores it: the whole job ends cleanly
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    else:  # DeepSpeed's runner dies of SIGTERM at once; its launch.py waits for the ranks (up to 30 s)
-        assert proc.returncode == 128 + signal.SIGTERM or proc.returncode == -signal.SIGTERM
     assert not errors(proc) and "Traceback" not in proc.stderr
     assert latest(job.root / name) == f"step{stop_step:08d}"
     assert_continues_the_reference(job, name, reference, resume_step=stop_step)
@@ -145,18 +141,15 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(job, tmp_path):
 
 
 def test_a_hung_rank_is_reported_by_the_watchdog_and_the_collective_timeout_ends_the_job(job):
-    started = time.monotonic()
+    # hung in backward: the ranks waiting on it are in ZeRO's gradient reduction, on a process group
+    # DeepSpeed made itself (it must get the recipe's timeout too, not torch's default of 30 minutes)
     proc = job("hang", "--dist.timeout_minutes", "0.25", "--dist.watchdog_minutes", "0.1", fault="hang@1:3")
-    elapsed = time.monotonic() - started
-    assert proc.returncode != 0
-    assert "watchdog: rank 1 has made no progress for" in proc.stderr
-    report = proc.stderr[proc.stderr.index("watchdog: rank 1") :]
-    assert report.splitlines()[0].endswith("in phase 'forward' of step 3; its threads are:")
+    assert proc.returncode != 0  # and it ended: `run` would raise TimeoutExpired on a hang
+    report = proc.stderr[proc.stderr.index("watchdog: rank 1 has made no progress for") :]
+    assert report.splitlines()[0].endswith("in phase 'backward' of step 3; its threads are:")
     assert "sitecustomize.py" in report  # the stack shows where it hangs
     (message,) = errors(proc)
     assert "rank 0 lost contact" in message and "step 3" in message and "Timed out" in message
-    # 15 s collective timeout + DeepSpeed launch.py's 30 s before it SIGKILLs the hung rank + start-up
-    assert elapsed < 150
 
 
 def test_hostile_shards_are_skipped_counted_and_never_executed(job, synthetic_shards, tokenizer, tmp_path):

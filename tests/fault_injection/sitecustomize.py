@@ -6,11 +6,12 @@ training ranks (launcher processes are left alone):
 
     VLPRETRAIN_FAULT="<kind>@<rank>:<step>[,<step>...]"   e.g. "kill@1:6", "nan@1:2,5,6,7"
       kill       SIGKILL the rank in the middle of the step's forward pass
-      kill_save  SIGKILL the rank right after it wrote its files of the step's checkpoint
-      enospc     the rank's write of the step's checkpoint fails with ENOSPC (disk full)
+      kill_save  SIGKILL the rank right after it wrote its first file of the step's checkpoint
+      disk_full  the rank's first file of the step's checkpoint goes to /dev/full (a real ENOSPC from torch)
       nan        the rank's batch of the step has NaN pixels (a non-finite loss and gradient)
-      hang       the rank stops in the middle of the step's forward pass and never comes back
-      usr1, term the rank sends SIGUSR1 / SIGTERM to the job's process group during the step (as SLURM does)
+      hang       the rank stops in the middle of the step's backward pass and never comes back
+      usr1       the rank sends SIGUSR1 to the job's whole process group during the step (as SLURM does)
+      term       the rank sends SIGTERM to itself only during the step (the other ranks must follow)
     VLPRETRAIN_PROBE=<dir>   each rank appends a JSON line per step to <dir>/rank<r>.jsonl: the step,
                              whether DeepSpeed applied it, and the sum of the rank's parameter partition
                              before and after it
@@ -20,7 +21,6 @@ import json
 import os
 
 if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRAIN_PROBE" in os.environ):
-    import errno
     import signal
     import time
     from pathlib import Path
@@ -49,18 +49,29 @@ if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRA
 
         handle = engine.module.fusion_encoder.register_forward_pre_hook(hook)
 
+    def in_backward(engine, action) -> None:
+        """Run `action` once, inside the backward pass, as it reaches the fusion encoder."""
+
+        def hook(module, grad_output):
+            handle.remove()
+            action()
+
+        handle = engine.module.fusion_encoder.register_full_backward_pre_hook(hook)
+
     def faulty_train_step(engine, micro_batches, watchdog):
         step = engine.global_steps + 1  # DeepSpeed's counter is restored on resume, like ours
         if HERE and step in FAULT_STEPS:
             if KIND == "kill":
                 in_forward(engine, lambda: os.kill(os.getpid(), signal.SIGKILL))
             elif KIND == "hang":
-                in_forward(engine, lambda: time.sleep(3600))
+                in_backward(engine, lambda: time.sleep(3600))
             elif KIND == "nan":
                 for batch in micro_batches:
                     batch["pixel_values"].fill_(float("nan"))
-            elif KIND in ("usr1", "term"):
-                os.killpg(os.getpgrp(), signal.SIGUSR1 if KIND == "usr1" else signal.SIGTERM)
+            elif KIND == "usr1":
+                os.killpg(os.getpgrp(), signal.SIGUSR1)
+            elif KIND == "term":
+                os.kill(os.getpid(), signal.SIGTERM)
         before = partition_sum(engine) if PROBE else 0.0
         values = real_train_step(engine, micro_batches, watchdog)
         if PROBE:
@@ -71,9 +82,7 @@ if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRA
 
     def faulty_save(obj, path, *args, **kwargs):
         tag = f"step{min(FAULT_STEPS):08d}"
-        if HERE and KIND == "enospc" and tag in str(path):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real_save(obj, path, *args, **kwargs)
+        real_save(obj, "/dev/full" if HERE and KIND == "disk_full" and tag in str(path) else path, *args, **kwargs)
         if HERE and KIND == "kill_save" and tag in str(path):
             os.kill(os.getpid(), signal.SIGKILL)
 
