@@ -193,7 +193,7 @@ def train(setup: Setup, resume: str) -> dict:
     deepspeed.init_distributed(dist_backend=recipe.dist.backend,
                                timeout=timedelta(minutes=recipe.dist.timeout_minutes))
     rank, ckpt_dir = dist.get_rank(), recipe.run_path / "checkpoints"
-    with Watchdog(rank, recipe.dist.watchdog_minutes * 60) as watchdog:
+    with Watchdog(rank, recipe.dist.watchdog_minutes * 60, recipe.run_path / "watchdog") as watchdog:
         try:
             return run(setup, resume, stop_signals, watchdog)
         except RuntimeError as err:

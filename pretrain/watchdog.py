@@ -1,8 +1,10 @@
 """A per-rank watchdog: reports a rank that stays in one phase of one step too long.
 
-It only reports (rank, step, phase, seconds, every thread's stack). Ending a hung job is the collective
-timeout's work (`dist.timeout_minutes`): the ranks waiting on the stalled one fail after that long, and
-the launcher then stops the rest. The report says which rank stopped and where, which the timeout does not.
+It only reports: one line per stalled rank (rank, step, phase, seconds) and every thread's stack in
+`<run>/watchdog/rank<r>.txt` (hundreds of ranks must not flood the log with stacks). Ranks that wait in a
+collective for a stalled one stall too; the stacks tell the waiting from the stuck. Ending a hung job is
+the collective timeout's work (`dist.timeout_minutes`): the ranks waiting on the stalled one fail after
+that long, and the launcher then stops the rest.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import faulthandler
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 class Watchdog:
-    def __init__(self, rank: int, stall_seconds: float):
+    def __init__(self, rank: int, stall_seconds: float, report_dir: Path):
         self.rank, self.stall_seconds = rank, stall_seconds
+        self.stacks = report_dir / f"rank{rank}.txt"
         self.step, self.phase, self.since = 0, "start-up", time.monotonic()
         self._reported_since = None
         self._stopped = threading.Event()
@@ -46,6 +50,10 @@ class Watchdog:
             if stalled < self.stall_seconds or self._reported_since == since:
                 continue
             self._reported_since = since  # once per stall: a hung rank must not flood the log
+            self.stacks.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.stacks, "a") as out:
+                out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {self.where()}, {stalled:.0f} s\n")
+                out.flush()
+                faulthandler.dump_traceback(file=out, all_threads=True)
             print(f"[vlpretrain] watchdog: rank {self.rank} has made no progress for {stalled:.0f} s in "
-                  f"{self.where()}; its threads are:", file=sys.stderr, flush=True)
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                  f"{self.where()}; its stacks: {self.stacks}", file=sys.stderr, flush=True)

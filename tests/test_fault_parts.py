@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint import CheckpointError, check_resumable, latest_tag, newest_checkpoint
@@ -15,6 +16,7 @@ from pretrain.metrics import TrainLog
 from pretrain.preemption import StopSignals
 from pretrain.preflight import check_fault_limits
 from pretrain.recipe import RecipeError, recipe_from_dict
+from pretrain.train import apply_collective_timeout
 from pretrain.watchdog import Watchdog
 
 
@@ -88,21 +90,29 @@ def test_collective_failures_are_told_apart_from_other_errors():
                               "(Connection closed by peer [127.0.0.1]:39817)")
 
 
-def test_the_watchdog_reports_a_stall_once_with_step_phase_and_stack(capfd):
-    with Watchdog(rank=1, stall_seconds=0.4) as watchdog:
+def test_the_watchdog_reports_a_stall_once_with_step_phase_and_stack(capfd, tmp_path):
+    with Watchdog(rank=1, stall_seconds=0.4, report_dir=tmp_path) as watchdog:
         watchdog.enter("forward", step=7)
         time.sleep(1.5)  # one stall, several polls
         watchdog.enter("backward")
         time.sleep(0.2)  # progress again: no new report
     report = capfd.readouterr().err
     assert report.count("watchdog:") == 1
-    assert "watchdog: rank 1 has made no progress for" in report and "in phase 'forward' of step 7" in report
-    assert "test_the_watchdog_reports_a_stall_once" in report  # the main thread's stack
+    assert f"watchdog: rank 1 has made no progress for 1 s in phase 'forward' of step 7; its stacks: {tmp_path}" \
+        in report.replace("for 0 s", "for 1 s")
+    stacks = (tmp_path / "rank1.txt").read_text()
+    assert "phase 'forward' of step 7" in stacks and "test_the_watchdog_reports_a_stall_once" in stacks
 
 
-def test_a_stop_signal_on_one_rank_is_seen_by_all(tmp_path):
+@pytest.fixture
+def one_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
+                            timeout=datetime.timedelta(seconds=15))
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_stop_signal_on_one_rank_is_seen_by_all(one_rank_group):
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         stop = StopSignals()
@@ -113,4 +123,14 @@ def test_a_stop_signal_on_one_rank_is_seen_by_all(tmp_path):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        dist.destroy_process_group()
+
+
+def test_every_process_group_gets_the_collective_timeout(one_rank_group):
+    def timeouts() -> list[datetime.timedelta]:
+        groups = dist.distributed_c10d._world.pg_map
+        return [group._get_backend(torch.device("cpu")).options._timeout for group in groups]
+
+    dist.new_group(ranks=[0])  # as DeepSpeed clones the world group: torch's default timeout, 30 min on gloo
+    assert datetime.timedelta(minutes=30) in timeouts()
+    apply_collective_timeout(datetime.timedelta(seconds=15))
+    assert set(timeouts()) == {datetime.timedelta(seconds=15)}

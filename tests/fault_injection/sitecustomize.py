@@ -9,7 +9,7 @@ training ranks (launcher processes are left alone):
       kill_save  SIGKILL the rank right after it wrote its first file of the step's checkpoint
       disk_full  the rank's first file of the step's checkpoint goes to /dev/full (a real ENOSPC from torch)
       nan        the rank's batch of the step has NaN pixels (a non-finite loss and gradient)
-      hang       the rank stops in the middle of the step's backward pass and never comes back
+      hang       the rank stops as the step's optimizer step begins and never comes back
       usr1       the rank sends SIGUSR1 to the job's whole process group during the step (as SLURM does)
       term       the rank sends SIGTERM to itself only during the step (the other ranks must follow)
     VLPRETRAIN_PROBE=<dir>   each rank appends a JSON line per step to <dir>/rank<r>.jsonl: the step,
@@ -49,22 +49,13 @@ if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRA
 
         handle = engine.module.fusion_encoder.register_forward_pre_hook(hook)
 
-    def in_backward(engine, action) -> None:
-        """Run `action` once, inside the backward pass, as it reaches the fusion encoder."""
-
-        def hook(module, grad_output):
-            handle.remove()
-            action()
-
-        handle = engine.module.fusion_encoder.register_full_backward_pre_hook(hook)
-
     def faulty_train_step(engine, micro_batches, watchdog):
         step = engine.global_steps + 1  # DeepSpeed's counter is restored on resume, like ours
         if HERE and step in FAULT_STEPS:
             if KIND == "kill":
                 in_forward(engine, lambda: os.kill(os.getpid(), signal.SIGKILL))
             elif KIND == "hang":
-                in_backward(engine, lambda: time.sleep(3600))
+                engine.step = lambda *args, **kwargs: time.sleep(3600)  # an instance attribute: this step only
             elif KIND == "nan":
                 for batch in micro_batches:
                     batch["pixel_values"].fill_(float("nan"))
