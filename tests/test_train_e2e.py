@@ -114,8 +114,8 @@ def test_tensorboard_has_every_tag(runs):
     expected = {
         "loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/lr", "train/grad_norm", "train/temperature",
         "train/itm_accuracy", "perf/samples_per_s", "perf/tokens_per_s", "perf/mfu", "perf/data_wait_s",
-        "perf/memory_gb", "data/skipped_total", "eval/i2t_r1", "eval/i2t_r5", "eval/i2t_r10", "eval/t2i_r1",
-        "eval/t2i_r5", "eval/t2i_r10",
+        "perf/memory_gb", "data/skipped_total", "train/skipped_steps", "eval/i2t_r1", "eval/i2t_r5", "eval/i2t_r10",
+        "eval/t2i_r1", "eval/t2i_r5", "eval/t2i_r10",
     }  # fmt: skip
     assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
     assert "eval/similarity_images_vs_first_captions" in tags["images"]

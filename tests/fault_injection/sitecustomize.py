@@ -13,14 +13,15 @@ training ranks (launcher processes are left alone):
       usr1       the rank sends SIGUSR1 to the job's whole process group during the step (as SLURM does)
       term       the rank sends SIGTERM to itself only during the step (the other ranks must follow)
     VLPRETRAIN_PROBE=<dir>   each rank appends a JSON line per step to <dir>/rank<r>.jsonl: the step,
-                             whether DeepSpeed applied it, and the sum of the rank's parameter partition
-                             before and after it
+                             whether DeepSpeed applied it, and a digest of the rank's parameter
+                             partition before and after it
 """
 
 import json
 import os
 
 if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRAIN_PROBE" in os.environ):
+    import hashlib
     import signal
     import time
     from pathlib import Path
@@ -37,8 +38,11 @@ if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRA
     PROBE = os.environ.get("VLPRETRAIN_PROBE")
     real_train_step, real_save = train_module.train_step, torch.save
 
-    def partition_sum(engine) -> float:
-        return sum(float(getattr(p, "ds_tensor", p).double().sum()) for p in engine.module.parameters())
+    def partition_digest(engine) -> str:
+        """A digest of this rank's parameter partition: it changes whenever one element does (a sum can
+        miss small updates next to the uninitialised padding ZeRO leaves at a partition's end)."""
+        tensors = [getattr(p, "ds_tensor", p).detach().flatten() for p in engine.module.parameters()]
+        return hashlib.sha256(torch.cat(tensors).numpy().tobytes()).hexdigest()
 
     def in_forward(engine, action) -> None:
         """Run `action` once, inside the forward pass: after the encoders, as the fusion encoder starts."""
@@ -63,10 +67,11 @@ if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRA
                 os.killpg(os.getpgrp(), signal.SIGUSR1)
             elif KIND == "term":
                 os.kill(os.getpid(), signal.SIGTERM)
-        before = partition_sum(engine) if PROBE else 0.0
+        before = partition_digest(engine) if PROBE else ""
         values = real_train_step(engine, micro_batches, watchdog)
         if PROBE:
-            row = {"step": step, "applied": engine.was_step_applied(), "before": before, "after": partition_sum(engine)}
+            after = partition_digest(engine)
+            row = {"step": step, "applied": engine.was_step_applied(), "before": before, "after": after}
             with open(Path(PROBE) / f"rank{RANK}.jsonl", "a") as out:
                 out.write(json.dumps(row) + "\n")
         return values
