@@ -192,6 +192,7 @@ def train(setup: Setup, resume: str) -> dict:
     share_cpu_cores()
     deepspeed.init_distributed(dist_backend=recipe.dist.backend,
                                timeout=timedelta(minutes=recipe.dist.timeout_minutes))
+    release_shared_memory_names()
     rank, ckpt_dir = dist.get_rank(), recipe.run_path / "checkpoints"
     with Watchdog(rank, recipe.dist.watchdog_minutes * 60, recipe.run_path / "watchdog") as watchdog:
         try:
@@ -200,6 +201,17 @@ def train(setup: Setup, resume: str) -> dict:
             if not is_collective_failure(err):
                 raise
             raise lost_contact(err, rank, watchdog.where(), newest_checkpoint(ckpt_dir)) from None
+
+
+def release_shared_memory_names() -> None:
+    """DeepSpeed's CPU all-reduce (all ranks on one machine) maps one ~70 MB /dev/shm buffer per rank and
+    never unlinks it: every CPU job left that RAM behind until reboot. Once every rank has mapped every
+    buffer (init_distributed has returned everywhere: the barrier), the names can go; the mappings last
+    as long as the processes, and so end with them, kill -9 included."""
+    dist.barrier()
+    parts = ("deepspeed_allreduce_buffer", os.getuid(), os.environ.get("MASTER_ADDR", ""),
+             os.environ.get("MASTER_PORT", ""), dist.get_rank())
+    Path("/dev/shm", "_".join(map(str, parts))).unlink(missing_ok=True)
 
 
 def restore(engine, loader, ckpt_dir: Path) -> int:

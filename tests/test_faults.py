@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from data_helpers import write_hostile_shards
@@ -28,7 +29,8 @@ def job(synthetic_shards, tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fault_runs")
 
     def start(name: str, *flags: str, fault: str | None = None, probe=None, train=None, timeout: int = 300):
-        env = {"GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "PYTHONPATH": INJECTOR}
+        port = free_port()
+        env = {"GPUS_PER_NODE": "2", "MASTER_PORT": str(port), "PYTHONPATH": INJECTOR}
         env |= {"VLPRETRAIN_FAULT": fault} if fault else {}
         env |= {"VLPRETRAIN_PROBE": str(probe)} if probe else {}
         cmd = ["bash", "launch/pretrain.sh", "--recipe", "tiny_synthetic", "--name", name,
@@ -36,7 +38,10 @@ def job(synthetic_shards, tokenizer_dir, tmp_path_factory):
                "--data.val", "null", "--data.tokenizer", str(tokenizer_dir), "--schedule.max_steps", str(STEPS),
                "--schedule.warmup_steps", "2", "--schedule.micro_batch_size", "8", "--logging.every", "1",
                "--checkpoint.every", "4", *flags]  # fmt: skip
-        return run(cmd, env=env, timeout=timeout, new_session=True)  # its own process group, like a SLURM step
+        proc = run(cmd, env=env, timeout=timeout, new_session=True)  # its own process group, like a SLURM step
+        # DeepSpeed's CPU all-reduce buffers (~70 MB of RAM per rank) must not outlive the job, killed or not
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        return proc
 
     start.root = root
     return start
