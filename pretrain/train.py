@@ -35,7 +35,7 @@ from pretrain.model import ALBEF
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.preemption import StopSignals
 from pretrain.preflight import Setup, prepare
-from pretrain.recipe import RecipeError, add_recipe_arguments, recipe_to_dict
+from pretrain.recipe import DistSection, RecipeError, add_recipe_arguments, recipe_to_dict
 from pretrain.retrieval import evaluate_retrieval, format_table, save_eval_json
 from pretrain.watchdog import Watchdog
 
@@ -190,9 +190,7 @@ def train(setup: Setup, resume: str) -> dict:
     stop_signals = StopSignals()
     stop_signals.install()  # from the start: a signal during start-up stops the job after its first step
     share_cpu_cores()
-    deepspeed.init_distributed(dist_backend=recipe.dist.backend,
-                               timeout=timedelta(minutes=recipe.dist.timeout_minutes))
-    release_shared_memory_names()
+    start_distributed(recipe.dist)
     rank, ckpt_dir = dist.get_rank(), recipe.run_path / "checkpoints"
     with Watchdog(rank, recipe.dist.watchdog_minutes * 60, recipe.run_path / "watchdog") as watchdog:
         try:
@@ -201,6 +199,11 @@ def train(setup: Setup, resume: str) -> dict:
             if not is_collective_failure(err):
                 raise
             raise lost_contact(err, rank, watchdog.where(), newest_checkpoint(ckpt_dir)) from None
+
+
+def start_distributed(section: DistSection) -> None:
+    deepspeed.init_distributed(dist_backend=section.backend, timeout=timedelta(minutes=section.timeout_minutes))
+    release_shared_memory_names()
 
 
 def release_shared_memory_names() -> None:

@@ -4,19 +4,18 @@ parameter and report how far it is from the Hugging Face value. Prints one JSON 
 
 import json
 import sys
-from datetime import timedelta
 
 import deepspeed
 import torch.distributed as dist
 
 from pretrain.model import pretrained_state_dict
 from pretrain.preflight import prepare
-from pretrain.train import build_engine, parse_args
+from pretrain.train import build_engine, parse_args, start_distributed
 
 
 def main() -> None:
     setup = prepare(parse_args(sys.argv[1:]))
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(minutes=5))
+    start_distributed(setup.recipe.dist)
     engine = build_engine(setup)
     expected = pretrained_state_dict(setup.model_config, vit=setup.recipe.model.vit, bert=setup.recipe.model.bert)
     params = dict(engine.module.named_parameters())
