@@ -210,7 +210,9 @@ def release_shared_memory_names() -> None:
     """DeepSpeed's CPU all-reduce (all ranks on one machine) maps one ~70 MB /dev/shm buffer per rank and
     never unlinks it: every CPU job left that RAM behind until reboot. Once every rank has mapped every
     buffer (init_distributed has returned everywhere: the barrier), the names can go; the mappings last
-    as long as the processes, and so end with them, kill -9 included."""
+    as long as the processes, and so end with them, kill -9 included. Only the CPU accelerator has them."""
+    if torch.cuda.is_available():
+        return
     dist.barrier()
     parts = ("deepspeed_allreduce_buffer", os.getuid(), os.environ.get("MASTER_ADDR", ""),
              os.environ.get("MASTER_PORT", ""), dist.get_rank())
