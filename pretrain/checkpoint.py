@@ -8,7 +8,6 @@ written after every rank finished writing (a crash mid-save leaves `latest` on t
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.faults import RunHalted, is_collective_failure
+from pretrain.files import probe_writable, replace_text
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 MODEL_STATES = "*model_states.pt"  # one per rank under ZeRO-3, one in all otherwise
@@ -69,25 +69,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, keep: i
         raise _write_failed(ckpt_dir, tag, f"rank {dist.get_rank()}: {err}") from None
     dist.barrier()
     if dist.get_rank() == 0:
-        _write_durably(ckpt_dir / "latest", tag)
+        replace_text(ckpt_dir / "latest", tag)
         _prune_older(ckpt_dir, step, keep)
     dist.barrier()
     return tag
-
-
-def _write_durably(path: Path, text: str) -> None:
-    """Replace `path` atomically, and make the new content survive a node crash (not only a killed process)."""
-    partial = path.with_name(path.name + ".tmp")
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _prepare_directory(ckpt_dir: Path, tag: str) -> None:
@@ -96,15 +81,9 @@ def _prepare_directory(ckpt_dir: Path, tag: str) -> None:
     rank = dist.get_rank()
     error = None
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe_writable(ckpt_dir, f".write-probe-rank{rank}")
         if rank == 0 and (ckpt_dir / tag).is_dir() and _named_tag(ckpt_dir) != tag:
             shutil.rmtree(ckpt_dir / tag)  # left by a crash mid-save: never named by `latest`
-        probe = ckpt_dir / f".write-probe-rank{rank}"
-        with open(probe, "wb") as f:
-            f.write(b"0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
     except OSError as err:
         error = f"rank {rank}: {err}"
     errors = [None] * dist.get_world_size()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from collections.abc import Callable
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+
+from pretrain.files import replace_text
 
 
 def memory_gb() -> float:
@@ -80,9 +81,7 @@ class TrainLog:
             jsonl = run_path / "metrics.jsonl"
             kept = [line for line in (jsonl.read_text().splitlines() if jsonl.is_file() else [])
                     if _logged_step(line) <= resume_step]
-            rewritten = jsonl.with_name(jsonl.name + ".tmp")  # a kill now must not lose the whole log
-            rewritten.write_text("".join(line + "\n" for line in kept))
-            os.replace(rewritten, jsonl)
+            replace_text(jsonl, "".join(line + "\n" for line in kept))  # a kill now must not lose the log
             self.jsonl = jsonl.open("a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

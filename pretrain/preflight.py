@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline import check_shards, load_tokenizer
 from pretrain.checkpoint import CheckpointError, check_resumable
 from pretrain.ds_config import build_ds_config
+from pretrain.files import probe_writable
 from pretrain.model import ModelConfig, model_preset
 from pretrain.recipe import ModelSection, Recipe, RecipeError, load_recipe
 
@@ -87,9 +87,7 @@ def check_fault_limits(recipe: Recipe) -> None:
 def check_writable(run_path: Path) -> None:
     """The run directory takes files: found now, not at the first checkpoint hours in."""
     try:
-        run_path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_path, prefix=".write-probe-"):
-            pass
+        probe_writable(run_path)
     except OSError as err:
         raise RecipeError(f"the run directory {run_path} is not writable ({err.strerror}): fix its permissions "
                           "or choose another --logging.run_dir") from None

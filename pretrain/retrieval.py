@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from pretrain.batch import to_device
+from pretrain.files import replace_text
 from pretrain.losses import gather_no_grad
 
 RECALL_KS = (1, 5, 10)
@@ -139,9 +139,7 @@ def _first_caption_block(sim: torch.Tensor, image_ids: torch.Tensor, text_image_
 
 def save_eval_json(path: Path, metrics: dict) -> None:
     """Written beside and renamed into place, so an eval.json that exists is always complete."""
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(metrics, indent=2))
-    os.replace(partial, path)
+    replace_text(path, json.dumps(metrics, indent=2))
 
 
 def format_table(metrics: dict) -> str:
