@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -102,6 +103,10 @@ class DistSection:
     timeout_minutes: float = _help("collective timeout: a hung rank fails the job after this long", 10.0)
     watchdog_minutes: float = _help("report a rank that stays this long in one phase of a step, with its step, "
                                     "phase and stacks (0: off)", 5.0)
+
+    @property
+    def timeout(self) -> timedelta:
+        return timedelta(minutes=self.timeout_minutes)
 
 
 @dataclass

@@ -149,7 +149,7 @@ def build_engine(setup: Setup):
     optimizer = build_optimizer(model, recipe.optim, offload_to_cpu=offload)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=setup.ds_config,
                                            lr_scheduler=build_scheduler(optimizer, recipe.schedule, recipe.optim))
-    apply_collective_timeout(timedelta(minutes=recipe.dist.timeout_minutes))
+    apply_collective_timeout(recipe.dist.timeout)
     held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     print(f"[vlpretrain] rank {dist.get_rank()} holds {held} of {total} parameter elements", flush=True)
@@ -157,8 +157,8 @@ def build_engine(setup: Setup):
 
 
 def apply_collective_timeout(timeout: timedelta) -> None:
-    """Give every process group the recipe's timeout. DeepSpeed makes its own groups without one (ZeRO's
-    gradient reductions run on a clone of the world group), and torch's default there is 30 min on gloo."""
+    """Give every process group the recipe's timeout. DeepSpeed makes groups of its own without one (a
+    clone of the world group, for one), and those get torch's default: 30 min on gloo."""
     for group in list(dist.distributed_c10d._world.pg_map):
         if not dist.distributed_c10d._rank_not_in_group(group):
             dist.distributed_c10d._set_pg_timeout(timeout, group)
@@ -202,7 +202,7 @@ def train(setup: Setup, resume: str) -> dict:
 
 
 def start_distributed(section: DistSection) -> None:
-    deepspeed.init_distributed(dist_backend=section.backend, timeout=timedelta(minutes=section.timeout_minutes))
+    deepspeed.init_distributed(dist_backend=section.backend, timeout=section.timeout)
     release_shared_memory_names()
 
 

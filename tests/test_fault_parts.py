@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from pretrain.checkpoint import CheckpointError, check_resumable, latest_tag, newest_checkpoint
 from pretrain.faults import NonFiniteSteps, RunHalted, is_collective_failure, lost_contact
@@ -130,7 +131,8 @@ def test_every_process_group_gets_the_collective_timeout(one_rank_group):
         groups = dist.distributed_c10d._world.pg_map
         return [group._get_backend(torch.device("cpu")).options._timeout for group in groups]
 
-    dist.new_group(ranks=[0])  # as DeepSpeed clones the world group: torch's default timeout, 30 min on gloo
-    assert datetime.timedelta(minutes=30) in timeouts()
-    apply_collective_timeout(datetime.timedelta(seconds=15))
-    assert set(timeouts()) == {datetime.timedelta(seconds=15)}
+    configured = recipe_from_dict({"dist": {"timeout_minutes": 0.25}}).dist.timeout  # a setting, not a measurement
+    dist.new_group(ranks=[0])  # as DeepSpeed clones the world group: it gets torch's default, not ours
+    assert default_pg_timeout in timeouts()
+    apply_collective_timeout(configured)
+    assert set(timeouts()) == {configured}
