@@ -20,8 +20,6 @@ by the sources' weights. For large multi-node runs where epochs do not matter.
 import multiprocessing
 import os
 import random
-import signal
-import threading
 from collections import Counter
 from collections.abc import Iterator
 
@@ -31,7 +29,7 @@ from torch.utils.data import DataLoader
 from data_pipeline.epoch_plan import epoch_quotas, round_robin_position
 from data_pipeline.errors import DataError
 from data_pipeline.images import DEFAULT_MAX_PIXELS
-from data_pipeline.loader_worker import LoaderConfig, WorkerStream, WorkerTask
+from data_pipeline.loader_worker import LoaderConfig, WorkerStream, WorkerTask, survive_scheduler_signals
 from data_pipeline.shards import ShardSet, check_shards
 
 # Workers fork after the main process may have used the fast tokenizer's thread pool; without this
@@ -45,32 +43,6 @@ def _worker_start_method(num_workers: int) -> str | None:
     if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods():
         return "fork"
     return None
-
-
-def _survive_scheduler_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: SIGTERM/SIGUSR1 from anyone but the rank must not end the worker.
-
-    On preemption SLURM signals every process of the job, workers included. The rank owns shutdown: it
-    finishes its step, checkpoints and exits, and needs its workers until then. torch's worker handler
-    dies on any SIGTERM, and the rank's SIGCHLD handler then raises "DataLoader worker exited
-    unexpectedly" mid-checkpoint. A plain SIG_IGN is not enough either: at interpreter exit
-    multiprocessing ends a still-open iterator's workers with SIGTERM from the rank and joins them, so the
-    rank would hang. Hence torch's own rule, minus the dying: SIGTERM from the parent exits, others are
-    dropped. A worker whose rank died notices by itself (torch's watchdog polls the parent pid).
-    """
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the rank never sends it; its default action kills
-    if not hasattr(signal, "sigwaitinfo"):  # no siginfo (macOS): torch's handlers stay, SIGTERM ends workers
-        return
-    # blocked in this (so far the only) thread and inherited by all later ones: only the waiter receives it
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    rank = multiprocessing.parent_process()  # the rank, also under forkserver (where getppid is the server)
-    threading.Thread(target=_exit_on_sigterm_from, args=(rank.pid if rank else os.getppid(),), daemon=True).start()
-
-
-def _exit_on_sigterm_from(parent: int) -> None:
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-        pass
-    os._exit(0)
 
 
 class TrainLoader:
@@ -109,7 +81,7 @@ class TrainLoader:
             pin_memory=self.pin_memory,
             in_order=True,
             multiprocessing_context=_worker_start_method(self.config.num_workers),
-            worker_init_fn=_survive_scheduler_signals,
+            worker_init_fn=survive_scheduler_signals,
             # Our streams seed themselves from (seed, epoch); without its own generator every new
             # iterator would draw from the global torch RNG, so a mid-epoch resume would shift the
             # model's random draws (ITM negatives) by one.

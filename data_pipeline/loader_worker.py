@@ -4,7 +4,11 @@ Randomness comes only from (seed, epoch, rank, worker role, sample key), never f
 the same task always produces the same batches (the basis of exact resume).
 """
 
+import multiprocessing
+import os
 import random
+import signal
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -213,3 +217,29 @@ class _WorkerRun:
 
 def hash_seed(text: str) -> int:
     return random.Random(text).getrandbits(63)
+
+
+def survive_scheduler_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGTERM/SIGUSR1 from anyone but the rank must not end the worker.
+
+    On preemption SLURM signals every process of the job, workers included. The rank owns shutdown: it
+    finishes its step, checkpoints and exits, and needs its workers until then. torch's worker handler
+    dies on any SIGTERM, and the rank's SIGCHLD handler then raises "DataLoader worker exited
+    unexpectedly" mid-checkpoint. A plain SIG_IGN is not enough either: at interpreter exit
+    multiprocessing ends a still-open iterator's workers with SIGTERM from the rank and joins them, so the
+    rank would hang. Hence torch's own rule, minus the dying: SIGTERM from the parent exits, others are
+    dropped. A worker whose rank died notices by itself (torch's watchdog polls the parent pid).
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the rank never sends it; its default action kills
+    if not hasattr(signal, "sigwaitinfo"):  # no siginfo (macOS): torch's handlers stay, SIGTERM ends workers
+        return
+    # blocked in this (so far the only) thread and inherited by all later ones: only the waiter receives it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    rank = multiprocessing.parent_process()  # the rank, also under forkserver (where getppid is the server)
+    threading.Thread(target=_exit_on_sigterm_from, args=(rank.pid if rank else os.getppid(),), daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
