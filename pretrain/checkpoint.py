@@ -81,7 +81,7 @@ def _prepare_directory(ckpt_dir: Path, tag: str) -> None:
     rank = dist.get_rank()
     error = None
     try:
-        probe_writable(ckpt_dir, f".write-probe-rank{rank}")
+        probe_writable(ckpt_dir)
         if rank == 0 and (ckpt_dir / tag).is_dir() and _named_tag(ckpt_dir) != tag:
             shutil.rmtree(ckpt_dir / tag)  # left by a crash mid-save: never named by `latest`
     except OSError as err:

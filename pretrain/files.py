@@ -4,6 +4,7 @@ whether a directory takes files at all."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -23,12 +24,11 @@ def replace_text(path: Path, text: str) -> None:
         os.close(directory)
 
 
-def probe_writable(directory: Path, name: str = ".write-probe") -> None:
-    """Create `directory` if needed and write, sync and remove a small file there; raises OSError."""
+def probe_writable(directory: Path) -> None:
+    """Create `directory` if needed and write and sync a small file there, under a name of its own (every
+    rank probes at once); raises OSError."""
     directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / name
-    with open(probe, "wb") as f:
-        f.write(b"0" * 4096)
-        f.flush()
-        os.fsync(f.fileno())
-    probe.unlink()
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-") as probe:
+        probe.write(b"0" * 4096)
+        probe.flush()
+        os.fsync(probe.fileno())

@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import multiprocessing
 import os
 import signal
 import time
@@ -13,6 +14,7 @@ from torch.distributed.constants import default_pg_timeout
 
 from pretrain.checkpoint import CheckpointError, check_resumable, latest_tag, newest_checkpoint
 from pretrain.faults import NonFiniteSteps, RunHalted, is_collective_failure, lost_contact
+from pretrain.files import probe_writable
 from pretrain.metrics import TrainLog
 from pretrain.preemption import StopSignals
 from pretrain.preflight import check_fault_limits
@@ -136,3 +138,15 @@ def test_every_process_group_gets_the_collective_timeout(one_rank_group):
     assert default_pg_timeout in timeouts()
     apply_collective_timeout(configured)
     assert set(timeouts()) == {configured}
+
+
+def _probe_many_times(directory) -> None:
+    for _ in range(200):
+        probe_writable(directory)
+
+
+def test_ranks_probing_one_directory_at_once_do_not_trip_each_other(tmp_path):
+    # every rank runs preflight and the checkpoint probe at the same moment, in the same directory
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_probe_many_times, [tmp_path] * 4)
+    assert list(tmp_path.iterdir()) == []  # and no probe is left behind
