@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.flops import train_flops_per_sample
 from pretrain.losses import contrastive_similarities, itc_loss, itm_loss, sample_itm_negatives
 from pretrain.model import ALBEF, ModelConfig
+from pretrain.train.flops import train_flops_per_sample
 
 
 def parse_args() -> argparse.Namespace:

@@ -57,6 +57,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.train import main  # noqa: E402
+from pretrain.train.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from data_pipeline import DataError, load_eval_data, load_tokenizer
-from pretrain.export import CONFIG_FILE, WEIGHTS_FILE, load_exported, model_from_zero_checkpoint
+from pretrain.eval.retrieval import evaluate_retrieval, format_table, save_eval_json
 from pretrain.model import ALBEF, ModelConfig
-from pretrain.retrieval import evaluate_retrieval, format_table, save_eval_json
+from pretrain.train.export import CONFIG_FILE, WEIGHTS_FILE, load_exported, model_from_zero_checkpoint
 
 
 def load_model(checkpoint: Path) -> ALBEF:

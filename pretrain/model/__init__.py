@@ -1,6 +1,9 @@
-"""The ALBEF model library: configuration, attention, encoders, heads and Hugging Face weight I/O."""
+"""The ALBEF model library: configuration, attention, encoders, heads, objectives and Hugging Face weight I/O.
 
-from .albef import ALBEF, ALBEFOutput
+It imports nothing of the training application; cross-rank gathers come from `pretrain.distributed`.
+"""
+
+from .albef import ALBEF, ALBEFOutput, ImageStreams
 from .attention import attention, packed_cross_attention, packed_self_attention
 from .config import ATTENTION_BACKENDS, ModelConfig, ModelConfigError, model_preset
 from .hf_io import (
@@ -13,6 +16,7 @@ from .hf_io import (
     pretrained_state_dict,
     vit_state_dict_to_ours,
 )
+from .objectives import ITCResult, itc_loss, itm_loss, mlm_loss, sample_itm_negatives
 from .padding import KeyPadding
 
 __all__ = [
@@ -20,18 +24,24 @@ __all__ = [
     "ALBEFOutput",
     "ATTENTION_BACKENDS",
     "HFWeightsError",
+    "ITCResult",
+    "ImageStreams",
     "KeyPadding",
     "ModelConfig",
     "ModelConfigError",
     "attention",
-    "packed_cross_attention",
-    "packed_self_attention",
     "bert_state_dict_to_ours",
     "export_hf",
+    "itc_loss",
+    "itm_loss",
     "load_pretrained",
+    "mlm_loss",
     "model_preset",
     "ours_to_bert_state_dict",
     "ours_to_vit_state_dict",
+    "packed_cross_attention",
+    "packed_self_attention",
     "pretrained_state_dict",
+    "sample_itm_negatives",
     "vit_state_dict_to_ours",
 ]

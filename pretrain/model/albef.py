@@ -2,7 +2,7 @@
 
 One forward runs every module the same number of times on every rank (ZeRO-3 requires it): the ViT
 once, the text encoder once on clean + masked text together, the fusion encoder twice (the image's
-own streams [positive, hard-negative text, masked text], then the hard-negative images).
+own streams, then each caption with a hard-negative image).
 """
 
 from __future__ import annotations
@@ -13,20 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.losses import (
-    contrastive_similarities,
-    gather_no_grad,
-    gather_with_grad,
-    itc_loss,
-    itm_loss,
-    mlm_loss,
-    sample_itm_negatives,
-)
+from pretrain.distributed import gather_no_grad, gather_with_grad
 
 from .attention import check_backend
 from .bert import FusionEncoder, TextEncoder, stack_streams
 from .config import ModelConfig
 from .heads import MLMHead
+from .objectives import at_least_fp32, itc_loss, itm_loss, mlm_loss, sample_itm_negatives
 from .padding import KeyPadding
 from .vit import VisionTransformer
 
@@ -42,6 +35,34 @@ class ALBEFOutput(NamedTuple):
     temperature: Tensor
     itc_positive_sim: Tensor  # mean cosine similarity of matching pairs
     itc_negative_sim: Tensor  # mean cosine similarity of the other pairs in the global batch
+
+
+class ImageStreams(NamedTuple):
+    """The text streams the first fusion pass runs against each image, in this order."""
+
+    positive: Tensor  # the image's own caption
+    negative_text: Tensor  # a hard-negative caption (another image's)
+    masked_text: Tensor  # the image's own caption with MLM masking
+
+
+class _ClampBackInside(torch.autograd.Function):
+    """clamp(x, low, high) whose gradient survives outside the bounds when it points back inside them.
+
+    A plain clamp has zero gradient outside [low, high], so a parameter that crossed a bound could never
+    return; this one only blocks the gradient that would push it further out (descent moves against it).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, low: float, high: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.low, ctx.high = low, high
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        outward = ((x < ctx.low) & (grad > 0)) | ((x > ctx.high) & (grad < 0))
+        return grad.masked_fill(outward, 0.0), None, None
 
 
 class ALBEF(nn.Module):
@@ -80,14 +101,17 @@ class ALBEF(nn.Module):
             nn.init.constant_(self.temp, self.config.temperature_init)
 
     def encode_image(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        """Image token states [B, N, D_v] and the L2-normalised ITC feature [B, E]."""
+        """Image token states [B, N, D_v] and the L2-normalised fp32 ITC feature [B, E]."""
         image_embeds = self.image_encoder(pixel_values)
-        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        return image_embeds, F.normalize(at_least_fp32(self.vision_proj(image_embeds[:, 0])), dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Text token states [B, L, D_t] and the L2-normalised ITC feature [B, E]."""
+        """Text token states [B, L, D_t] and the L2-normalised fp32 ITC feature [B, E]."""
         text_embeds = self.text_encoder(input_ids, KeyPadding(attention_mask.bool()))
-        return text_embeds, F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+        return text_embeds, self.text_feature(text_embeds)
+
+    def text_feature(self, text_embeds: Tensor) -> Tensor:
+        return F.normalize(at_least_fp32(self.text_proj(text_embeds[:, 0])), dim=-1)
 
     def itm_logits(self, image_embeds: Tensor, text_embeds: Tensor, attention_mask: Tensor) -> Tensor:
         """ITM logits [T, 2] (index 1 = match) for images [M, N, D_v] and texts [T, L, D_t], T a multiple
@@ -96,9 +120,9 @@ class ALBEF(nn.Module):
         return self.itm_head(fused[:, 0])
 
     def temperature(self) -> Tensor:
-        # Clamped functionally: under mixed-precision engines the optimizer owns the master weights,
-        # so clamping the module's copy in place would not stick.
-        return self.temp.clamp(self.config.temperature_min, self.config.temperature_max)
+        # Clamped functionally (under mixed-precision engines the optimizer owns the master weights, so an
+        # in-place clamp of the module's copy would not stick), with a gradient that can bring it back.
+        return _ClampBackInside.apply(self.temp, self.config.temperature_min, self.config.temperature_max)
 
     def forward(self, batch: dict) -> ALBEFOutput:
         mask = batch["attention_mask"]
@@ -107,46 +131,29 @@ class ALBEF(nn.Module):
             torch.cat([batch["input_ids"], batch["mlm_input_ids"]]), KeyPadding(torch.cat([mask, mask]).bool())
         )
         text_embeds, masked_text_embeds = both.chunk(2)
-        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
-
         temperature = self.temperature()
-        sim_i2t, sim_t2i, positives = contrastive_similarities(image_feat, text_feat, batch["image_ids"], temperature)
-        loss_itc = itc_loss(sim_i2t, sim_t2i, positives)
+        itc = itc_loss(image_feat, self.text_feature(text_embeds), batch["image_ids"], temperature)
 
+        negative_texts, negative_images = sample_itm_negatives(itc)
         # Fusion pass 1: each image with its caption, a hard-negative caption and its masked caption.
-        negative_texts, negative_images = sample_itm_negatives(sim_i2t, sim_t2i, positives)
-        negative_text_embeds = gather_with_grad(text_embeds)[negative_texts]
-        negative_mask = gather_no_grad(mask)[negative_texts]
-        streams = stack_streams(text_embeds, negative_text_embeds, masked_text_embeds)
-        stream_padding = KeyPadding(stack_streams(mask, negative_mask, mask).bool())
-        fused = self.fusion_encoder(streams, stream_padding, image_embeds).unflatten(0, (len(mask), 3))
+        streams = ImageStreams(text_embeds, gather_with_grad(text_embeds)[negative_texts], masked_text_embeds)
+        padding = ImageStreams(mask, gather_no_grad(mask)[negative_texts], mask)
+        fused = self.fusion_encoder(stack_streams(*streams), KeyPadding(stack_streams(*padding).bool()), image_embeds)
+        fused = ImageStreams(*fused.unflatten(0, (len(mask), len(streams))).unbind(1))
         # Fusion pass 2: each caption with a hard-negative image.
         negative_image_embeds = gather_with_grad(image_embeds)[negative_images]
-        fused_negative_images = self.fusion_encoder(text_embeds, KeyPadding(mask.bool()), negative_image_embeds)
+        fused_negative_image = self.fusion_encoder(text_embeds, KeyPadding(mask.bool()), negative_image_embeds)
 
-        itm_cls = torch.cat([fused[:, 0, 0], fused[:, 1, 0], fused_negative_images[:, 0]])
-        itm_labels = torch.zeros(len(itm_cls), dtype=torch.long, device=itm_cls.device)
-        itm_labels[: len(mask)] = 1
-        itm_logits = self.itm_head(itm_cls)
-        loss_itm = itm_loss(itm_logits, itm_labels)
-
-        mlm_labels = batch["mlm_labels"]
-        masked = mlm_labels != -100
-        loss_mlm = mlm_loss(self.mlm_head(fused[:, 2][masked]), mlm_labels[masked])
-
+        loss_itm, itm_accuracy = itm_loss(self.itm_head, fused.positive, fused.negative_text, fused_negative_image)
+        loss_mlm = mlm_loss(self.mlm_head, fused.masked_text, batch["mlm_labels"])
         c = self.config
-        with torch.no_grad():
-            cosine = sim_i2t.float() * temperature.float()
-            positive_sim = (cosine * positives).sum() / positives.sum()
-            negative_sim = (cosine * ~positives).sum() / (~positives).sum().clamp(min=1)
-            itm_accuracy = (itm_logits.argmax(dim=1) == itm_labels).float().mean()
         return ALBEFOutput(
-            loss=c.weight_itc * loss_itc + c.weight_itm * loss_itm + c.weight_mlm * loss_mlm,
-            loss_itc=loss_itc,
+            loss=c.weight_itc * itc.loss + c.weight_itm * loss_itm + c.weight_mlm * loss_mlm,
+            loss_itc=itc.loss,
             loss_itm=loss_itm,
             loss_mlm=loss_mlm,
             itm_accuracy=itm_accuracy,
             temperature=temperature.detach().squeeze(),
-            itc_positive_sim=positive_sim,
-            itc_negative_sim=negative_sim,
+            itc_positive_sim=itc.positive_sim,
+            itc_negative_sim=itc.negative_sim,
         )

@@ -36,8 +36,10 @@ class BertEmbeddings(nn.Module):
         """Padded ids [B, L] -> embeddings of the real tokens [T, D]."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         ids, positions = padding.unpad(input_ids), padding.unpad(positions)
-        # Every token has segment 0, as in ALBEF.
-        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        # Every token has segment 0, as in ALBEF. The module is called (not its weight read) so that ZeRO-3
+        # fetches the table through its forward hooks.
+        segment = self.token_type_embeddings(ids.new_zeros(1))
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) + segment
         return self.dropout(self.norm(x))
 
 

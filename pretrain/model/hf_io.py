@@ -12,9 +12,12 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pretrain.distributed import rank
 
 from .config import ModelConfig
 
@@ -236,11 +239,15 @@ def pretrained_state_dict(config: ModelConfig, vit: str | None = None, bert: str
 
 
 def load_pretrained(model: torch.nn.Module, vit: str | None = None, bert: str | None = None) -> None:
-    """Copy Hugging Face weights into a plain (non-partitioned) ALBEF."""
+    """Copy Hugging Face weights into an ALBEF, plain or partitioned by ZeRO-3: one parameter gathered at
+    a time, rank 0 writes it, and the gather re-partitions it to every rank."""
+    if not (vit or bert):
+        return
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in pretrained_state_dict(model.config, vit, bert).items():
-            params[name].copy_(tensor)
+    for name, value in pretrained_state_dict(model.config, vit=vit, bert=bert).items():
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0), torch.no_grad():
+            if rank() == 0:
+                params[name].copy_(value.to(params[name].dtype))
 
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""Fault injection for tests/test_faults.py.
+"""Fault injection for tests/train/test_faults.py.
 
 Python imports `sitecustomize` at start-up from PYTHONPATH, so a job launched with this directory on its
 PYTHONPATH runs its real launcher, engine, loader and checkpoint code with one fault planted in its
@@ -28,7 +28,7 @@ if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRA
 
     import torch
 
-    import pretrain.train as train_module
+    import pretrain.train.loop as train_module
 
     RANK = int(os.environ["RANK"])
     KIND, _, WHERE = os.environ.get("VLPRETRAIN_FAULT", "none@-1:0").partition("@")

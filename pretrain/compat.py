@@ -1,0 +1,66 @@
+"""The private torch and DeepSpeed internals this project relies on, in one place.
+
+Each is an assumption about a version's internals, checked here against the versions it was written
+and tested for (`tests/train/test_compat.py` fails when an upgrade breaks one):
+- torch keeps every process group in `distributed_c10d._world.pg_map` and can change a group's timeout
+  after creation with `distributed_c10d._set_pg_timeout` (DeepSpeed makes groups of its own that we
+  cannot pass a timeout to);
+- DeepSpeed's CPU all-reduce names its per-rank shared-memory buffer
+  `deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>` in /dev/shm and never unlinks it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+TESTED = {"torch": ("2.3", "2.13"), "deepspeed": ("0.15", "0.19")}
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def untested_versions(versions: dict[str, str]) -> list[str]:
+    """The packages whose version lies outside the range these internals were checked on."""
+    return [f"{name} {version} (checked: {TESTED[name][0]}-{TESTED[name][1]})" for name, version in versions.items()
+            if not _major_minor(TESTED[name][0]) <= _major_minor(version) <= _major_minor(TESTED[name][1])]
+
+
+def warn_if_untested() -> None:
+    import deepspeed
+    import torch
+
+    untested = untested_versions({"torch": torch.__version__, "deepspeed": deepspeed.__version__})
+    if untested:
+        warnings.warn(f"pretrain.compat relies on private internals checked on other versions than {untested}; "
+                      "run tests/train/test_compat.py", stacklevel=2)
+
+
+def process_groups() -> list:
+    """Every process group this process belongs to, DeepSpeed's own included."""
+    return [group for group in c10d._world.pg_map if not c10d._rank_not_in_group(group)]
+
+
+def set_group_timeout(group, timeout: timedelta) -> None:
+    c10d._set_pg_timeout(timeout, group)
+
+
+def deepspeed_shm_buffer(rank: int) -> Path:
+    """The /dev/shm name of `rank`'s DeepSpeed CPU all-reduce buffer in this job."""
+    parts = ("deepspeed_allreduce_buffer", os.getuid(), os.environ.get("MASTER_ADDR", ""),
+             os.environ.get("MASTER_PORT", ""), rank)
+    return Path("/dev/shm", "_".join(map(str, parts)))
+
+
+def release_deepspeed_shm_buffers() -> None:
+    """Unlink this rank's buffer name once every rank has mapped every buffer (the barrier: init has
+    returned everywhere); the mappings last as long as the processes and end with them, kill -9 included."""
+    dist.barrier()
+    deepspeed_shm_buffer(dist.get_rank()).unlink(missing_ok=True)

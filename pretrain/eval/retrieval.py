@@ -1,0 +1,152 @@
+"""Zero-shot image-text retrieval: ITC ranking, optional ITM re-ranking of the top k, recall@k.
+
+Works on one process or across ranks: each rank encodes its slice of the images and texts, features are
+all-gathered, and the ITM re-ranking rows are split across ranks. Every rank runs the same number of
+forward passes (ZeRO-3 gathers parameters collectively and would hang otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain.batch import to_device
+from pretrain.distributed import gather_no_grad
+from pretrain.train.reliability.files import replace_text
+
+RECALL_KS = (1, 5, 10)
+# Re-ranked pairs are placed above every ITC-only pair: cosine similarities lie in [-1, 1].
+RERANK_OFFSET = 2.0
+
+
+def _ranks_of_best_positive(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's best-scored positive; ties with negatives count against it."""
+    best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
+    return ((scores >= best) & ~positive).sum(dim=1)
+
+
+def recall_at_k(scores_i2t: torch.Tensor, image_ids: torch.Tensor, text_image_ids: torch.Tensor,
+                ks: tuple[int, ...] = RECALL_KS) -> dict:
+    """Image-to-text and text-to-image recall@k (fractions) from an [images, texts] score matrix.
+
+    An image-to-text hit is any caption of the image within the top k; a text's single positive is its image.
+    """
+    positive = image_ids[:, None] == text_image_ids[None, :]
+    i2t_rank = _ranks_of_best_positive(scores_i2t, positive)
+    t2i_rank = _ranks_of_best_positive(scores_i2t.T, positive.T)
+    return {
+        "i2t": {f"r{k}": (i2t_rank < k).float().mean().item() for k in ks},
+        "t2i": {f"r{k}": (t2i_rank < k).float().mean().item() for k in ks},
+    }
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def encode_eval_set(model, data, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Image and text embeddings/features for the whole eval set, in global order, on every rank."""
+    rank, world = _distributed()
+    images = {"embeds": [], "feats": [], "ids": []}
+    for batch in data.image_batches(batch_size, rank=rank, world_size=world):
+        batch = to_device(batch, device, dtype)
+        embeds, feats = model.encode_image(batch["pixel_values"])
+        images["embeds"].append(embeds)
+        images["feats"].append(feats.float())
+        images["ids"].append(batch["image_ids"])
+    texts = {"embeds": [], "feats": [], "ids": [], "mask": []}
+    for batch in data.text_batches(batch_size, rank=rank, world_size=world):
+        batch = to_device(batch, device, dtype)
+        embeds, feats = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        texts["embeds"].append(embeds)
+        texts["feats"].append(feats.float())
+        texts["ids"].append(batch["image_ids"])
+        texts["mask"].append(batch["attention_mask"])
+    out = {}
+    for name, parts in (("image", images), ("text", texts)):
+        ids = gather_no_grad(torch.cat(parts["ids"]))
+        keep = ids >= 0  # padding rows carry image id -1
+        for key, chunks in parts.items():
+            out[f"{name}_{key}"] = gather_no_grad(torch.cat(chunks))[keep]
+    return out
+
+
+@torch.no_grad()
+def _itm_rerank(model, query_embeds, cand_embeds, text_mask, sim, k: int, batch_size: int,
+                image_queries: bool) -> torch.Tensor:
+    """Top-k candidates of every query row re-scored by the ITM head; query rows are split across ranks."""
+    rank, world = _distributed()
+    rows, k = sim.shape[0], min(k, sim.shape[1])
+    topk = sim.topk(k, dim=1).indices
+    rows_per_call = max(1, batch_size // k)
+    per_rank = math.ceil(math.ceil(rows / world) / rows_per_call) * rows_per_call
+    # Past the last row, repeat it: every rank must run the same number of forward passes.
+    local_rows = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=sim.device).clamp(max=rows - 1)
+    local_scores = []
+    for chunk in local_rows.split(rows_per_call):
+        cand = topk[chunk].reshape(-1)
+        query = query_embeds[chunk].repeat_interleave(k, dim=0)
+        if image_queries:
+            logits = model.itm_logits(query, cand_embeds[cand], text_mask[cand])
+        else:
+            logits = model.itm_logits(cand_embeds[cand], query, text_mask[chunk].repeat_interleave(k, dim=0))
+        local_scores.append(logits.float().softmax(dim=-1)[:, 1].view(len(chunk), k))
+    scores = gather_no_grad(torch.cat(local_scores))[:rows]
+    reranked = sim.clone()
+    reranked.scatter_(1, topk, scores + RERANK_OFFSET)
+    return reranked
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, data, batch_size: int, itm_rerank_k: int, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> tuple[dict, torch.Tensor]:
+    """Returns (metrics in the eval.json layout, ITC similarity of the first 32 images vs their first captions)."""
+    was_training = model.training
+    model.eval()
+    enc = encode_eval_set(model, data, batch_size, device, dtype)
+    sim = enc["image_feats"] @ enc["text_feats"].T
+    i2t, t2i = sim, sim.T
+    if itm_rerank_k > 0:
+        i2t = _itm_rerank(model, enc["image_embeds"], enc["text_embeds"], enc["text_mask"], sim, itm_rerank_k,
+                          batch_size, image_queries=True)
+        t2i = _itm_rerank(model, enc["text_embeds"], enc["image_embeds"], enc["text_mask"], sim.T, itm_rerank_k,
+                          batch_size, image_queries=False)
+    model.train(was_training)
+    image_ids, text_image_ids = enc["image_ids"].cpu(), enc["text_ids"].cpu()
+    metrics = {
+        "i2t": recall_at_k(i2t.cpu(), image_ids, text_image_ids)["i2t"],
+        "t2i": recall_at_k(t2i.T.cpu(), image_ids, text_image_ids)["t2i"],
+        "num_images": int(image_ids.numel()),
+        "num_texts": int(text_image_ids.numel()),
+        "itm_rerank_k": itm_rerank_k,
+    }
+    return metrics, _first_caption_block(sim.cpu(), image_ids, text_image_ids)
+
+
+def _first_caption_block(sim: torch.Tensor, image_ids: torch.Tensor, text_image_ids: torch.Tensor,
+                         n: int = 32) -> torch.Tensor:
+    """[n, n] block: image i against the first caption of image j; a good model lights the diagonal."""
+    first_caption = (image_ids[:n, None] == text_image_ids[None, :]).float().argmax(dim=1)
+    return sim[:n][:, first_caption]
+
+
+def save_eval_json(path: Path, metrics: dict) -> None:
+    """Written beside and renamed into place, so an eval.json that exists is always complete."""
+    replace_text(path, json.dumps(metrics, indent=2))
+
+
+def format_table(metrics: dict) -> str:
+    ks = [f"R@{k}" for k in RECALL_KS]
+    lines = [f"retrieval on {metrics['num_images']} images / {metrics['num_texts']} texts"
+             f" (ITM re-rank k={metrics['itm_rerank_k']})",
+             f"{'':14}" + "".join(f"{k:>8}" for k in ks)]
+    for name, label in (("i2t", "image->text"), ("t2i", "text->image")):
+        lines.append(f"{label:14}" + "".join(f"{metrics[name][f'r{k}']:>8.3f}" for k in RECALL_KS))
+    return "\n".join(lines)

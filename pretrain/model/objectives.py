@@ -1,0 +1,90 @@
+"""ALBEF's three objectives, each one function that owns its whole computation.
+
+Under torch.distributed, ITC scores each rank's rows against the global batch (features gathered with
+gradient; memory O(B_local x B_global)), so averaging the ranks' gradients equals one process on the
+whole batch. The gathers live in `pretrain.distributed`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.distributed import gather_no_grad, gather_with_grad
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Half-precision values in fp32 for the loss arithmetic; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class ITCResult(NamedTuple):
+    loss: Tensor
+    sim_i2t: Tensor  # [B_local, B_global] fp32, divided by the temperature
+    sim_t2i: Tensor
+    positives: Tensor  # [B_local, B_global] True where both sides show the same image
+    positive_sim: Tensor  # mean cosine similarity of matching pairs (no gradient)
+    negative_sim: Tensor  # mean cosine similarity of the other pairs in the global batch
+
+
+def itc_loss(image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, temperature: Tensor) -> ITCResult:
+    """Image-text contrastive loss: symmetric InfoNCE over the global batch, the target mass spread evenly
+    over every caption of the same image. Similarities are computed in fp32 whatever the model's dtype:
+    a bf16 logit of magnitude ~14 would be rounded to steps of 0.0625."""
+    with torch.autocast(image_feat.device.type, enabled=False):
+        image_feat, text_feat, temperature = map(at_least_fp32, (image_feat, text_feat, temperature))
+        sim_i2t = image_feat @ gather_with_grad(text_feat).T / temperature
+        sim_t2i = text_feat @ gather_with_grad(image_feat).T / temperature
+    positives = image_ids[:, None] == gather_no_grad(image_ids)[None, :]
+    targets = positives.to(sim_i2t.dtype) / positives.sum(dim=1, keepdim=True)
+    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(dim=1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets).sum(dim=1).mean()
+    with torch.no_grad():
+        cosine = sim_i2t * temperature
+        positive_sim = (cosine * positives).sum() / positives.sum()
+        negative_sim = (cosine * ~positives).sum() / (~positives).sum().clamp(min=1)
+    return ITCResult((loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i, positives, positive_sim, negative_sim)
+
+
+@torch.no_grad()
+def sample_itm_negatives(itc: ITCResult) -> tuple[Tensor, Tensor]:
+    """Hard negatives for ITM: for each local image a global text index, for each local text a global image
+    index, drawn in proportion to softmax similarity over every pair with a different image id.
+
+    One multinomial call for both directions, no host sync. A row whose global batch shows only its own
+    image has no negative to offer: it draws uniformly from the whole batch. Non-finite similarities (a NaN
+    batch on any rank) count as 0, so sampling still works; the step's loss is non-finite and DeepSpeed
+    skips it.
+    """
+    positives = torch.cat([itc.positives, itc.positives])
+    no_negative = positives.all(dim=1, keepdim=True)
+    similarities = torch.cat([itc.sim_i2t, itc.sim_t2i]).nan_to_num(0.0).masked_fill(no_negative, 0.0)
+    weights = similarities.masked_fill(positives & ~no_negative, float("-inf")).softmax(dim=1)
+    negative_texts, negative_images = torch.multinomial(weights, 1).squeeze(1).chunk(2)
+    return negative_texts, negative_images
+
+
+def itm_loss(itm_head: nn.Module, positive: Tensor, negative_text: Tensor, negative_image: Tensor
+             ) -> tuple[Tensor, Tensor]:
+    """Image-text matching: 2-way cross-entropy (index 1 = match) on the fused [CLS] of the matched pairs
+    and of the two kinds of hard negative (each image with another caption, each caption with another
+    image), each [B, L, D]. Returns the loss and the accuracy (no gradient)."""
+    cls = torch.cat([positive[:, 0], negative_text[:, 0], negative_image[:, 0]])
+    labels = torch.zeros(len(cls), dtype=torch.long, device=cls.device)
+    labels[: len(positive)] = 1
+    logits = at_least_fp32(itm_head(cls))
+    accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+    return F.cross_entropy(logits, labels), accuracy
+
+
+def mlm_loss(mlm_head: nn.Module, masked_text: Tensor, mlm_labels: Tensor) -> Tensor:
+    """Masked language modelling: the head on the fused states [B, L, D] of the masked positions only
+    (labels other than -100), cross-entropy against the original tokens; 0 when nothing is masked.
+    The mean is over this rank's masked tokens."""
+    masked = mlm_labels != -100
+    logits = at_least_fp32(mlm_head(masked_text[masked]))
+    total = F.cross_entropy(logits, mlm_labels[masked], reduction="sum")
+    return total / masked.sum().clamp(min=1)

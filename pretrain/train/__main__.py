@@ -1,0 +1,5 @@
+import sys
+
+from pretrain.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""A finished run's weights out of its ZeRO checkpoint: the export directory, and loading it back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import load_model, save_model
+
+from pretrain.model import ALBEF, ModelConfig, export_hf
+from pretrain.train.checkpoint import latest_tag
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+
+
+def save_export(model: ALBEF, tokenizer, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out_dir / WEIGHTS_FILE))  # safetensors: no pickle, tied weights handled
+    (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2))
+    export_hf(model, out_dir)
+    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+
+
+def export_run(ckpt_dir: Path, config: ModelConfig, tokenizer, out_dir: Path) -> ALBEF:
+    """Consolidate the newest ZeRO checkpoint to fp32 and write safetensors + HF encoders + tokenizer.
+
+    Written into `<out_dir>.tmp` and renamed at the end: an export directory that exists is complete.
+    """
+    model = model_from_zero_checkpoint(ckpt_dir, config)
+    partial = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_export(model, tokenizer, partial)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+    return model
+
+
+def model_from_zero_checkpoint(ckpt_dir: Path, config: ModelConfig) -> ALBEF:
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}: train first or point at a run's checkpoints/")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    model = ALBEF(config)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_exported(export_dir: Path) -> ALBEF:
+    config = ModelConfig(**json.loads((export_dir / CONFIG_FILE).read_text()))
+    model = ALBEF(config)
+    load_model(model, str(export_dir / WEIGHTS_FILE))
+    return model

@@ -1,0 +1,228 @@
+"""The training loop: steps, logging, checkpoints, evaluation and export, with the fault handling around
+them. Every rank runs it; rank 0 alone writes logs and the export."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from data_pipeline import load_eval_data, make_train_loader
+from pretrain.batch import to_device
+from pretrain.eval.retrieval import evaluate_retrieval, format_table, save_eval_json
+from pretrain.train.checkpoint import (
+    load_checkpoint,
+    newest_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pretrain.train.ds_config import zero_stage
+from pretrain.train.engine import build_engine, share_cpu_cores, start_distributed
+from pretrain.train.export import export_run
+from pretrain.train.flops import train_flops_per_sample
+from pretrain.train.metrics import (
+    ThroughputWindow,
+    TrainLog,
+    console_line,
+    mean_over_ranks,
+    skipped_over_ranks,
+    step_scalars,
+)
+from pretrain.train.preflight import Setup
+from pretrain.train.reliability.faults import NonFiniteSteps, is_collective_failure, lost_contact
+from pretrain.train.reliability.preemption import StopSignals
+from pretrain.train.reliability.watchdog import Watchdog
+
+STEP_OUTPUTS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy", "itc_positive_sim", "itc_negative_sim")
+
+
+def batches_forever(loader):
+    """Epoch after epoch; the loader keeps its own epoch and position, so a resume continues mid-epoch."""
+    while True:
+        yield from loader
+        loader.set_epoch(loader.epoch + 1)
+
+
+def train_step(engine, micro_batches: list[dict], watchdog: Watchdog) -> dict[str, torch.Tensor]:
+    """One optimizer step: forward + backward per micro-batch; DeepSpeed updates after the last one
+    (or skips the update when the gradient norm is not finite: see NonFiniteSteps).
+
+    Returns the step's means as detached device tensors, read (synchronising) on log steps only.
+    """
+    totals: dict[str, torch.Tensor] = {}
+    for batch in micro_batches:
+        watchdog.enter("forward")
+        out = engine(batch)
+        watchdog.enter("backward")
+        engine.backward(out.loss)
+        watchdog.enter("optimizer step")
+        engine.step()
+        for name in STEP_OUTPUTS:
+            totals[name] = totals.get(name, 0) + getattr(out, name).detach().float() / len(micro_batches)
+    totals["temperature"] = out.temperature.float()
+    return totals
+
+
+def run_evaluation(engine, eval_data, setup: Setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:
+    recipe = setup.recipe
+    metrics, block = evaluate_retrieval(engine.module, eval_data, recipe.eval.batch_size, recipe.eval.itm_rerank_k,
+                                        engine.device, dtype)
+    if dist.get_rank() == 0:
+        save_eval_json(recipe.run_path / "eval.json", metrics)
+        log.retrieval(step, metrics, block)
+        tqdm.write(f"[step {step}] " + format_table(metrics))
+    return metrics
+
+
+def build_data(setup: Setup, rank: int, world: int):
+    recipe, image_size = setup.recipe, setup.model_config.image_size
+    loader = make_train_loader(
+        recipe.data.train, setup.tokenizer, batch_size=recipe.schedule.micro_batch_size, rank=rank,
+        world_size=world, num_workers=recipe.data.num_workers, seed=recipe.seed, image_size=image_size,
+        max_len=recipe.data.max_len, mode=recipe.data.mode, mlm_probability=recipe.data.mlm_probability,
+        crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip, max_bad_fraction=recipe.data.max_bad_fraction)
+    eval_data = None
+    if recipe.data.val:
+        eval_data = load_eval_data(recipe.data.val, setup.tokenizer, image_size=image_size,
+                                   max_len=recipe.data.max_len)
+    return loader, eval_data
+
+
+def write_run_files(setup: Setup) -> None:
+    run_path = setup.recipe.run_path
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "recipe.yaml").write_text(yaml.safe_dump(asdict(setup.recipe), sort_keys=False))
+    (run_path / "model_config.json").write_text(json.dumps(asdict(setup.model_config), indent=2))
+
+
+def train(setup: Setup, resume: str) -> dict:
+    recipe = setup.recipe
+    stop_signals = StopSignals()
+    stop_signals.install()  # from the start: a signal during start-up stops the job after its first step
+    share_cpu_cores()
+    start_distributed(recipe.dist)
+    rank, ckpt_dir = dist.get_rank(), recipe.run_path / "checkpoints"
+    with Watchdog(rank, recipe.dist.watchdog_minutes * 60, recipe.run_path / "watchdog") as watchdog:
+        try:
+            return run(setup, resume, stop_signals, watchdog)
+        except RuntimeError as err:
+            if not is_collective_failure(err):
+                raise
+            raise lost_contact(err, rank, watchdog.where(), newest_checkpoint(ckpt_dir)) from None
+
+
+def restore(engine, loader, ckpt_dir: Path) -> int:
+    """Weights, optimizer, schedule, this rank's data position and RNG from the newest complete checkpoint;
+    the step to continue from (0 without one)."""
+    state = load_checkpoint(engine, ckpt_dir)
+    if not state:
+        return 0
+    loader.load_state_dict(state["rank_state"]["loader"])
+    set_rng_state(state["rank_state"]["rng"])
+    return state["step"]
+
+
+def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog) -> dict:
+    recipe, schedule = setup.recipe, setup.recipe.schedule
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_path, ckpt_dir = recipe.run_path, recipe.run_path / "checkpoints"
+    if rank == 0:
+        write_run_files(setup)
+    engine = build_engine(setup)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    loader, eval_data = build_data(setup, rank, world)
+    step = start_step = restore(engine, loader, ckpt_dir) if resume == "auto" else 0
+
+    log = TrainLog(run_path, enabled=rank == 0, resume_step=start_step)
+    log.text("config/recipe", "```\n" + yaml.safe_dump(asdict(recipe), sort_keys=False) + "\n```", step)
+    if rank == 0:
+        print(f"[vlpretrain] world_size={world} zero_stage={zero_stage(setup.ds_config)} "
+              f"bf16={'on' if engine.bfloat16_enabled() else 'off'} dtype={dtype} "
+              f"attention={setup.model_config.attention} resume_step={step} run={run_path}", flush=True)
+    flops_per_sample = partial(train_flops_per_sample, setup.model_config,
+                               mlm_probability=recipe.data.mlm_probability)
+    window = ThroughputWindow(flops_per_sample, schedule.micro_batch_size * schedule.grad_accum * world, world,
+                              recipe.logging.peak_tflops)
+    nonfinite = NonFiniteSteps(recipe.optim.max_nonfinite_steps, partial(newest_checkpoint, ckpt_dir), rank == 0)
+    stream = batches_forever(loader)
+    progress = tqdm(total=schedule.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+
+    def checkpoint() -> None:
+        watchdog.enter("checkpoint")
+        save_checkpoint(engine, ckpt_dir, step, {"loader": loader.state_dict(), "rng": rng_state()},
+                        keep=recipe.checkpoint.keep)
+
+    stop_signal = None
+    last_step = min(schedule.max_steps, schedule.exit_at_step or schedule.max_steps)
+    while step < last_step and not stop_signal:
+        watchdog.enter("data", step + 1)
+        fetch_start = time.perf_counter()
+        micro_batches = [to_device(next(stream), engine.device, dtype) for _ in range(schedule.grad_accum)]
+        window.add_step(data_wait=time.perf_counter() - fetch_start,
+                        tokens=sum(b["attention_mask"].sum() for b in micro_batches))
+        lr = engine.get_lr()[0]  # the rate this step applies; the scheduler advances inside engine.step()
+        values = train_step(engine, micro_batches, watchdog)
+        step += 1
+        progress.update(1)
+        watchdog.enter("logging")
+        if step % recipe.logging.every == 0 or step == schedule.max_steps:
+            log_step(engine, loader, log, window, values, lr, step, progress)
+        nonfinite.update(engine.was_step_applied(), step)
+        stop_signal = stop_signals.agreed(engine.device)  # then the checkpoint after the loop is the last one
+        if stop_signal:
+            break
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < last_step:
+            checkpoint()
+        if eval_data and recipe.eval.every and step % recipe.eval.every == 0 and step < schedule.max_steps:
+            watchdog.enter("evaluation")
+            run_evaluation(engine, eval_data, setup, step, log, dtype)
+    progress.close()
+
+    if step > start_step:  # a resumed, already finished run must not rewrite its only checkpoint
+        checkpoint()
+    if step < schedule.max_steps:
+        if rank == 0:
+            reason = f"on {stop_signal}" if stop_signal else "as asked (schedule.exit_at_step)"
+            print(f"[vlpretrain] exiting at step {step} {reason} with a checkpoint; continue with --resume auto",
+                  flush=True)
+        log.close()
+        return {}
+    watchdog.enter("evaluation")
+    metrics = run_evaluation(engine, eval_data, setup, step, log, dtype) if eval_data else {}
+    watchdog.enter("export")
+    finish(setup, step, log)
+    return metrics
+
+
+def log_step(engine, loader, log: TrainLog, window: ThroughputWindow, values: dict, lr: float, step: int,
+             progress: tqdm) -> None:
+    """Rank means of the step's figures and the window's speed to TensorBoard, metrics.jsonl and the console."""
+    values = mean_over_ranks({**values, "tokens": window.tokens}, engine.device)
+    scalars = {**step_scalars(values, lr, engine.get_global_grad_norm()), **window.scalars(values["tokens"]),
+               "train/skipped_steps": engine.skipped_steps, **skipped_over_ranks(loader)}
+    log.scalars(step, scalars)
+    if not progress.disable:  # rank 0
+        progress.write(console_line(step, progress.total, scalars))
+    window.reset()
+
+
+def finish(setup: Setup, step: int, log: TrainLog) -> None:
+    """Export the finished run (rank 0, from the final checkpoint) and say where everything is."""
+    recipe = setup.recipe
+    dist.barrier()
+    if dist.get_rank() == 0:
+        export_run(recipe.run_path / "checkpoints", setup.model_config, setup.tokenizer, recipe.run_path / "export")
+        print(f"[vlpretrain] done at step {step}; exported to {recipe.run_path / 'export'}\n"
+              f"[vlpretrain] view the logs with: tensorboard --logdir {recipe.logging.run_dir}", flush=True)
+    log.close()
+    dist.barrier()
+
+

@@ -1,0 +1,93 @@
+"""Everything a user can get wrong, checked before any process group exists.
+
+Recipe, tokenizer, model config, shards and DeepSpeed config are resolved here, in every rank's process
+and once more by `launch/pretrain.sh` before it starts the ranks, so a mistake is one `error:` line
+instead of a traceback from inside a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline import check_shards, load_tokenizer
+from pretrain.model import ModelConfig, model_preset
+from pretrain.train.checkpoint import CheckpointError, check_resumable
+from pretrain.train.ds_config import build_ds_config
+from pretrain.train.recipe import ModelSection, Recipe, RecipeError, load_recipe
+from pretrain.train.reliability.files import probe_writable
+
+
+@dataclass
+class Setup:
+    recipe: Recipe
+    tokenizer: object
+    model_config: ModelConfig
+    ds_config: dict
+    world_size: int
+
+
+def build_model_config(section: ModelSection, tokenizer) -> ModelConfig:
+    overrides = {"vocab_size": len(tokenizer), **section.overrides}
+    try:
+        config = model_preset(section.preset, **overrides)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"model: {err}") from err
+    if config.vocab_size != len(tokenizer):
+        raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the model vocabulary has "
+                          f"{config.vocab_size}: use the tokenizer the model was trained with, or drop "
+                          "model.overrides.vocab_size")
+    return config
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    resume = args.resume
+    recipe = load_recipe(args.recipe, args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    model_config = build_model_config(recipe.model, tokenizer)
+    check_shards(recipe.data.train, world_size=world_size, num_workers=recipe.data.num_workers,
+                 mode=recipe.data.mode)
+    if recipe.data.val:
+        check_shards(recipe.data.val, world_size=1, num_workers=1)
+    check_fault_limits(recipe)
+    ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
+    check_writable(recipe.run_path)
+    ckpt_dir = recipe.run_path / "checkpoints"
+    if resume == "none" and (ckpt_dir / "latest").is_file():
+        raise RecipeError(f"run {recipe.run_path} already has checkpoints: pass --resume auto to continue it, or "
+                          "--name to start a new run")
+    if resume == "auto":
+        try:
+            check_resumable(ckpt_dir, world_size)
+        except CheckpointError as err:
+            raise RecipeError(str(err)) from None
+    return Setup(recipe, tokenizer, model_config, ds_config, world_size)
+
+
+def check_fault_limits(recipe: Recipe) -> None:
+    limits = {
+        "checkpoint.keep": (recipe.checkpoint.keep, recipe.checkpoint.keep >= 1, "keep at least 1 checkpoint"),
+        "data.max_bad_fraction": (recipe.data.max_bad_fraction, 0 <= recipe.data.max_bad_fraction <= 1,
+                                  "use a fraction between 0 and 1"),
+        "optim.max_nonfinite_steps": (recipe.optim.max_nonfinite_steps, recipe.optim.max_nonfinite_steps >= 0,
+                                      "use 0 (never stop) or more"),
+        "dist.timeout_minutes": (recipe.dist.timeout_minutes, recipe.dist.timeout_minutes > 0,
+                                 "a hung collective must end: use minutes > 0"),
+        "dist.watchdog_minutes": (recipe.dist.watchdog_minutes, recipe.dist.watchdog_minutes >= 0,
+                                  "use 0 (off) or more"),
+    }  # fmt: skip
+    for name, (value, valid, fix) in limits.items():
+        if not valid:
+            raise RecipeError(f"{name} is {value}: {fix}")
+
+
+def check_writable(run_path: Path) -> None:
+    """The run directory takes files: found now, not at the first checkpoint hours in."""
+    try:
+        probe_writable(run_path)
+    except OSError as err:
+        raise RecipeError(f"the run directory {run_path} is not writable ({err.strerror}): fix its permissions "
+                          "or choose another --logging.run_dir") from None

@@ -1,0 +1,313 @@
+"""The training loader: spec checks, batch contract, exactly-once epochs, exact resume, safety, bad data."""
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import psutil
+import pytest
+import torch
+from tests.helpers.data import CreatesFile, image_bytes, write_tar
+
+from data_pipeline import DataError, check_shards, make_train_loader
+from data_pipeline.epoch_plan import epoch_quotas, round_robin_position
+from data_pipeline.samples import image_id_of
+
+BATCH_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "image_ids", "keys"}
+
+
+def loader(spec, tokenizer, **overrides):
+    options = dict(batch_size=5, rank=0, world_size=1, num_workers=0, seed=0, image_size=32, max_len=24)
+    return make_train_loader(spec, tokenizer, **{**options, **overrides})
+
+
+def train_keys(shard_dir) -> list[str]:
+    import webdataset as wds
+
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    urls = [str(shard_dir / s["name"]) for s in manifest["shards"]]
+    return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+
+
+def test_check_shards_resolves_specs(synthetic_shards):
+    train = synthetic_shards["train"]
+    assert check_shards(str(train), world_size=2, num_workers=2).num_samples == 40
+    pattern = str(train / "train-{000000..000002}.tar")
+    assert [s.num_samples for s in check_shards(pattern, world_size=1, num_workers=1).shards] == [10, 10, 10]
+    assert (
+        len(check_shards([str(train / "train-000000.tar"), str(train / "*.tar")], world_size=1, num_workers=0).shards)
+        == 5
+    )
+    weighted = check_shards(f"{train}::0.7,{pattern}::0.3", world_size=4, num_workers=4, mode="resampled")
+    assert [(len(s.shards), s.weight) for s in weighted.sources] == [(4, 0.7), (3, 0.3)]
+
+
+@pytest.mark.parametrize(
+    ("make_spec", "options", "message"),
+    [
+        (lambda d: str(d / "train-000009.tar"), {}, "missing"),
+        (lambda d: str(d / "nothing-*.tar"), {}, "matches no file"),
+        (lambda d: str(d.parent), {}, "no manifest.json"),
+        (lambda d: str(d), {"world_size": 2, "num_workers": 3}, "4 shards cannot feed 2 ranks x 3 workers"),
+        (lambda d: f"{d}::0.5", {}, "weights only apply"),
+        (lambda d: str(d), {"mode": "sequential"}, "not one of"),
+    ],
+)
+def test_check_shards_rejects_bad_specs_with_one_line(synthetic_shards, make_spec, options, message):
+    arguments = {"world_size": 1, "num_workers": 1, **options}
+    with pytest.raises(DataError, match=message) as error:
+        check_shards(make_spec(synthetic_shards["train"]), **arguments)
+    assert "\n" not in str(error.value)
+
+
+def test_batches_follow_the_contract(synthetic_shards, tokenizer):
+    train = loader(str(synthetic_shards["train"]), tokenizer, mlm_probability=0.5)
+    batches = list(train)
+    assert len(batches) == len(train) == 8
+    batch = batches[0]
+    assert set(batch) == BATCH_KEYS
+    assert batch["pixel_values"].shape == (5, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert -2.5 < batch["pixel_values"].min() < batch["pixel_values"].max() < 2.5
+    for name in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
+        assert batch[name].shape == (5, 24) and batch[name].dtype == torch.long
+    assert (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+    assert torch.equal(batch["attention_mask"], (batch["input_ids"] != tokenizer.pad_token_id).long())
+    masked = batch["mlm_labels"] != -100
+    assert masked.any() and torch.equal(batch["mlm_labels"][masked], batch["input_ids"][masked])
+    assert (batch["mlm_input_ids"][masked] == tokenizer.mask_token_id).any()
+    assert batch["image_ids"].tolist() == [image_id_of(k) for k in batch["keys"]]
+    decoded = tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert decoded == decoded.lower() and "." not in decoded
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(synthetic_shards, tokenizer):
+    spec = str(synthetic_shards["train"])
+    epochs = []
+    for epoch in (0, 1):
+        keys_per_rank = []
+        for rank in (0, 1):
+            rank_loader = loader(spec, tokenizer, rank=rank, world_size=2, num_workers=2)
+            rank_loader.set_epoch(epoch)
+            batches = list(rank_loader)
+            assert len(batches) == len(rank_loader) == 4
+            keys_per_rank.append([k for b in batches for k in b["keys"]])
+        everything = keys_per_rank[0] + keys_per_rank[1]
+        assert sorted(everything) == sorted(train_keys(synthetic_shards["train"]))
+        epochs.append(keys_per_rank[0])
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
+
+
+def test_equal_batches_per_rank_with_uneven_shards(synthetic_shards, tokenizer):
+    """3 shards of 10 + 1 of 10 over 3 ranks: one rank holds twice the data, all yield the same count."""
+    spec = str(synthetic_shards["train"])
+    lengths = []
+    for rank in range(3):
+        rank_loader = loader(spec, tokenizer, rank=rank, world_size=3, num_workers=1, batch_size=4)
+        lengths.append(sum(1 for _ in rank_loader))
+        assert rank_loader.stats()["skipped"] == {}
+    assert lengths == [40 // (3 * 4)] * 3
+
+
+def test_quota_and_round_robin_arithmetic():
+    assert epoch_quotas([[20, 10], [10, 0]], batch_size=5, batches_per_rank=3) == [[2, 1], [3, 0]]
+    assert epoch_quotas([[7, 7, 7]], batch_size=2, batches_per_rank=10) == [[4, 3, 3]]
+    assert epoch_quotas([[0, 0]], batch_size=2, batches_per_rank=3) == [[2, 1]]
+    assert round_robin_position([2, 1, 3], consumed=4) == ([2, 1, 1], 1)  # worker 1 is done: skipped
+    assert round_robin_position([2, 1, 3], consumed=0) == ([0, 0, 0], 0)
+
+
+def batches_equal(a, b) -> bool:
+    return a["keys"] == b["keys"] and all(torch.equal(a[k], b[k]) for k in BATCH_KEYS - {"keys"})
+
+
+def take(train_loader, count: int) -> list[dict]:
+    """`count` batches, across epochs as a training loop would run them; stops mid-epoch if need be."""
+    batches = []
+    while len(batches) < count:
+        for batch in train_loader:
+            batches.append(batch)
+            if len(batches) == count:
+                break
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("shards", "world_size", "consumed"),
+    [
+        ("*.tar", 2, 3),
+        ("*.tar", 2, 6),
+        ("*.tar", 2, 8),
+        ("train-00000[0-2].tar", 1, 4),
+        ("train-00000[0-2].tar", 1, 13),
+    ],
+)
+def test_resume_gives_the_batches_an_uninterrupted_loader_gives(
+    synthetic_shards, tokenizer, shards, world_size, consumed
+):
+    """Both layouts: even workers, and uneven ones (20 vs 10 samples: quotas 7 and 3, one sample repeated)."""
+    options = dict(rank=world_size - 1, world_size=world_size, num_workers=2, batch_size=3, seed=7)
+    spec = str(synthetic_shards["train"] / shards)
+    reference = loader(spec, tokenizer, **options)
+    per_epoch = len(reference)
+    uninterrupted = take(reference, 2 * per_epoch + 2)
+    interrupted = loader(spec, tokenizer, **options)
+    take(interrupted, consumed)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    assert (state["epoch"], state["batches_consumed"]) == divmod(consumed, per_epoch)
+    resumed = loader(spec, tokenizer, **options)
+    resumed.load_state_dict(state)
+    assert len(list(resumed)) == per_epoch - consumed % per_epoch  # the rest of the interrupted epoch, no more
+    resumed.load_state_dict(state)
+    rest = take(resumed, len(uninterrupted) - consumed)
+    assert all(batches_equal(a, b) for a, b in zip(uninterrupted[consumed:], rest, strict=True))
+
+
+def test_resume_rejects_a_different_layout(synthetic_shards, tokenizer):
+    state = loader(str(synthetic_shards["train"]), tokenizer, num_workers=2).state_dict()
+    with pytest.raises(DataError, match="num_workers"):
+        loader(str(synthetic_shards["train"]), tokenizer, num_workers=1).load_state_dict(state)
+
+
+def wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_workers_survive_the_schedulers_signals_but_not_their_rank(synthetic_shards, tokenizer):
+    """On preemption SLURM signals every process of the job; the rank checkpoints and needs its workers until
+    it exits. The rank itself must still be able to end them (multiprocessing does at interpreter exit)."""
+    train = loader(str(synthetic_shards["train"]), tokenizer, num_workers=1)
+    before = {child.pid for child in psutil.Process().children()}
+    batches = iter(train)
+    received = [next(batches)]
+    (worker,) = [child for child in psutil.Process().children() if child.pid not in before]
+    for number in (signal.SIGTERM, signal.SIGUSR1):  # from another process, as the scheduler sends them
+        subprocess.run([sys.executable, "-c", f"import os; os.kill({worker.pid}, {int(number)})"], check=True)
+    time.sleep(0.5)
+    for batch in batches:
+        assert worker.status() != psutil.STATUS_ZOMBIE  # still alive while the epoch runs
+        received.append(batch)
+    assert len(received) == len(train)
+
+    batches = iter(train)
+    next(batches)
+    (worker,) = [child for child in psutil.Process().children() if child.pid not in before]
+    os.kill(worker.pid, signal.SIGTERM)  # from its rank: it ends (not reaped here: torch joins it)
+    assert wait_until(lambda: worker.status() == psutil.STATUS_ZOMBIE)
+    batches.close()
+
+
+def good_member_set(key: str, caption: str | None = "a red square") -> dict[str, bytes]:
+    members = {f"{key}.jpg": image_bytes()}
+    if caption is not None:
+        members[f"{key}.json"] = json.dumps({"captions": [caption]}).encode()
+    return members
+
+
+def test_pickle_members_are_never_loaded(tmp_path, tokenizer):
+    target = tmp_path / "pwned"
+    proof = tmp_path / "proof"
+    pickle.loads(pickle.dumps(CreatesFile(proof))).close()
+    assert proof.exists()  # the payload works when unpickled...
+    members = {}
+    for i in range(6):
+        members |= good_member_set(f"s{i}")
+        for ext in ("pyd", "pkl", "pth", "pickle"):
+            members[f"s{i}.{ext}"] = pickle.dumps(CreatesFile(target))
+    write_tar(tmp_path / "evil.tar", members)
+    batches = list(loader(str(tmp_path / "evil.tar"), tokenizer, batch_size=3, num_workers=1))
+    assert len(batches) == 2
+    assert not target.exists()  # ...and the loader never unpickled it
+
+
+def test_corrupt_samples_are_skipped_counted_and_batches_stay_exact(tmp_path, tokenizer):
+    members = {}
+    for i in range(8):
+        members |= good_member_set(f"g{i}")
+    members |= {"trunc.jpg": image_bytes(300, 300)[:300], "trunc.json": json.dumps({"captions": ["x"]}).encode()}
+    members |= {"garbage.jpg": b"garbage", "garbage.txt": b"a caption"}
+    members |= {"nocap.jpg": image_bytes(), "nocap.txt": b"  ...  "}
+    members |= {"noimage.txt": b"a caption"}
+    members |= {"big.png": image_bytes(200, 200, fmt="PNG"), "big.txt": b"big"}
+    members |= {"latin1.jpg": image_bytes(), "latin1.txt": "café crème".encode("latin-1")}  # never "caf\ufffd"
+    members |= {"badjson.jpg": image_bytes(), "badjson.json": b"{oops", "badjson.txt": b"a blue circle"}
+    members |= {"onlyjson.jpg": image_bytes(), "onlyjson.json": b"\xff{not json"}  # no txt to fall back on
+    write_tar(tmp_path / "mixed.tar", members)
+    mixed = loader(str(tmp_path / "mixed.tar"), tokenizer, batch_size=3, num_workers=1, max_pixels=20_000)
+    batches = list(mixed)
+    assert len(batches) == len(mixed) == 16 // 3
+    assert mixed.skip_counts() == {
+        "undecodable_image": 2, "no_caption": 1, "missing_image": 1, "too_many_pixels": 1, "bad_text_encoding": 1,
+        "bad_json": 1,  # only the sample without a txt; "badjson" trains on its txt caption, uncounted
+    }  # fmt: skip
+    keys = Counter(k for b in batches for k in b["keys"])
+    assert set(keys) == {f"g{i}" for i in range(8)} | {"badjson"} and sum(keys.values()) == 15  # 6 repeated
+    assert mixed.stats()["padded"] == 6
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        list(loader(str(tmp_path / "mixed.tar"), tokenizer, batch_size=3, max_pixels=20_000, max_bad_fraction=0.2))
+
+
+def test_a_stream_without_captions_is_an_error_not_a_hang(tmp_path, tokenizer):
+    write_tar(tmp_path / "a.tar", {f"k{i}.jpg": image_bytes() for i in range(6)})
+    write_tar(tmp_path / "b.tar", {f"j{i}.jpg": image_bytes() for i in range(6)})
+    spec = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    with pytest.raises(DataError, match="no valid sample") as error:
+        list(loader(spec, tokenizer, batch_size=2, num_workers=2))
+    assert "\n" not in str(error.value) and "no_caption=6" in str(error.value)
+    with pytest.raises(DataError, match="in a row unusable"):
+        next(iter(loader(spec, tokenizer, batch_size=2, num_workers=1, mode="resampled")))
+
+
+def test_resampled_mode_is_endless_and_follows_source_weights(tmp_path, tokenizer):
+    for name in ("a", "b"):
+        for shard in range(2):
+            members = {}
+            for i in range(10):
+                members |= good_member_set(f"{name}{shard}_{i}")
+            write_tar(tmp_path / f"{name}{shard}.tar", members)
+    spec = f"{tmp_path}/a{{0..1}}.tar::0.8,{tmp_path}/b{{0..1}}.tar::0.2"
+    stream = loader(spec, tokenizer, mode="resampled", batch_size=10, num_workers=2, shuffle_buffer=10)
+    assert len(stream) == 4  # the nominal epoch
+    keys = []
+    for index, batch in enumerate(stream):
+        keys += batch["keys"]
+        if index == 39:  # ten nominal epochs
+            break
+    share_a = sum(k.startswith("a") for k in keys) / len(keys)
+    assert 0.75 < share_a < 0.85
+
+
+def test_image_pixels_follow_the_crop_and_flip_options():
+    import random
+
+    from PIL import Image
+
+    from data_pipeline.transforms import eval_image, random_crop_box, train_image
+
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, right, bottom = random_crop_box(100, 60, rng, scale=(0.5, 1.0))
+        assert 0 <= left < right <= 100 and 0 <= top < bottom <= 60
+        assert 0.45 * 6000 <= (right - left) * (bottom - top) <= 6000
+    half = Image.new("RGB", (64, 64), (255, 0, 0))
+    half.paste((0, 0, 255), (32, 0, 64, 64))  # red left half, blue right half
+    buffer = io.BytesIO()
+    half.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    for seed in range(10):  # flip off (the default): red stays on the left
+        pixels = train_image(data, random.Random(seed), size=16, scale=(0.9, 1.0)).float()
+        assert pixels[0, :, 0].mean() > pixels[2, :, 0].mean()
+    flipped = [
+        train_image(data, random.Random(s), size=16, scale=(0.9, 1.0), hflip=True)[0, 0, 0] < 128 for s in range(40)
+    ]
+    assert 5 < sum(flipped) < 35
+    centered = eval_image(image_bytes(80, 40, color=(0, 255, 0), fmt="PNG"), size=20)
+    assert centered.shape == (3, 20, 20) and centered[1].min() == 255

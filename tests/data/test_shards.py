@@ -1,0 +1,184 @@
+"""The shard writer: sample format, manifest, resizing, idempotent reruns, resume, bad input."""
+
+import hashlib
+import importlib
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import webdataset as wds
+from tests.helpers.data import image_bytes, write_coco
+from PIL import Image
+
+from data_pipeline.make_shards import main as make_shards
+
+
+def run_shards(root, out, *extra):
+    make_shards(["--root", str(root), "--out", str(out), "--splits", "train", "--workers", "1", "--quiet", *extra])
+    return json.loads((out / "train" / "manifest.json").read_text())
+
+
+def test_shards_match_manifest_and_carry_the_sample_format(synthetic_shards, synthetic_coco):
+    manifest = json.loads((synthetic_shards["train"] / "manifest.json").read_text())
+    assert manifest["num_samples"] == 40 and manifest["num_shards"] == 4 and manifest["skipped"] == {}
+    annotations = json.loads((synthetic_coco / "annotations/captions_train2017.json").read_text())
+    captions = {}
+    for a in annotations["annotations"]:
+        captions.setdefault(a["image_id"], []).append(a["caption"])
+    seen = []
+    for entry in manifest["shards"]:
+        path = synthetic_shards["train"] / entry["name"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+        assert path.stat().st_size == entry["bytes"]
+        samples = list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
+        assert len(samples) == entry["num_samples"] == 10
+        for sample in samples:
+            assert "." not in sample["__key__"]
+            assert set(sample) >= {"jpg", "txt", "json"}
+            meta = json.loads(sample["json"])
+            assert meta["captions"] == captions[meta["image_id"]]
+            assert sample["txt"].decode() == meta["captions"][0]
+            assert meta["sha256"] == hashlib.sha256(sample["jpg"]).hexdigest()
+            assert Image.open(io.BytesIO(sample["jpg"])).size == (meta["width"], meta["height"]) == (96, 96)
+            original = (synthetic_coco / "train2017" / f"{meta['image_id']:012d}.jpg").read_bytes()
+            assert sample["jpg"] == original  # small JPEGs keep their bytes
+            seen.append(meta["image_id"])
+    assert sorted(seen) == sorted(captions)
+    assert seen != sorted(seen)  # globally shuffled before sharding
+
+
+def test_large_images_are_resized_and_non_jpeg_reencoded(tmp_path):
+    images = [
+        {"id": 1, "file_name": "wide.png", "data": image_bytes(600, 300, fmt="PNG")},
+        {"id": 2, "file_name": "small.png", "data": image_bytes(50, 40, fmt="PNG")},
+    ]
+    write_coco(tmp_path / "coco", "train", images, [(1, "wide"), (2, "small")])
+    run_shards(tmp_path / "coco", tmp_path / "out", "--max-size", "64")
+    samples = {
+        json.loads(s["json"])["image_id"]: s
+        for s in wds.WebDataset(str(tmp_path / "out/train/train-000000.tar"), shardshuffle=False)
+    }
+    wide = Image.open(io.BytesIO(samples[1]["jpg"]))
+    assert (wide.format, wide.size) == ("JPEG", (128, 64))
+    assert json.loads(samples[1]["json"])["original_size"] == [600, 300]
+    assert Image.open(io.BytesIO(samples[2]["jpg"])).format == "JPEG"
+
+
+def shard_state(directory):
+    """Every file's (mtime, sha256), the manifest's by content only (it is rewritten, identically)."""
+    return {
+        p.name: (0 if p.name == "manifest.json" else p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in directory.iterdir()
+    }
+
+
+def test_rerun_is_idempotent_and_a_partial_run_resumes(synthetic_coco, tmp_path):
+    out = tmp_path / "out"
+    first = run_shards(synthetic_coco, out, "--shard-samples", "7", "--name", "synthetic")
+    before = shard_state(out / "train")
+    assert run_shards(synthetic_coco, out, "--shard-samples", "7", "--name", "synthetic") == first
+    assert shard_state(out / "train") == before  # nothing rewritten, not even touched
+
+    # an interrupted run: two shards recorded in the progress file, a half-written third, no manifest
+    (out / "train/manifest.json").unlink()
+    progress = {"options": first["options"], "shards": first["shards"][:2]}
+    (out / "train/.progress.json").write_text(json.dumps(progress))
+    for entry in first["shards"][2:]:
+        (out / "train" / entry["name"]).unlink()
+    (out / "train" / (first["shards"][2]["name"] + ".tmp")).write_bytes(b"partial")
+    assert run_shards(synthetic_coco, out, "--shard-samples", "7", "--name", "synthetic") == first
+    after = shard_state(out / "train")
+    assert set(after) == set(before)  # no .tmp or progress file left behind
+    for name, (mtime, sha) in after.items():
+        assert sha == before[name][1]
+        kept = name in {e["name"] for e in first["shards"][:2]} or name == "manifest.json"
+        assert (mtime == before[name][0]) == kept, name
+
+    # different options: everything is redone, stale shards removed
+    changed = run_shards(synthetic_coco, out, "--shard-samples", "20", "--name", "synthetic")
+    assert changed["num_shards"] == 2 and sorted(p.name for p in (out / "train").glob("*.tar")) == [
+        "train-000000.tar",
+        "train-000001.tar",
+    ]
+
+
+def test_changed_inputs_are_resharded_not_reused(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.jpg", "data": image_bytes()} for i in range(3)]
+    write_coco(tmp_path / "coco", "train", images, [(i, f"caption {i}") for i in range(3)])
+    first = run_shards(tmp_path / "coco", tmp_path / "out")
+    write_coco(tmp_path / "coco", "train", images, [(i, f"new caption {i}") for i in range(3)])
+    second = run_shards(tmp_path / "coco", tmp_path / "out")
+    assert first["shards"][0]["sha256"] != second["shards"][0]["sha256"]
+    sample = next(iter(wds.WebDataset(str(tmp_path / "out/train/train-000000.tar"), shardshuffle=False)))
+    assert sample["txt"].decode().startswith("new caption")
+
+
+def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path):
+    good = image_bytes()
+    images = [
+        {"id": 1, "file_name": "ok1.jpg", "data": good},
+        {"id": 2, "file_name": "ok2.jpg", "data": image_bytes(color=(0, 255, 0))},
+        {"id": 3, "file_name": "missing.jpg", "data": None},
+        {"id": 4, "file_name": "truncated.jpg", "data": image_bytes(300, 300)[:400]},
+        {"id": 5, "file_name": "garbage.jpg", "data": b"not an image at all"},
+        {"id": 6, "file_name": "bomb.png", "data": image_bytes(200, 200, fmt="PNG")},
+        {"id": 7, "file_name": "nocaption.jpg", "data": good},
+        {"id": 1, "file_name": "duplicate.jpg", "data": good},
+    ]
+    captions = [(1, "one"), (2, "two"), (2, "   "), (2, "bad \udc80 text"), (3, "x"), (4, "x"), (5, "x"), (6, "x")]
+    write_coco(tmp_path / "coco", "train", images, captions)
+    manifest = run_shards(tmp_path / "coco", tmp_path / "out", "--max-pixels", "10000")
+    assert manifest["num_samples"] == 2
+    assert manifest["skipped"] == {
+        "duplicate_id": 1,
+        "empty_caption": 1,
+        "missing_image": 1,
+        "no_caption": 1,
+        "non_utf8_caption": 1,
+        "too_many_pixels": 1,
+        "undecodable_image": 2,
+    }
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    """Run the CLI entry point in-process; returns (exit status, stderr)."""
+    try:
+        make_shards([*args, "--workers", "1", "--quiet"])
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    return status, capsys.readouterr().err
+
+
+def test_cli_fails_with_one_line_when_nothing_is_valid_or_too_much_is_bad(tmp_path, capsys):
+    write_coco(tmp_path / "empty", "train", [{"id": 1, "file_name": "a.jpg", "data": None}], [(1, "x")])
+    status, err = cli(capsys, "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o1"), "--splits", "train")
+    assert status == 1
+    assert err.strip().count("\n") == 0 and "no valid sample" in err and "missing_image=1" in err
+
+    images = [{"id": i, "file_name": f"{i}.jpg", "data": image_bytes() if i < 3 else None} for i in range(4)]
+    write_coco(tmp_path / "half", "train", images, [(i, "x") for i in range(4)])
+    args = ["--root", str(tmp_path / "half"), "--out", str(tmp_path / "o2"), "--splits", "train"]
+    assert cli(capsys, *args, "--max-bad-fraction", "0.5")[0] == 0
+    status, err = cli(capsys, *args, "--max-bad-fraction", "0.2")
+    assert status == 1 and "max-bad-fraction" in err and err.strip().count("\n") == 0
+
+    status, err = cli(capsys, "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3"))
+    assert status == 1 and err.startswith("error:") and "annotations" in err
+
+
+def test_cli_help_runs_as_a_module():
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.make_shards", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "--shard-samples" in result.stdout
+
+
+@pytest.mark.parametrize("module", ["train_tokenizer", "synthetic"])
+def test_other_cli_help(module, capsys):
+    main = importlib.import_module(f"data_pipeline.{module}").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "--out" in capsys.readouterr().out

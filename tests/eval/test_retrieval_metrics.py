@@ -1,0 +1,47 @@
+"""Retrieval metric code on toy similarity matrices whose answers are worked out by hand."""
+
+import pytest
+import torch
+
+from pretrain.eval.retrieval import _first_caption_block, recall_at_k
+
+
+def test_perfect_scores_give_full_recall():
+    image_ids = torch.tensor([10, 11, 12])
+    text_image_ids = torch.tensor([10, 10, 11, 11, 12, 12])  # two captions per image
+    scores = (image_ids[:, None] == text_image_ids[None, :]).float()
+    metrics = recall_at_k(scores, image_ids, text_image_ids)
+    assert metrics["i2t"] == {"r1": 1.0, "r5": 1.0, "r10": 1.0}
+    assert metrics["t2i"] == {"r1": 1.0, "r5": 1.0, "r10": 1.0}
+
+
+def test_hand_computed_ranks():
+    # 3 images (ids 0,1,2), 4 texts with owners 0,0,1,2.
+    image_ids = torch.tensor([0, 1, 2])
+    text_image_ids = torch.tensor([0, 0, 1, 2])
+    scores = torch.tensor([
+        [0.1, 0.5, 0.9, 0.0],  # image 0: best own caption (0.5) ranks 2nd behind text 2 -> miss at R@1
+        [0.2, 0.1, 0.8, 0.3],  # image 1: its caption (0.8) ranks 1st
+        [0.9, 0.8, 0.7, 0.1],  # image 2: its caption ranks 4th (last)
+    ])
+    metrics = recall_at_k(scores, image_ids, text_image_ids, ks=(1, 2, 3))
+    assert metrics["i2t"] == pytest.approx({"r1": 1 / 3, "r2": 2 / 3, "r3": 2 / 3})
+    # text columns: t0 -> images scored [0.1,0.2,0.9]: own image 0 ranks 3rd; t1 [0.5,0.1,0.8]: 2nd;
+    # t2 [0.9,0.8,0.7]: own image 1 ranks 2nd; t3 [0.0,0.3,0.1]: own image 2 ranks 2nd.
+    assert metrics["t2i"] == {"r1": 0.0, "r2": 0.75, "r3": 1.0}
+
+
+def test_ties_count_against_the_positive():
+    image_ids = torch.tensor([0, 1])
+    text_image_ids = torch.tensor([0, 1])
+    scores = torch.zeros(2, 2)  # a constant model must not score R@1 = 1
+    metrics = recall_at_k(scores, image_ids, text_image_ids, ks=(1, 2))
+    assert metrics["i2t"]["r1"] == 0.0 and metrics["i2t"]["r2"] == 1.0
+    assert metrics["t2i"]["r1"] == 0.0
+
+
+def test_first_caption_block_picks_each_images_first_caption():
+    image_ids = torch.tensor([5, 6])
+    text_image_ids = torch.tensor([5, 5, 6, 6])
+    sim = torch.arange(8.0).reshape(2, 4)
+    assert _first_caption_block(sim, image_ids, text_image_ids).tolist() == [[0.0, 2.0], [4.0, 6.0]]

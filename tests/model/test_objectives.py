@@ -1,0 +1,194 @@
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pretrain.model.objectives import ITCResult, itc_loss, itm_loss, mlm_loss, sample_itm_negatives
+
+
+def _itc_on(sim: torch.Tensor, image_ids: torch.Tensor) -> ITCResult:
+    """ITC whose similarity matrix is exactly `sim` (temperature 1): identity image features, text rows sim.T."""
+    return itc_loss(torch.eye(len(sim), dtype=sim.dtype), sim.T.contiguous(), image_ids, torch.ones(1, dtype=sim.dtype))
+
+
+def _negatives(sim: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return sample_itm_negatives(_itc_on(sim, image_ids))
+
+
+def test_itc_with_duplicate_image_ids_matches_hand_computation():
+    # Images 0 and 1 are the same picture (id 7); text 0 and 1 are both its captions.
+    sim = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
+    lse = [math.log(math.exp(2) + math.exp(1) + 1), math.log(math.exp(2) + math.exp(1) + 1), math.log(2 + math.exp(3))]
+    row0 = -(0.5 * (2 - lse[0]) + 0.5 * (1 - lse[0]))
+    row1 = -(0.5 * (1 - lse[1]) + 0.5 * (2 - lse[1]))
+    row2 = -(3 - lse[2])
+    expected = (row0 + row1 + row2) / 3  # sim is symmetric, so both directions agree
+    assert _itc_on(sim, torch.tensor([7, 7, 8])).loss.item() == pytest.approx(expected, rel=1e-6)
+    # with one-hot targets the second caption would be a negative: the loss differs
+    assert _itc_on(sim, torch.tensor([7, 8, 9])).loss.item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_itc_similarities_positives_and_statistics_from_image_ids():
+    g = torch.Generator().manual_seed(0)
+    feat = F.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=-1).float()
+    itc = itc_loss(feat, feat, torch.tensor([3, 3, 5, 6]), torch.tensor([0.5]))
+    cosine = feat.double() @ feat.double().T
+    torch.testing.assert_close(itc.sim_i2t.double(), cosine / 0.5, rtol=0, atol=1e-6)
+    assert itc.positives.sum().item() == 6 and itc.positives[0, 1] and not itc.positives[0, 2]
+    positives = itc.positives
+    assert itc.positive_sim.item() == pytest.approx(cosine[positives].mean().item(), abs=1e-6)
+    assert itc.negative_sim.item() == pytest.approx(cosine[~positives].mean().item(), abs=1e-6)
+
+
+def test_itc_similarities_of_bf16_features_are_not_rounded_to_bf16():
+    # A bf16 logit of magnitude ~14 moves in steps of 0.0625: the similarity matmul must run in fp32.
+    g = torch.Generator().manual_seed(0)
+    feat = F.normalize(torch.randn(16, 32, generator=g), dim=-1).bfloat16()
+    itc = itc_loss(feat, feat, torch.arange(16), torch.tensor([0.07], dtype=torch.bfloat16))
+    assert itc.sim_i2t.dtype == torch.float32
+    exact = (feat.double() @ feat.double().T) / torch.tensor([0.07], dtype=torch.bfloat16).double()
+    assert (itc.sim_i2t.double() - exact).abs().max().item() < 1e-4  # bf16 logits are off by up to ~3e-2
+
+
+def test_itm_sampling_never_picks_a_same_image_negative():
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    positives = ids[:, None] == ids[None, :]
+    sim = torch.randn(8, 8) + 20 * positives  # positives dominate the softmax: the mask must act
+    picks_text, picks_image = zip(*(_negatives(sim, ids) for _ in range(500)))
+    picks_text, picks_image = torch.stack(picks_text), torch.stack(picks_image)
+    assert (ids[picks_text] != ids[None, :]).all() and (ids[picks_image] != ids[None, :]).all()
+    # every valid negative of row 0 gets drawn sometimes
+    assert set(picks_text[:, 0].tolist()) == {2, 3, 4, 5, 6, 7}
+
+
+def test_itm_sampling_survives_non_finite_similarities():
+    # a NaN batch on one rank reaches every rank's similarities through the ITC gather; sampling must not
+    # crash (the step's loss is NaN and DeepSpeed skips the update)
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2])
+    sim = torch.full((4, 4), float("nan"))
+    sim[3, 0] = float("inf")
+    neg_text, neg_image = _negatives(sim, ids)
+    assert (ids[neg_text] != ids).all() and (ids[neg_image] != ids).all()
+
+
+def test_itm_sampling_follows_the_dominant_similarity():
+    torch.manual_seed(0)
+    sim = torch.zeros(6, 6)
+    sim[:, 4] = 8.0  # text 4 looks like every image
+    sim[4, 2] = 8.0  # image 4's hardest negative is text 2
+    neg_text = torch.stack([_negatives(sim, torch.arange(6))[0] for _ in range(300)])
+    others = torch.tensor([0, 1, 2, 3, 5])
+    assert (neg_text[:, others] == 4).float().mean() > 0.95
+    assert (neg_text[:, 4] == 2).float().mean() > 0.95
+
+
+def test_itm_sampling_with_a_single_image_draws_uniformly():
+    # Every caption shows the same image: no negative exists, and the similarities must not steer the draw
+    # (by similarity, text 0 would win 300 of 300 draws).
+    torch.manual_seed(0)
+    sim = torch.zeros(3, 3)
+    sim[:, 0] = 10.0
+    draws = torch.stack([torch.cat(_negatives(sim, torch.zeros(3, dtype=torch.long))) for _ in range(600)])
+    counts = torch.bincount(draws.flatten(), minlength=3).double()
+    expected = draws.numel() / 3
+    chi_square = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi_square < 13.8  # the 0.999 quantile of chi-square with 2 degrees of freedom
+
+
+def test_itm_loss_and_accuracy_on_known_logits():
+    head = torch.nn.Identity()  # the fused [CLS] states are the logits themselves
+    positive = torch.tensor([[[0.0, 2.0]], [[1.0, 0.0]]])  # right, wrong
+    negative_text = torch.tensor([[[3.0, 0.0]], [[3.0, 0.0]]])  # right, right
+    negative_image = torch.tensor([[[0.0, 1.0]], [[2.0, 0.0]]])  # wrong, right
+    loss, accuracy = itm_loss(head, positive, negative_text, negative_image)
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [3.0, 0.0], [3.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    labels = torch.tensor([1, 1, 0, 0, 0, 0])
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.double(), labels).item(), rel=1e-6)
+    assert accuracy.item() == pytest.approx(4 / 6)
+
+
+def test_mlm_loss_ignores_unmasked_positions():
+    torch.manual_seed(0)
+    states = torch.randn(2, 5, 11)
+    labels = torch.full((2, 5), -100)
+    labels[0, 1], labels[1, 3] = 4, 7
+    head = torch.nn.Identity()
+    loss = mlm_loss(head, states, labels)
+    changed = states.clone()
+    changed[0, 0] += 100
+    changed[1, 4] -= 50
+    assert mlm_loss(head, changed, labels).item() == pytest.approx(loss.item())
+    expected = (F.cross_entropy(states[0, 1], torch.tensor(4)) + F.cross_entropy(states[1, 3], torch.tensor(7))) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_mlm_loss_perfect_logits_and_no_masked_tokens():
+    labels = torch.tensor([[-100, 3, -100, 9]])
+    perfect = torch.full((1, 4, 12), -30.0)
+    perfect[0, 1, 3] = perfect[0, 3, 9] = 30.0
+    assert mlm_loss(torch.nn.Identity(), perfect, labels).item() < 1e-6
+    empty = mlm_loss(torch.nn.Identity(), torch.randn(1, 4, 12, requires_grad=True), torch.full((1, 4), -100))
+    assert empty.item() == 0.0
+
+
+# ---- ITC across 2 ranks over gloo equals 1 process on the whole batch --------------------------------
+
+
+def _itc_case(image_ids: torch.Tensor, rank: int, world: int):
+    """A tiny projection + temperature on fixed inputs; returns the local loss and its gradients."""
+    torch.manual_seed(0)
+    images, texts = torch.randn(8, 6), torch.randn(8, 6)
+    image_proj, text_proj = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    temperature = torch.nn.Parameter(torch.tensor([0.1]))
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    image_feat = F.normalize(image_proj(images[rows]), dim=-1)
+    text_feat = F.normalize(text_proj(texts[rows]), dim=-1)
+    loss = itc_loss(image_feat, text_feat, image_ids[rows], temperature).loss
+    loss.backward()
+    params = [*image_proj.parameters(), *text_proj.parameters(), temperature]
+    return loss.detach(), [p.grad for p in params]
+
+
+_IMAGE_IDS = torch.tensor([0, 1, 1, 2, 3, 3, 4, 1])  # duplicates inside and across the two halves
+
+
+def _worker(rank: int, world: int, port: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loss, grads = _itc_case(_IMAGE_IDS, rank, world)
+        # What a data-parallel engine does: average losses and gradients over ranks.
+        for t in [loss, *grads]:
+            dist.all_reduce(t)
+            t /= world
+        out[rank] = (loss, grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_itc_two_ranks_equal_one_process():
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        results = dict(out)
+    loss, grads = _itc_case(_IMAGE_IDS, 0, 1)
+    for rank in (0, 1):
+        rank_loss, rank_grads = results[rank]
+        torch.testing.assert_close(rank_loss, loss)
+        for ours, reference in zip(rank_grads, grads):
+            torch.testing.assert_close(ours, reference)
+    assert grads[-1].abs().item() > 0

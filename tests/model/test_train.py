@@ -1,0 +1,180 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain.model import ALBEF
+from pretrain.train.flops import train_flops_per_sample
+from tests.helpers.model import make_batch, tiny_config
+
+
+def _grads(model: ALBEF, batch: dict) -> dict:
+    """Loss outputs and gradients in float64: two implementations compared there differ by summation order
+    alone (~1e-15), on any CPU."""
+    model.double()
+    batch = {**batch, "pixel_values": batch["pixel_values"].double()}
+    torch.manual_seed(5)  # the same ITM negatives in both runs
+    model.zero_grad()
+    out = model(batch)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_a_few_steps_drive_all_three_losses_down():
+    torch.manual_seed(0)
+    model = ALBEF(tiny_config()).train()
+    batch = make_batch(model.config, batch_size=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    history = []
+    for _ in range(30):
+        out = model(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        history.append(out)
+    first, last = history[0], history[-1]
+    assert last.loss_itc < 0.1 * first.loss_itc
+    assert last.loss_mlm < 0.2 * first.loss_mlm
+    # below 0.64, the loss of always answering "no match" at ITM's 1 positive : 2 negatives
+    assert last.loss_itm < 0.5 < first.loss_itm
+    assert last.itc_positive_sim > last.itc_negative_sim + 0.3
+    assert 0.001 <= float(last.temperature) <= 0.5
+
+
+def test_output_fields_and_parameters_all_get_gradients():
+    model = ALBEF(tiny_config())
+    out, grads = _grads(model, make_batch(model.config))
+    assert torch.isclose(out.loss, out.loss_itc + out.loss_itm + out.loss_mlm)
+    assert out.temperature.dim() == 0 and not out.temperature.requires_grad
+    assert 0 <= out.itm_accuracy <= 1
+    assert model.temp.shape == (1,)
+    assert [n for n, g in grads.items() if g.abs().sum() == 0] == []
+    segments = grads["text_encoder.embeddings.token_type_embeddings.weight"]
+    assert segments[0].abs().sum() > 0 and segments[1:].abs().sum() == 0  # every token is segment 0, as in ALBEF
+
+
+def test_loss_weights_and_temperature_clamp():
+    batch = make_batch(tiny_config())
+    torch.manual_seed(0)
+    model = ALBEF(tiny_config(weight_itm=0.0, weight_mlm=2.0))
+    with torch.no_grad():
+        model.temp.fill_(5.0)
+        out = model(batch)
+        assert torch.isclose(out.loss, out.loss_itc + 2 * out.loss_mlm)
+        assert float(out.temperature) == pytest.approx(0.5)
+        model.temp.fill_(1e-5)
+        assert float(model(batch).temperature) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize(("raw", "bound"), [(0.8, 0.5), (1e-4, 0.001)])
+def test_a_temperature_past_a_bound_gets_only_the_gradient_that_brings_it_back(raw, bound):
+    model = ALBEF(tiny_config())
+    with torch.no_grad():
+        model.temp.fill_(raw)
+    inward = 1.0 if raw > bound else -1.0  # the sign of a gradient whose descent step moves back inside
+    for sign, expected in ((inward, inward), (-inward, 0.0)):
+        model.zero_grad()
+        (sign * model.temperature()).sum().backward()
+        assert model.temp.grad.item() == expected
+
+
+def test_a_temperature_pushed_past_a_bound_comes_back_under_an_optimizer():
+    # A plain clamp has zero gradient past the bound: the raw value would stay at 0.8 for ever.
+    model = ALBEF(tiny_config())
+    with torch.no_grad():
+        model.temp.fill_(0.8)
+    optimizer = torch.optim.SGD([model.temp], lr=0.5)
+    for _ in range(50):
+        optimizer.zero_grad()
+        ((model.temperature() - 0.3) ** 2).sum().backward()
+        optimizer.step()
+    assert model.temp.item() == pytest.approx(0.3, abs=1e-3)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    batch = make_batch(tiny_config())
+    torch.manual_seed(0)
+    plain = ALBEF(tiny_config())
+    checkpointed = ALBEF(tiny_config(grad_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    out_plain, grads_plain = _grads(plain, batch)
+    out_ckpt, grads_ckpt = _grads(checkpointed, batch)
+    torch.testing.assert_close(out_ckpt.loss, out_plain.loss, atol=1e-12, rtol=1e-12)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-12, rtol=1e-10)
+
+
+def test_sdpa_model_matches_eager_model():
+    batch = make_batch(tiny_config())
+    torch.manual_seed(0)
+    eager = ALBEF(tiny_config(attention="eager"))
+    sdpa = ALBEF(tiny_config(attention="sdpa"))
+    sdpa.load_state_dict(eager.state_dict())
+    out_eager, grads_eager = _grads(eager, batch)
+    out_sdpa, grads_sdpa = _grads(sdpa, batch)
+    torch.testing.assert_close(out_sdpa.loss, out_eager.loss, atol=1e-12, rtol=1e-12)
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads_sdpa[name], grad, atol=1e-12, rtol=1e-10)
+
+
+def test_itm_logits_groups_texts_per_image():
+    torch.manual_seed(0)
+    model = ALBEF(tiny_config()).eval().double()
+    batch = make_batch(model.config, batch_size=4)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    with torch.no_grad():
+        image_embeds, _ = model.encode_image(batch["pixel_values"][:1])
+        text_embeds, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        grouped = model.itm_logits(image_embeds, text_embeds, batch["attention_mask"])
+        repeated = model.itm_logits(image_embeds.expand(4, -1, -1), text_embeds, batch["attention_mask"])
+    assert grouped.shape == (4, 2)
+    torch.testing.assert_close(grouped, repeated, atol=1e-12, rtol=1e-12)
+
+
+def _counted_flops(model: ALBEF, batch: dict) -> dict[str, int]:
+    """FLOPs per aten op of a training step, per sample."""
+    with FlopCounterMode(display=False) as counter:
+        model(batch).loss.backward()
+    return {str(op): n / len(batch["input_ids"]) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def test_train_flops_match_the_flop_counter():
+    config = tiny_config(attention="eager")  # the counter sees eager attention's matmuls
+    batch = make_batch(config, batch_size=4, length=12)
+    batch["attention_mask"].fill_(1)  # no padding: the padded kernels then do exactly the counted work
+    masked_fraction = (batch["mlm_labels"] != -100).float().mean().item()
+    measured = sum(_counted_flops(ALBEF(config), batch).values())
+    assert measured == pytest.approx(train_flops_per_sample(config, 12, masked_fraction), rel=0.02)
+
+
+def test_padding_costs_no_projection_flops():
+    """Captions of 7 real tokens padded to 12 cost the projections / FFNs / heads of 7 tokens, exactly."""
+    config = tiny_config(attention="eager")
+    model = ALBEF(config)
+    padded = make_batch(config, batch_size=4, length=12)
+    padded["attention_mask"] = (torch.arange(12) < 7).long().expand(4, -1).clone()
+    padded["mlm_labels"][:, 7:] = -100
+    short = {k: v[:, :7] if k != "image_ids" and torch.is_tensor(v) and v.dim() == 2 else v for k, v in padded.items()}
+    torch.manual_seed(0)
+    counted_padded = _counted_flops(model, padded)
+    torch.manual_seed(0)
+    counted_short = _counted_flops(model, short)
+    linear = ("aten.mm", "aten.addmm")
+    assert sum(counted_padded[op] for op in linear) == sum(counted_short[op] for op in linear)
+    # Only the padded attention kernels (batched matmuls here) see the padding.
+    assert counted_padded["aten.bmm"] > counted_short["aten.bmm"]
+
+
+def test_init_weights_per_module_restores_every_parameter():
+    """What a ZeRO-3 trainer does: re-run `init_weights` module by module over parameters it wiped."""
+    torch.manual_seed(0)
+    model = ALBEF(tiny_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(123.0)
+    for module in model.modules():
+        model.init_weights(module)
+    assert all((p != 123.0).all() for p in model.parameters())
+    assert model.temp.item() == pytest.approx(0.07)
+    assert model.image_encoder.norm.weight.eq(1).all() and model.itm_head.bias.eq(0).all()
+    std = model.image_encoder.blocks[0].fc1.weight.std().item()
+    assert std == pytest.approx(model.config.init_std, rel=0.1)

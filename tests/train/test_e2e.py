@@ -1,0 +1,196 @@
+"""The main job for real: DeepSpeed ZeRO-3 with 2 CPU ranks over gloo, launched as users launch it.
+
+Runs (module-scoped, shared by the tests below):
+  A  `deepspeed --num_gpus 2 launch/pretrain.sh`, 8 steps, checkpoint at 4, eval + export at the end
+  B  `bash launch/pretrain.sh` stopping at step 3, mid-epoch (schedule.exit_at_step), then `--resume auto`
+  C  two "nodes" of one rank each on localhost (`--no_ssh --node_rank 0/1`; node 1 via the bash form), 8 steps
+A, B and C see the same data in the same order, so their per-step losses must agree.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain.model import ALBEF, ModelConfig
+from pretrain.train.export import load_exported
+from tests.helpers.jobs import DEEPSPEED, REPO, check, free_port, losses, run
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic_shards, tokenizer_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    common = [
+        "--recipe", "tiny_synthetic", "--logging.run_dir", str(root),
+        "--data.train", str(synthetic_shards["train"]), "--data.tokenizer", str(tokenizer_dir),
+        "--schedule.max_steps", str(STEPS), "--schedule.warmup_steps", "2", "--schedule.micro_batch_size", "8",
+        "--optim.lr", "1e-3", "--logging.every", "1", "--checkpoint.every", "4", "--eval.batch_size", "16",
+        "--eval.itm_rerank_k", "4",
+    ]  # fmt: skip
+    no_eval = ["--data.val", "null"]
+    out = {"root": root}
+
+    out["A"] = check(run(DEEPSPEED + ["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.sh",
+                                      *common, "--data.val", str(synthetic_shards["val"]), "--name", "A"]))
+
+    bash_env = {"GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())}
+    out["B1"] = check(run(["bash", "launch/pretrain.sh", *common, *no_eval, "--name", "B",
+                           "--schedule.exit_at_step", "3"], env=bash_env))  # mid-epoch: 2 batches/epoch
+    out["B2"] = check(run(["bash", "launch/pretrain.sh", *common, *no_eval, "--name", "B", "--resume", "auto"],
+                          env={**bash_env, "MASTER_PORT": str(free_port())}))
+
+    hostfile = root / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = str(free_port())
+    c_flags = [*common, *no_eval, "--name", "C", "--checkpoint.keep", "1"]
+    # node 0 with DeepSpeed's own flags; node 1 through the bash form that launch/slurm.sbatch uses
+    node0 = DEEPSPEED + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1",
+                         "--master_port", port, "launch/pretrain.sh", *c_flags]
+    node1 = ["bash", "launch/pretrain.sh", *c_flags]
+    node1_env = {**os.environ, "PYTHON": sys.executable, "HOSTFILE": str(hostfile), "NO_SSH": "1", "NODE_RANK": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in ((node0, None), (node1, node1_env))]
+    out["C"] = [(node.wait(timeout=600), node.stdout.read()) for node in nodes]
+    return out
+
+
+def test_zero3_partitions_parameters_across_ranks(runs):
+    # ranks print concurrently, so lines can interleave: search the whole output
+    found = re.findall(r"rank (\d) holds (\d+) of (\d+) parameter elements", runs["A"].stdout)
+    held = {int(rank): int(count) for rank, count, _ in found}
+    total = int(found[0][2])
+    assert sorted(held) == [0, 1]
+    for count in held.values():
+        assert abs(count - total / 2) / total < 0.01  # each rank really holds about half
+    # Initialisation reached the partitioned parameters: an uninitialised (zero) [CLS] token meets a
+    # LayerNorm with eps 1e-12 and the first gradient norm is ~1e4.
+    assert losses(runs["root"] / "A")[1]["train/grad_norm"] < 100
+
+
+def test_training_lowers_the_loss(runs):
+    steps = losses(runs["root"] / "A")
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    first = (steps[1]["loss/total"] + steps[2]["loss/total"]) / 2
+    last = (steps[STEPS - 1]["loss/total"] + steps[STEPS]["loss/total"]) / 2
+    assert last < first - 0.3, (first, last)
+
+
+def test_resume_reproduces_the_uninterrupted_run(runs):
+    assert "exiting at step 3" in runs["B1"].stdout
+    assert "resume_step=3" in runs["B2"].stdout
+    uninterrupted, resumed = losses(runs["root"] / "A"), losses(runs["root"] / "B")
+    logged = [json.loads(line)["step"] for line in (runs["root"] / "B" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1))  # each step logged once across the two jobs
+    for step in range(1, STEPS + 1):
+        for key in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
+            assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-4, abs=1e-5), (step, key)
+
+
+def test_two_nodes_on_localhost_train_like_one(runs):
+    for returncode, output in runs["C"]:
+        assert returncode == 0, output[-4000:]
+    single, multi = losses(runs["root"] / "A"), losses(runs["root"] / "C")
+    for step in range(1, STEPS + 1):
+        assert multi[step]["loss/total"] == pytest.approx(single[step]["loss/total"], rel=1e-4)
+    ckpt = runs["root"] / "C" / "checkpoints"
+    tags = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step"))
+    assert tags == ["step00000008"]  # checkpoint.keep 1: the step-4 checkpoint was pruned
+    assert (ckpt / "latest").read_text() == "step00000008" and not (ckpt / "latest.tmp").exists()
+
+
+def test_tensorboard_has_every_tag(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["root"] / "A"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    expected = {
+        "loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/lr", "train/grad_norm", "train/temperature",
+        "train/itm_accuracy", "perf/samples_per_s", "perf/tokens_per_s", "perf/mfu", "perf/data_wait_s",
+        "perf/memory_gb", "data/skipped_total", "train/skipped_steps", "eval/i2t_r1", "eval/i2t_r5", "eval/i2t_r10",
+        "eval/t2i_r1", "eval/t2i_r5", "eval/t2i_r10",
+    }  # fmt: skip
+    assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
+    assert "eval/similarity_images_vs_first_captions" in tags["images"]
+    assert any(tag.startswith("config/recipe") for tag in tags["tensors"])
+    assert len(events.Scalars("loss/total")) == STEPS
+    lr = [event.value for event in events.Scalars("train/lr")]
+    assert lr[0] < lr[1] and lr[-1] < max(lr)  # warmup, then cosine decay
+
+
+def test_exported_weights_reproduce_the_training_time_metrics(runs, synthetic_shards):
+    run_dir = runs["root"] / "A"
+    trained = json.loads((run_dir / "eval.json").read_text())
+    assert trained["num_images"] == 12 and trained["num_texts"] == 60 and trained["itm_rerank_k"] == 4
+    out = run_dir / "reeval.json"
+    check(run([sys.executable, "-m", "pretrain.evaluate", "--checkpoint", str(run_dir / "export"), "--data",
+               str(synthetic_shards["val"]), "--batch-size", "16", "--itm-rerank-k", "4", "--out", str(out)]))
+    again = json.loads(out.read_text())
+    for direction in ("i2t", "t2i"):
+        assert again[direction] == pytest.approx(trained[direction])
+    # the DeepSpeed checkpoint directory itself is accepted too (consolidated to fp32 on the fly)
+    check(run([sys.executable, "-m", "pretrain.evaluate", "--checkpoint", str(run_dir / "checkpoints"), "--data",
+               str(synthetic_shards["val"]), "--tokenizer", str(run_dir / "export" / "tokenizer"), "--batch-size",
+               "16", "--itm-rerank-k", "4", "--out", str(out)]))
+    assert json.loads(out.read_text())["t2i"] == pytest.approx(trained["t2i"])
+
+
+def test_deepspeeds_own_zero_to_fp32_reads_our_checkpoints(runs, tmp_path):
+    ckpt = runs["root"] / "A" / "checkpoints"
+    # DeepSpeed's --safe_serialization refuses tied weights (MLM decoder = word embeddings); the default
+    # torch format is read back with weights_only=True, so nothing is unpickled beyond tensors.
+    check(run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(tmp_path)]))
+    state = torch.load(next(tmp_path.glob("*.bin")), weights_only=True)
+    config = ModelConfig(**json.loads((runs["root"] / "A" / "model_config.json").read_text()))
+    fresh = ALBEF(config)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"mlm_head.decoder.weight"}  # tied to the word embeddings
+    exported = load_exported(runs["root"] / "A" / "export")
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+
+
+def test_exported_hf_encoders_load_with_automodel(runs):
+    from transformers import AutoModel
+
+    export = runs["root"] / "A" / "export"
+    assert type(AutoModel.from_pretrained(export / "text_encoder")).__name__ == "BertModel"
+    assert type(AutoModel.from_pretrained(export / "image_encoder")).__name__ == "ViTModel"
+    assert (export / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_bad_config_fails_once_before_any_rank_starts(synthetic_shards, tokenizer_dir, tmp_path):
+    proc = run(["bash", "launch/pretrain.sh", "--recipe", "tiny_synthetic", "--data.train", str(tmp_path / "nope"),
+                "--data.tokenizer", str(tokenizer_dir)], env={"GPUS_PER_NODE": "2"})
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "nope" in errors[0], proc.stderr
+    assert "spawned" not in proc.stdout + proc.stderr  # the DeepSpeed launcher never started
+
+
+def test_pretrained_hf_weights_land_in_zero3_partitions(tokenizer, tokenizer_dir, synthetic_shards, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, ViTConfig, ViTModel
+
+    torch.manual_seed(3)  # tiny preset dims: ViT 64 px / patch 8 / 128 wide / 4 layers; BERT 2 text + 2 fusion
+    ViTModel(ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                       image_size=64, patch_size=8), add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                               intermediate_size=512, max_position_embeddings=32)).save_pretrained(tmp_path / "bert")
+    flags = ["--recipe", "tiny_synthetic", "--data.train", str(synthetic_shards["train"]), "--data.val", "null",
+             "--data.tokenizer", str(tokenizer_dir), "--logging.run_dir", str(tmp_path / "runs"),
+             "--model.vit", str(tmp_path / "vit"), "--model.bert", str(tmp_path / "bert")]  # fmt: skip
+    launch = ["--num_gpus", "2", "--master_port", str(free_port()), "tests/train/zero3_pretrained_probe.py"]
+    proc = check(run(DEEPSPEED + launch + flags, env={"PYTHONPATH": str(REPO)}))
+    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"loaded"')))
+    assert report["max_abs_diff"] == 0.0
+    assert report["partitioned"] > 0.9 * report["loaded"]  # really copied into shards, not whole tensors
+    names = report["names"]
+    assert any(n.startswith("image_encoder.") for n in names) and any(n.startswith("fusion_encoder.") for n in names)
+    assert "text_encoder.embeddings.word_embeddings.weight" in names
