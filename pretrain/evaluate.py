@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from data_pipeline import DataError, load_eval_data, load_tokenizer
-from pretrain.eval.retrieval import evaluate_retrieval, format_table, save_eval_json
+from pretrain.eval.retrieval import evaluate_retrieval, format_table, non_finite_warning, save_eval_json
 from pretrain.model import ALBEF, ModelConfig
 from pretrain.train.export import CONFIG_FILE, WEIGHTS_FILE, load_exported, model_from_zero_checkpoint
 
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.checkpoint / "eval.json"
     save_eval_json(out, metrics)
     print(format_table(metrics))
+    warning = non_finite_warning(metrics)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"wrote {out}")
     return 0
 

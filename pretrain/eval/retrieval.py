@@ -23,8 +23,15 @@ RECALL_KS = (1, 5, 10)
 RERANK_OFFSET = 2.0
 
 
+def finite_or_last(scores: torch.Tensor) -> torch.Tensor:
+    """Non-finite scores (NaN, +-inf) as -inf: they rank last, so a broken model cannot read as perfect
+    (NaN compares false with everything, which made every NaN query a hit)."""
+    return torch.where(torch.isfinite(scores), scores, float("-inf"))
+
+
 def _ranks_of_best_positive(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """0-based rank of each row's best-scored positive; ties with negatives count against it."""
+    scores = finite_or_last(scores)
     best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
     return ((scores >= best) & ~positive).sum(dim=1)
 
@@ -99,6 +106,8 @@ def _itm_rerank(model, query_embeds, cand_embeds, text_mask, sim, k: int, batch_
             logits = model.itm_logits(cand_embeds[cand], query, text_mask[chunk].repeat_interleave(k, dim=0))
         local_scores.append(logits.float().softmax(dim=-1)[:, 1].view(len(chunk), k))
     scores = gather_no_grad(torch.cat(local_scores))[:rows]
+    # A candidate without a finite ITC score stays non-finite (last): re-ranking must not rescue a broken model.
+    scores = torch.where(torch.isfinite(sim.gather(1, topk)), scores, float("nan"))
     reranked = sim.clone()
     reranked.scatter_(1, topk, scores + RERANK_OFFSET)
     return reranked
@@ -120,14 +129,31 @@ def evaluate_retrieval(model, data, batch_size: int, itm_rerank_k: int, device: 
                           batch_size, image_queries=False)
     model.train(was_training)
     image_ids, text_image_ids = enc["image_ids"].cpu(), enc["text_ids"].cpu()
+    i2t, t2i = i2t.cpu(), t2i.cpu()
     metrics = {
-        "i2t": recall_at_k(i2t.cpu(), image_ids, text_image_ids)["i2t"],
-        "t2i": recall_at_k(t2i.T.cpu(), image_ids, text_image_ids)["t2i"],
+        "i2t": recall_at_k(i2t, image_ids, text_image_ids)["i2t"],
+        "t2i": recall_at_k(t2i.T, image_ids, text_image_ids)["t2i"],
         "num_images": int(image_ids.numel()),
         "num_texts": int(text_image_ids.numel()),
         "itm_rerank_k": itm_rerank_k,
+        # queries with any non-finite score (ranked last, so mostly misses): non-zero means a broken model
+        "non_finite_queries": {"i2t": _rows_not_finite(i2t), "t2i": _rows_not_finite(t2i)},
     }
     return metrics, _first_caption_block(sim.cpu(), image_ids, text_image_ids)
+
+
+def _rows_not_finite(scores: torch.Tensor) -> int:
+    return int((~torch.isfinite(scores)).any(dim=1).sum())
+
+
+def non_finite_warning(metrics: dict) -> str | None:
+    """One line for the user when some scores were NaN/inf, else None."""
+    bad = metrics.get("non_finite_queries", {})
+    if not any(bad.values()):
+        return None
+    return (f"warning: non-finite similarity scores for {bad['i2t']} of {metrics['num_images']} image queries and "
+            f"{bad['t2i']} of {metrics['num_texts']} text queries (ranked last, counted as misses): the model "
+            "produces NaN/inf; check its weights")
 
 
 def _first_caption_block(sim: torch.Tensor, image_ids: torch.Tensor, text_image_ids: torch.Tensor,

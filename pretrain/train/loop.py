@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from data_pipeline import load_eval_data, make_train_loader
 from pretrain.batch import to_device
-from pretrain.eval.retrieval import evaluate_retrieval, format_table, save_eval_json
+from pretrain.eval.retrieval import evaluate_retrieval, format_table, non_finite_warning, save_eval_json
 from pretrain.train.checkpoint import (
     load_checkpoint,
     newest_checkpoint,
@@ -79,6 +79,9 @@ def run_evaluation(engine, eval_data, setup: Setup, step: int, log: TrainLog, dt
         save_eval_json(recipe.run_path / "eval.json", metrics)
         log.retrieval(step, metrics, block)
         tqdm.write(f"[step {step}] " + format_table(metrics))
+        warning = non_finite_warning(metrics)
+        if warning:
+            tqdm.write(f"[step {step}] {warning}")
     return metrics
 
 

@@ -45,3 +45,41 @@ def test_first_caption_block_picks_each_images_first_caption():
     text_image_ids = torch.tensor([5, 5, 6, 6])
     sim = torch.arange(8.0).reshape(2, 4)
     assert _first_caption_block(sim, image_ids, text_image_ids).tolist() == [[0.0, 2.0], [4.0, 6.0]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_query_row_is_a_miss(bad):
+    # 3 images, one caption each, perfect scores except image 1's row: a broken model must not look perfect.
+    ids = torch.tensor([0, 1, 2])
+    scores = torch.eye(3)
+    scores[1] = bad
+    metrics = recall_at_k(scores, ids, ids, ks=(1, 2, 3))
+    # image 1 ranks its caption last (3rd of 3, ties counting against it): found only at R@3
+    assert metrics["i2t"] == pytest.approx({"r1": 2 / 3, "r2": 2 / 3, "r3": 1.0})
+    # text 1's only positive (image 1) is non-finite: it ranks last, behind both finite negatives
+    assert metrics["t2i"] == pytest.approx({"r1": 2 / 3, "r2": 2 / 3, "r3": 1.0})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_positive_ranks_below_finite_negatives(bad):
+    ids = torch.tensor([0, 1, 2])
+    scores = torch.tensor([[bad, 0.5, 0.2], [0.0, 0.9, 0.1], [0.0, 0.1, 0.9]])
+    metrics = recall_at_k(scores, ids, ids, ks=(1, 2, 3))
+    assert metrics["i2t"] == pytest.approx({"r1": 2 / 3, "r2": 2 / 3, "r3": 1.0})
+    assert metrics["t2i"] == pytest.approx({"r1": 2 / 3, "r2": 2 / 3, "r3": 1.0})
+
+
+def test_non_finite_scores_rank_below_every_finite_one():
+    # one column of NaN: caption 0's score is NaN for every image
+    ids = torch.tensor([0, 1])
+    scores = torch.tensor([[float("nan"), -0.9], [float("nan"), 0.5]])
+    metrics = recall_at_k(scores, ids, ids, ks=(1, 2))
+    # image 0: its caption (NaN) ranks last behind caption 1 (-0.9, the lowest finite score); image 1: first
+    assert metrics["i2t"] == {"r1": 0.5, "r2": 1.0}
+    assert metrics["t2i"]["r1"] == 0.5  # text 0 has no finite score: a miss; text 1: image 1 (0.5 > -0.9)
+
+
+def test_an_all_nan_matrix_has_zero_recall():
+    ids = torch.arange(4)
+    metrics = recall_at_k(torch.full((4, 4), float("nan")), ids, ids, ks=(1, 3))
+    assert metrics["i2t"] == metrics["t2i"] == {"r1": 0.0, "r3": 0.0}
