@@ -5,7 +5,7 @@ and tested for (`tests/train/test_compat.py` fails when an upgrade breaks one):
 - torch keeps every process group in `distributed_c10d._world.pg_map` and can change a group's timeout
   after creation with `distributed_c10d._set_pg_timeout` (DeepSpeed makes groups of its own that we
   cannot pass a timeout to);
-- DeepSpeed's CPU all-reduce names its per-rank shared-memory buffer
+- DeepSpeed's CPU all-reduce, when every rank is on one machine (LOCAL_SIZE = world size), names its per-rank buffer
   `deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>` in /dev/shm and never unlinks it.
 """
 

@@ -42,12 +42,20 @@ def build_model_config(section: ModelSection, tokenizer) -> ModelConfig:
     return config
 
 
+def check_text_length(recipe: Recipe, config: ModelConfig) -> None:
+    if recipe.data.max_len > config.max_position:
+        raise RecipeError(f"data.max_len {recipe.data.max_len} exceeds the model's {config.max_position} "
+                          f"positions (preset {recipe.model.preset!r}): lower data.max_len or set "
+                          "model.overrides.max_position")
+
+
 def prepare(args: argparse.Namespace) -> Setup:
     resume = args.resume
     recipe = load_recipe(args.recipe, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     model_config = build_model_config(recipe.model, tokenizer)
+    check_text_length(recipe, model_config)
     check_shards(recipe.data.train, world_size=world_size, num_workers=recipe.data.num_workers,
                  mode=recipe.data.mode)
     if recipe.data.val:

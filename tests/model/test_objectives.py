@@ -1,14 +1,12 @@
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.model.objectives import ITCResult, itc_loss, itm_loss, mlm_loss, sample_itm_negatives
+from tests.helpers.ranks import run_on_ranks
 
 
 def _itc_on(sim: torch.Tensor, image_ids: torch.Tensor) -> ITCResult:
@@ -141,54 +139,34 @@ def test_mlm_loss_perfect_logits_and_no_masked_tokens():
 # ---- ITC across 2 ranks over gloo equals 1 process on the whole batch --------------------------------
 
 
-def _itc_case(image_ids: torch.Tensor, rank: int, world: int):
-    """A tiny projection + temperature on fixed inputs; returns the local loss and its gradients."""
-    torch.manual_seed(0)
-    images, texts = torch.randn(8, 6), torch.randn(8, 6)
-    image_proj, text_proj = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
-    temperature = torch.nn.Parameter(torch.tensor([0.1]))
+def _itc_case(rank: int, world: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A tiny projection + temperature on fixed inputs, in float64; the rank's loss and gradients, averaged
+    over ranks as a data-parallel engine does."""
+    g = torch.Generator().manual_seed(0)
+    images, texts = (torch.randn(8, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    image_proj, text_proj = torch.nn.Linear(6, 4).double(), torch.nn.Linear(6, 4).double()
+    for p in [*image_proj.parameters(), *text_proj.parameters()]:
+        torch.nn.init.normal_(p, generator=g)
+    temperature = torch.nn.Parameter(torch.tensor([0.1], dtype=torch.float64))
+    image_ids = torch.tensor([0, 1, 1, 2, 3, 3, 4, 1])  # duplicates inside and across the two halves
     rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
     image_feat = F.normalize(image_proj(images[rows]), dim=-1)
     text_feat = F.normalize(text_proj(texts[rows]), dim=-1)
     loss = itc_loss(image_feat, text_feat, image_ids[rows], temperature).loss
     loss.backward()
-    params = [*image_proj.parameters(), *text_proj.parameters(), temperature]
-    return loss.detach(), [p.grad for p in params]
-
-
-_IMAGE_IDS = torch.tensor([0, 1, 1, 2, 3, 3, 4, 1])  # duplicates inside and across the two halves
-
-
-def _worker(rank: int, world: int, port: int, out: dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        loss, grads = _itc_case(_IMAGE_IDS, rank, world)
-        # What a data-parallel engine does: average losses and gradients over ranks.
-        for t in [loss, *grads]:
+    results = [loss.detach(), *(p.grad for p in [*image_proj.parameters(), *text_proj.parameters(), temperature])]
+    if world > 1:
+        for t in results:
             dist.all_reduce(t)
             t /= world
-        out[rank] = (loss, grads)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return results
 
 
 @pytest.mark.slow
-def test_itc_two_ranks_equal_one_process():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-        results = dict(out)
-    loss, grads = _itc_case(_IMAGE_IDS, 0, 1)
+def test_itc_two_ranks_equal_one_process(tmp_path):
+    results = run_on_ranks(_itc_case, store=tmp_path / "store")
+    reference = _itc_case(0, 1)
+    assert reference[-1].abs().item() > 0
     for rank in (0, 1):
-        rank_loss, rank_grads = results[rank]
-        torch.testing.assert_close(rank_loss, loss)
-        for ours, reference in zip(rank_grads, grads):
-            torch.testing.assert_close(ours, reference)
-    assert grads[-1].abs().item() > 0
+        for ours, expected in zip(results[rank], reference):
+            torch.testing.assert_close(ours, expected, atol=1e-12, rtol=1e-12)

@@ -1,7 +1,6 @@
 """Recipe loading, DeepSpeed config building and optimizer rules: the errors a user can cause."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -97,28 +96,22 @@ def base_flags(synthetic_shards, tokenizer_dir, tmp_path):
 
 
 def prepare_error(flags: list[str], world_size: int = 2) -> str:
-    os.environ["WORLD_SIZE"] = str(world_size)
-    try:
-        with pytest.raises((RecipeError, DataError)) as err:
-            prepare(parse_args(flags))
-    finally:
-        del os.environ["WORLD_SIZE"]
+    with pytest.MonkeyPatch.context() as env, pytest.raises((RecipeError, DataError)) as err:
+        env.setenv("WORLD_SIZE", str(world_size))
+        prepare(parse_args(flags))
     message = str(err.value)
     assert "\n" not in message  # one line
     return message
 
 
-def test_valid_setup_passes(base_flags):
-    os.environ["WORLD_SIZE"] = "2"
-    try:
-        setup = prepare(parse_args(base_flags))
-    finally:
-        del os.environ["WORLD_SIZE"]
+def test_valid_setup_passes(base_flags, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    setup = prepare(parse_args(base_flags))
     assert setup.model_config.vocab_size == len(setup.tokenizer)
     assert setup.ds_config["train_batch_size"] == 2 * setup.recipe.schedule.micro_batch_size
 
 
-def test_user_errors_are_caught_before_any_process_group(base_flags, tmp_path):
+def test_user_errors_are_caught_before_any_process_group(base_flags, tmp_path, monkeypatch):
     assert "nope" in prepare_error(base_flags + ["--data.train", str(tmp_path / "nope")])
     assert "matches no file" in prepare_error(base_flags + ["--data.train", str(tmp_path / "x-*.tar")])
     assert "missing" in prepare_error(base_flags + ["--data.train", str(tmp_path / "x-{000..003}.tar")])
@@ -129,3 +122,9 @@ def test_user_errors_are_caught_before_any_process_group(base_flags, tmp_path):
     with pytest.raises(SystemExit):  # argparse: an option that does not exist
         parse_args(base_flags + ["--optim.learning_rate", "1"])
     assert "unknown model config key" in prepare_error(base_flags + ["--model.overrides", "{hiden: 3}"])
+    assert prepare_error(base_flags + ["--data.max_len", "33"]) == (
+        "data.max_len 33 exceeds the model's 32 positions (preset 'tiny'): lower data.max_len or set "
+        "model.overrides.max_position")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    longer = base_flags + ["--data.max_len", "40", "--model.overrides", "{max_position: 40}"]
+    assert prepare(parse_args(longer)).model_config.max_position == 40

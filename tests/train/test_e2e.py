@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pretrain.model import ALBEF, ModelConfig
+from pretrain.train.engine import rank_seed
 from pretrain.train.export import load_exported
 from tests.helpers.jobs import DEEPSPEED, REPO, check, free_port, losses, run
 
@@ -175,7 +176,8 @@ def test_bad_config_fails_once_before_any_rank_starts(synthetic_shards, tokenize
     assert "spawned" not in proc.stdout + proc.stderr  # the DeepSpeed launcher never started
 
 
-def test_pretrained_hf_weights_land_in_zero3_partitions(tokenizer, tokenizer_dir, synthetic_shards, tmp_path):
+def test_pretrained_hf_weights_land_in_zero3_partitions_and_ranks_train_with_seeds_of_their_own(
+        tokenizer, tokenizer_dir, synthetic_shards, tmp_path):
     from transformers import BertConfig, BertForMaskedLM, ViTConfig, ViTModel
 
     torch.manual_seed(3)  # tiny preset dims: ViT 64 px / patch 8 / 128 wide / 4 layers; BERT 2 text + 2 fusion
@@ -194,3 +196,5 @@ def test_pretrained_hf_weights_land_in_zero3_partitions(tokenizer, tokenizer_dir
     names = report["names"]
     assert any(n.startswith("image_encoder.") for n in names) and any(n.startswith("fusion_encoder.") for n in names)
     assert "text_encoder.embeddings.word_embeddings.weight" in names
+    # the same weights everywhere, then independent ITM negative draws and dropout per rank, reproducibly
+    assert report["rank_seeds"] == [rank_seed(0, 0), rank_seed(0, 1)] and rank_seed(0, 0) != rank_seed(0, 1)

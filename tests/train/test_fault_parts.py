@@ -8,11 +8,8 @@ import signal
 import time
 
 import pytest
-import torch
 import torch.distributed as dist
-from torch.distributed.constants import default_pg_timeout
 
-from pretrain.distributed import apply_collective_timeout
 from pretrain.train.checkpoint import CheckpointError, check_resumable, latest_tag, newest_checkpoint
 from pretrain.train.metrics import TrainLog
 from pretrain.train.preflight import check_fault_limits
@@ -126,18 +123,6 @@ def test_a_stop_signal_on_one_rank_is_seen_by_all(one_rank_group):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def test_every_process_group_gets_the_collective_timeout(one_rank_group):
-    def timeouts() -> list[datetime.timedelta]:
-        groups = dist.distributed_c10d._world.pg_map
-        return [group._get_backend(torch.device("cpu")).options._timeout for group in groups]
-
-    configured = recipe_from_dict({"dist": {"timeout_minutes": 0.25}}).dist.timeout  # a setting, not a measurement
-    dist.new_group(ranks=[0])  # as DeepSpeed clones the world group: it gets torch's default, not ours
-    assert default_pg_timeout in timeouts()
-    apply_collective_timeout(configured)
-    assert set(timeouts()) == {configured}
 
 
 def _probe_many_times(directory) -> None:

@@ -1,11 +1,13 @@
 """Run by the DeepSpeed launcher from tests/train/test_e2e.py: build the engine as training does (zero.Init,
 initialisation, pretrained HF weights copied into partitioned parameters), then gather every pretrained
-parameter and report how far it is from the Hugging Face value. Prints one JSON line on rank 0."""
+parameter and report how far it is from the Hugging Face value, and each rank's training seed. Prints one
+JSON line on rank 0."""
 
 import json
 import sys
 
 import deepspeed
+import torch
 import torch.distributed as dist
 
 from pretrain.model import pretrained_state_dict
@@ -26,9 +28,11 @@ def main() -> None:
         partitioned += int(param.ds_tensor.numel() < param.ds_numel)
         with deepspeed.zero.GatheredParameters([param]):
             worst = max(worst, (param.detach().float() - value.float()).abs().max().item())
+    seeds = [None] * dist.get_world_size()
+    dist.all_gather_object(seeds, torch.initial_seed())
     if dist.get_rank() == 0:
         print(json.dumps({"loaded": len(expected), "partitioned": partitioned, "max_abs_diff": worst,
-                          "names": sorted(expected)}))
+                          "names": sorted(expected), "rank_seeds": seeds}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""Running a function on several local ranks over gloo, as a data-parallel job would, and collecting what
+each returns. The rendezvous is a file store: no port to pick, so parallel test runs cannot collide."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, world: int, store: str, init_group: bool, fn: Callable, args: tuple, out) -> None:
+    if init_group:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        out[rank] = fn(rank, world, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable, *args, store: Path, world: int = 2, init_group: bool = True) -> dict:
+    """{rank: fn(rank, world, *args)} from `world` processes. `fn` must be a module-level function; with
+    init_group=False it starts its own process group (e.g. DeepSpeed's) from `store`."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_entry, args=(world, str(store), init_group, fn, args, out), nprocs=world, join=True)
+        return dict(out)
