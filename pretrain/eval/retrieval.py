@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from pretrain import distributed
 from pretrain.batch import to_device
 from pretrain.distributed import gather_no_grad
 from pretrain.train.reliability.files import replace_text
@@ -51,16 +51,10 @@ def recall_at_k(scores_i2t: torch.Tensor, image_ids: torch.Tensor, text_image_id
     }
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def encode_eval_set(model, data, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
     """Image and text embeddings/features for the whole eval set, in global order, on every rank."""
-    rank, world = _distributed()
+    rank, world = distributed.rank(), distributed.world_size()
     images = {"embeds": [], "feats": [], "ids": []}
     for batch in data.image_batches(batch_size, rank=rank, world_size=world):
         batch = to_device(batch, device, dtype)
@@ -88,15 +82,16 @@ def encode_eval_set(model, data, batch_size: int, device: torch.device, dtype: t
 @torch.no_grad()
 def _itm_rerank(model, query_embeds, cand_embeds, text_mask, sim, k: int, batch_size: int,
                 image_queries: bool) -> torch.Tensor:
-    """Top-k candidates of every query row re-scored by the ITM head; query rows are split across ranks."""
-    rank, world = _distributed()
+    """Scores [queries, candidates] (float64, CPU) with each query's ITC top k re-ranked by the ITM head;
+    query rows are split across ranks."""
+    rank, world = distributed.rank(), distributed.world_size()
     rows, k = sim.shape[0], min(k, sim.shape[1])
     topk = sim.topk(k, dim=1).indices
     rows_per_call = max(1, batch_size // k)
     per_rank = math.ceil(math.ceil(rows / world) / rows_per_call) * rows_per_call
     # Past the last row, repeat it: every rank must run the same number of forward passes.
     local_rows = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=sim.device).clamp(max=rows - 1)
-    local_scores = []
+    local_logits = []
     for chunk in local_rows.split(rows_per_call):
         cand = topk[chunk].reshape(-1)
         query = query_embeds[chunk].repeat_interleave(k, dim=0)
@@ -104,13 +99,23 @@ def _itm_rerank(model, query_embeds, cand_embeds, text_mask, sim, k: int, batch_
             logits = model.itm_logits(query, cand_embeds[cand], text_mask[cand])
         else:
             logits = model.itm_logits(cand_embeds[cand], query, text_mask[chunk].repeat_interleave(k, dim=0))
-        local_scores.append(logits.float().softmax(dim=-1)[:, 1].view(len(chunk), k))
-    scores = gather_no_grad(torch.cat(local_scores))[:rows]
-    # A candidate without a finite ITC score stays non-finite (last): re-ranking must not rescue a broken model.
-    scores = torch.where(torch.isfinite(sim.gather(1, topk)), scores, float("nan"))
-    reranked = sim.clone()
-    reranked.scatter_(1, topk, scores + RERANK_OFFSET)
-    return reranked
+        local_logits.append(logits.float().view(len(chunk), k, 2))
+    logits = gather_no_grad(torch.cat(local_logits))[:rows].cpu().double()
+    # The match-logit margin, not the match probability: a confident head's probabilities round to 1.0 in fp32
+    # (ties, which count against the positive), while its margins stay apart.
+    return place_reranked(sim.cpu(), topk.cpu(), logits[..., 1] - logits[..., 0])
+
+
+def place_reranked(sim: torch.Tensor, topk: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """float64 scores: the candidates `topk` [rows, k] of each row ordered by `margin` [rows, k] and above every
+    other candidate, which keep their ITC order; non-finite scores or margins rank last."""
+    scores = finite_or_last(sim.double())
+    # a candidate without a finite ITC score stays last: re-ranking must not rescue a broken model
+    margin = torch.where(torch.isfinite(margin) & torch.isfinite(scores.gather(1, topk)), margin, float("nan"))
+    # Shift each row's margins so that its lowest sits at RERANK_OFFSET, above every cosine similarity; a
+    # per-row shift keeps the order within the row, which is all a ranking reads.
+    lowest = margin.nan_to_num(nan=float("inf")).amin(dim=1, keepdim=True)
+    return scores.scatter_(1, topk, finite_or_last(margin - lowest + RERANK_OFFSET))
 
 
 @torch.no_grad()

@@ -1,0 +1,108 @@
+"""ITM re-ranking with a toy model whose ITC similarities and ITM logits are tables chosen by hand."""
+
+import pytest
+import torch
+from torch import nn
+
+from pretrain.eval.retrieval import evaluate_retrieval
+
+CPU = torch.device("cpu")
+
+
+class TableModel(nn.Module):
+    """Image i and text t score sim[i, t] under ITC and itm[i, t] (two logits, index 1 = match) under ITM.
+
+    The "embeddings" carry the row index, so itm_logits can look its pair up.
+    """
+
+    def __init__(self, sim: torch.Tensor, itm: torch.Tensor):
+        super().__init__()
+        self.register_buffer("sim", sim)
+        self.register_buffer("itm", itm)
+
+    def encode_image(self, pixel_values: torch.Tensor):
+        index = pixel_values[:, 0].long()
+        return index[:, None, None].float(), torch.eye(self.sim.shape[0])[index]  # one-hot: feats @ text = sim
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        index = input_ids[:, 0]
+        return index[:, None, None].float(), self.sim[:, index].T
+
+    def itm_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor):
+        images = image_embeds[:, 0, 0].long().repeat_interleave(len(text_embeds) // len(image_embeds))
+        return self.itm[images, text_embeds[:, 0, 0].long()]
+
+
+class IndexData:
+    """Eval data stand-in for one process: image i's pixels and text t's tokens are just their indices."""
+
+    def __init__(self, text_image_ids: list[int], num_images: int):
+        self.image_ids = torch.arange(num_images)
+        self.text_image_ids = torch.tensor(text_image_ids)
+
+    def image_batches(self, batch_size: int, rank: int = 0, world_size: int = 1):
+        for rows in torch.arange(len(self.image_ids)).split(batch_size):
+            yield {"pixel_values": rows[:, None].float(), "image_ids": self.image_ids[rows]}
+
+    def text_batches(self, batch_size: int, rank: int = 0, world_size: int = 1):
+        for rows in torch.arange(len(self.text_image_ids)).split(batch_size):
+            yield {"input_ids": rows[:, None], "attention_mask": torch.ones(len(rows), 1, dtype=torch.long),
+                   "image_ids": self.text_image_ids[rows]}
+
+
+def margins_to_logits(margin: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.zeros_like(margin), margin], dim=-1)
+
+
+def test_near_certain_matches_rank_in_logit_order():
+    # 12 images, caption t belongs to image t. ITC ranks each positive 3rd, behind two near neighbours in both
+    # directions; ITM gives all three margins of 20..22 (match probabilities 1 - 2e-9 .. 1 - 3e-10, equal in fp32)
+    # and the positive the largest.
+    n = 12
+    sim, margin = torch.zeros(n, n), torch.zeros(n, n)
+    for i in range(n):
+        sim[i, i], sim[i, (i + 1) % n], sim[i, (i + 2) % n] = 0.5, 0.9, 0.8
+        margin[i, i], margin[i, (i + 1) % n], margin[i, (i + 2) % n] = 22.0, 21.0, 20.0
+    probs = margins_to_logits(margin).softmax(-1)[..., 1]
+    assert probs[0, 0] == probs[0, 1] == probs[0, 2]  # the scenario: fp32 probabilities cannot tell them apart
+    model = TableModel(sim, margins_to_logits(margin))
+    metrics, _ = evaluate_retrieval(model, IndexData(list(range(n)), n), 5, 3, CPU)
+    assert metrics["i2t"] == metrics["t2i"] == {"r1": 1.0, "r5": 1.0, "r10": 1.0}
+
+
+def reference_rank(itc: list[float], margins: list[float], positive: int, k: int) -> int:
+    """0-based rank of the positive: the ITC top k first, by ITM margin; then the rest by ITC; ties against it."""
+    top = set(sorted(range(len(itc)), key=lambda c: -itc[c])[:k])
+    key = [(1, margins[c]) if c in top else (0, itc[c]) for c in range(len(itc))]
+    return sum(key[c] >= key[positive] for c in range(len(itc)) if c != positive)
+
+
+def test_reranking_orders_the_top_k_by_itm_and_keeps_the_rest_in_itc_order():
+    # 12 images, one caption each (caption t of image t); the top k = 8 are re-ranked. Image queries:
+    #  0-4  positive 8th by ITC (last of the top 8) with the largest margin     -> 1st after re-ranking
+    #  5-7  positive 1st by ITC with the smallest margin of its top 8           -> 8th
+    #  8-11 positive 9th by ITC (not re-ranked); the top 8 have margins ~ -40 -> stays 9th, inside R@10
+    #       (a re-ranked candidate is above every other one however low its margin; the rest keep ITC order)
+    n, k = 12, 8
+    g = torch.Generator().manual_seed(0)
+    sim, margin = torch.zeros(n, n), torch.zeros(n, n)
+    for i in range(n):
+        negatives = [t for t in torch.randperm(n, generator=g).tolist() if t != i]
+        positive_at = 7 if i < 5 else 0 if i < 8 else 8
+        order = negatives[:positive_at] + [i] + negatives[positive_at:]
+        for rank, t in enumerate(order):
+            sim[i, t] = 0.9 - 0.05 * rank
+        for rank, t in enumerate(order[:k]):
+            margin[i, t] = -40.0 - rank if i >= 8 else rank - 4.0
+        margin[i, i] = 50.0 if i >= 8 else 5.0 if i < 5 else -5.0
+    model = TableModel(sim, margins_to_logits(margin))
+    data = IndexData(list(range(n)), n)
+    reranked, _ = evaluate_retrieval(model, data, 5, k, CPU)
+    itc_only, _ = evaluate_retrieval(model, data, 5, 0, CPU)
+    assert reranked["i2t"] == pytest.approx({"r1": 5 / 12, "r5": 5 / 12, "r10": 1.0})
+    assert itc_only["i2t"] == pytest.approx({"r1": 3 / 12, "r5": 3 / 12, "r10": 1.0})  # what a no-op would give
+    # text queries: the same tables read by column, checked against the rule written out plainly
+    t2i_ranks = [reference_rank(sim[:, t].tolist(), margin[:, t].tolist(), t, k) for t in range(n)]
+    expected = {f"r{r}": sum(rank < r for rank in t2i_ranks) / n for r in (1, 5, 10)}
+    assert reranked["t2i"] == pytest.approx(expected)
+    assert reranked["t2i"] != itc_only["t2i"]
