@@ -1,4 +1,4 @@
-"""Batch assembly: stack images, tokenize captions, MLM-mask, per the DESIGN batch contract."""
+"""Batch assembly: stack images, tokenize captions, MLM-mask, per the batch contract (docs/data.md)."""
 
 import torch
 

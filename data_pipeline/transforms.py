@@ -68,12 +68,13 @@ def train_image(
 
 
 def eval_image(data: bytes, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Shorter side to `size`, then a central `size` square, to uint8 [3, size, size]."""
+    """The whole image resized (bicubic, aspect not kept) to uint8 [3, size, size].
+
+    ALBEF's and BLIP's retrieval evaluation protocol: no crop, so nothing a caption mentions is cut off and
+    reported numbers compare with theirs.
+    """
     image = open_checked(data, max_pixels)
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    rgb, box = _decode_for(image, (left, top, left + side, top + side), size)
+    rgb, box = _decode_for(image, (0, 0, *image.size), size)
     return to_uint8_tensor(rgb.resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 

@@ -1,4 +1,4 @@
-"""The loader's batch (DESIGN.md batch contract) on the model's side of the boundary."""
+"""The loader's batch (the batch contract, docs/data.md) on the model's side of the boundary."""
 
 from __future__ import annotations
 

@@ -3,9 +3,11 @@
 Everything is built once per session into a temporary directory (no network, no ./data).
 """
 
+import datetime
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from data_pipeline import load_tokenizer
 from data_pipeline.make_shards import main as make_shards_main
@@ -46,3 +48,12 @@ def tokenizer_dir(synthetic_shards, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     return load_tokenizer(str(tokenizer_dir))
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real gloo process group of one rank, for code that calls collectives."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=15))
+    yield
+    dist.destroy_process_group()

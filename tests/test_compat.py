@@ -25,14 +25,6 @@ def test_versions_outside_the_checked_range_are_named():
     assert compat.untested_versions({"torch": "2.2.1", "deepspeed": "0.15.0"}) == ["torch 2.2.1 (checked: 2.3-2.13)"]
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=15))
-    yield
-    dist.destroy_process_group()
-
-
 def test_every_process_group_gets_the_collective_timeout(one_rank_group):
     def timeouts() -> list[datetime.timedelta]:
         return [group._get_backend(torch.device("cpu")).options._timeout for group in compat.process_groups()]

@@ -52,3 +52,55 @@ def test_ranks_get_equal_batches_whose_real_rows_concatenate_to_the_global_order
 def test_eval_images_are_deterministic(eval_data):
     first = next(eval_data.image_batches(3))["pixel_values"]
     assert torch.equal(first, next(eval_data.image_batches(3))["pixel_values"])
+
+
+def structured_png(width: int = 60, height: int = 30) -> bytes:
+    """A non-square picture whose left and right thirds differ (a colour ramp, a white marker near the left
+    edge): a centre crop would cut them off."""
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", (width, height))
+    image.putdata([(4 * x, 8 * y, 255 - 4 * x) for y in range(height) for x in range(width)])
+    image.paste((255, 255, 255), (2, 10, 6, 20))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pil_resized(data: bytes, size: int) -> torch.Tensor:
+    """The ALBEF/BLIP eval protocol done directly with PIL: the whole image, bicubic, to size x size."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    resized = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+
+
+def test_eval_image_resizes_the_whole_image_without_a_crop():
+    from data_pipeline.transforms import eval_image
+
+    data = structured_png()
+    expected = pil_resized(data, 16)
+    # what a centre crop would lose: the ramp's ends (blue 255 at x=0, 19 at x=59) and the marker near x=4
+    assert expected[2, 0, 0] > 240 and expected[2, 0, 15] < 30
+    assert expected[0, 6:10, 1].min() > 150 and expected[0, 0:4, 1].max() < 30
+    assert torch.equal(eval_image(data, size=16), expected)
+
+
+def test_eval_batches_are_normalised_with_the_clip_statistics(tokenizer):
+    from data_pipeline.eval_data import EvalData
+
+    data = structured_png()
+    ids = torch.tensor([7])
+    tokens = torch.ones(1, 4, dtype=torch.long)
+    eval_data = EvalData(["k"], ids, [data], ["a caption"], ids, tokens, tokens, image_size=16, skipped={})
+    pixels = next(eval_data.image_batches(1))["pixel_values"][0]
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], dtype=torch.float64).view(3, 1, 1)
+    expected = (pil_resized(data, 16).double() / 255 - mean) / std
+    assert pixels.dtype == torch.float32
+    torch.testing.assert_close(pixels.double(), expected, rtol=0, atol=1e-5)

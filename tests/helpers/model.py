@@ -1,4 +1,4 @@
-"""Shared builders for the model tests: a tiny config and a batch following the DESIGN batch contract."""
+"""Shared builders for the model tests: a tiny config and a batch following the batch contract (docs/data.md)."""
 
 from __future__ import annotations
 

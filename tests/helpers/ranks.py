@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -27,3 +28,11 @@ def run_on_ranks(fn: Callable, *args, store: Path, world: int = 2, init_group: b
         out = manager.dict()
         mp.spawn(_entry, args=(world, str(store), init_group, fn, args, out), nprocs=world, join=True)
         return dict(out)
+
+
+def average_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What a data-parallel engine does with losses and gradients: the mean over ranks, in place."""
+    for t in tensors:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return tensors

@@ -3,11 +3,10 @@ features, ITM negatives drawn from the other rank (each rank alone shows a singl
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pretrain.model import ALBEF
 from tests.helpers.model import make_batch, tiny_config
-from tests.helpers.ranks import run_on_ranks
+from tests.helpers.ranks import average_over_ranks, run_on_ranks
 
 
 def _batch() -> dict:
@@ -37,11 +36,7 @@ def _loss_and_grads(rows: slice) -> list[torch.Tensor]:
 
 
 def _on_rank(rank: int, world: int) -> list[torch.Tensor]:
-    results = _loss_and_grads(slice(2 * rank, 2 * rank + 2))
-    for t in results:  # what a data-parallel engine does
-        dist.all_reduce(t)
-        t /= world
-    return results
+    return average_over_ranks(_loss_and_grads(slice(2 * rank, 2 * rank + 2)))
 
 
 @pytest.mark.slow

@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from pretrain.model.objectives import ITCResult, itc_loss, itm_loss, mlm_loss, sample_itm_negatives
-from tests.helpers.ranks import run_on_ranks
+from tests.helpers.ranks import average_over_ranks, run_on_ranks
 
 
 def _itc_on(sim: torch.Tensor, image_ids: torch.Tensor) -> ITCResult:
@@ -155,11 +154,7 @@ def _itc_case(rank: int, world: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     loss = itc_loss(image_feat, text_feat, image_ids[rows], temperature).loss
     loss.backward()
     results = [loss.detach(), *(p.grad for p in [*image_proj.parameters(), *text_proj.parameters(), temperature])]
-    if world > 1:
-        for t in results:
-            dist.all_reduce(t)
-            t /= world
-    return results
+    return average_over_ranks(results) if world > 1 else results
 
 
 @pytest.mark.slow

@@ -90,30 +90,19 @@ def test_a_temperature_pushed_past_a_bound_comes_back_under_an_optimizer():
     assert model.temp.item() == pytest.approx(0.3, abs=1e-3)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("variant", [{"grad_checkpointing": True}, {"attention": "sdpa"}],
+                         ids=["grad_checkpointing", "sdpa_vs_eager"])
+def test_an_execution_variant_gives_the_same_loss_and_gradients(variant):
     batch = make_batch(tiny_config())
     torch.manual_seed(0)
-    plain = ALBEF(tiny_config())
-    checkpointed = ALBEF(tiny_config(grad_checkpointing=True))
-    checkpointed.load_state_dict(plain.state_dict())
-    out_plain, grads_plain = _grads(plain, batch)
-    out_ckpt, grads_ckpt = _grads(checkpointed, batch)
-    torch.testing.assert_close(out_ckpt.loss, out_plain.loss, atol=1e-12, rtol=1e-12)
-    for name, grad in grads_plain.items():
-        torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-12, rtol=1e-10)
-
-
-def test_sdpa_model_matches_eager_model():
-    batch = make_batch(tiny_config())
-    torch.manual_seed(0)
-    eager = ALBEF(tiny_config(attention="eager"))
-    sdpa = ALBEF(tiny_config(attention="sdpa"))
-    sdpa.load_state_dict(eager.state_dict())
-    out_eager, grads_eager = _grads(eager, batch)
-    out_sdpa, grads_sdpa = _grads(sdpa, batch)
-    torch.testing.assert_close(out_sdpa.loss, out_eager.loss, atol=1e-12, rtol=1e-12)
-    for name, grad in grads_eager.items():
-        torch.testing.assert_close(grads_sdpa[name], grad, atol=1e-12, rtol=1e-10)
+    reference = ALBEF(tiny_config(attention="eager"))
+    other = ALBEF(tiny_config(**{"attention": "eager", **variant}))
+    other.load_state_dict(reference.state_dict())
+    out_reference, grads_reference = _grads(reference, batch)
+    out_other, grads_other = _grads(other, batch)
+    torch.testing.assert_close(out_other.loss, out_reference.loss, atol=1e-12, rtol=1e-12)
+    for name, grad in grads_reference.items():
+        torch.testing.assert_close(grads_other[name], grad, atol=1e-12, rtol=1e-10)
 
 
 def test_itm_logits_groups_texts_per_image():

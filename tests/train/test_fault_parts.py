@@ -1,6 +1,5 @@
 """The parts of fault handling that need no job: limits, checkpoint checks, the log, watchdog, signals."""
 
-import datetime
 import json
 import multiprocessing
 import os
@@ -102,14 +101,6 @@ def test_the_watchdog_reports_a_stall_once_with_step_phase_and_stack(capfd, tmp_
         in report.replace("for 0 s", "for 1 s")
     stacks = (tmp_path / "rank1.txt").read_text()
     assert "phase 'forward' of step 7" in stacks and "test_the_watchdog_reports_a_stall_once" in stacks
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=15))
-    yield
-    dist.destroy_process_group()
 
 
 def test_a_stop_signal_on_one_rank_is_seen_by_all(one_rank_group):
