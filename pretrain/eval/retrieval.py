@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +50,45 @@ def recall_at_k(scores_i2t: torch.Tensor, image_ids: torch.Tensor, text_image_id
         "i2t": {f"r{k}": (i2t_rank < k).float().mean().item() for k in ks},
         "t2i": {f"r{k}": (t2i_rank < k).float().mean().item() for k in ks},
     }
+
+
+@dataclass
+class Examples:
+    """A few queries and their top candidates (indices into the eval set's images / texts, best first)."""
+
+    image_queries: torch.Tensor  # [n]
+    texts_of_images: torch.Tensor  # [n, top]
+    image_first_hit: torch.Tensor  # [n]: 0-based rank of the query image's best-ranked caption
+    text_queries: torch.Tensor  # [m]
+    images_of_texts: torch.Tensor  # [m, top]
+    text_first_hit: torch.Tensor  # [m]: 0-based rank of the caption's image
+
+
+def spread(total: int, n: int) -> torch.Tensor:
+    """n indices spread evenly over range(total) (the middles of n equal parts): the same queries at every
+    evaluation, so the pictures of successive steps compare."""
+    n = min(n, total)
+    return (2 * torch.arange(n) + 1) * total // (2 * n)
+
+
+def retrieval_examples(i2t: torch.Tensor, t2i: torch.Tensor, image_ids: torch.Tensor, text_image_ids: torch.Tensor,
+                       queries: int = 4, top: int = 5) -> Examples:
+    """The top `top` candidates of `queries` image queries (rows of i2t [images, texts]) and as many caption
+    queries (rows of t2i [texts, images]), ranked as recall_at_k ranks them."""
+    positive = image_ids[:, None] == text_image_ids[None, :]
+    images, texts = spread(len(image_ids), queries), spread(len(text_image_ids), queries)
+    image_top, image_hit = _top_candidates(i2t[images], positive[images], top)
+    text_top, text_hit = _top_candidates(t2i[texts], positive.T[texts], top)
+    return Examples(images, image_top, image_hit, texts, text_top, text_hit)
+
+
+def _top_candidates(scores: torch.Tensor, positive: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = finite_or_last(scores)
+    # Negatives before positives among equal scores, as the recall counts ties: two stable sorts.
+    by_positive = positive.long().argsort(dim=1, stable=True)
+    by_score = scores.gather(1, by_positive).argsort(dim=1, descending=True, stable=True)
+    order = by_positive.gather(1, by_score)
+    return order[:, :top], _ranks_of_best_positive(scores, positive)
 
 
 @torch.no_grad()
@@ -120,8 +160,8 @@ def place_reranked(sim: torch.Tensor, topk: torch.Tensor, margin: torch.Tensor) 
 
 @torch.no_grad()
 def evaluate_retrieval(model, data, batch_size: int, itm_rerank_k: int, device: torch.device,
-                       dtype: torch.dtype = torch.float32) -> tuple[dict, torch.Tensor]:
-    """Returns (metrics in the eval.json layout, ITC similarity of the first 32 images vs their first captions)."""
+                       dtype: torch.dtype = torch.float32) -> tuple[dict, Examples]:
+    """Returns (metrics in the eval.json layout, a few fixed queries' top candidates for the picture)."""
     was_training = model.training
     model.eval()
     enc = encode_eval_set(model, data, batch_size, device, dtype)
@@ -144,7 +184,7 @@ def evaluate_retrieval(model, data, batch_size: int, itm_rerank_k: int, device: 
         # queries with any non-finite score (ranked last, so mostly misses): non-zero means a broken model
         "non_finite_queries": {"i2t": _rows_not_finite(i2t), "t2i": _rows_not_finite(t2i)},
     }
-    return metrics, _first_caption_block(sim.cpu(), image_ids, text_image_ids)
+    return metrics, retrieval_examples(i2t, t2i, image_ids, text_image_ids)
 
 
 def _rows_not_finite(scores: torch.Tensor) -> int:
@@ -159,13 +199,6 @@ def non_finite_warning(metrics: dict) -> str | None:
     return (f"warning: non-finite similarity scores for {bad['i2t']} of {metrics['num_images']} image queries and "
             f"{bad['t2i']} of {metrics['num_texts']} text queries (ranked last, counted as misses): the model "
             "produces NaN/inf; check its weights")
-
-
-def _first_caption_block(sim: torch.Tensor, image_ids: torch.Tensor, text_image_ids: torch.Tensor,
-                         n: int = 32) -> torch.Tensor:
-    """[n, n] block: image i against the first caption of image j; a good model lights the diagonal."""
-    first_caption = (image_ids[:n, None] == text_image_ids[None, :]).float().argmax(dim=1)
-    return sim[:n][:, first_caption]
 
 
 def save_eval_json(path: Path, metrics: dict) -> None:

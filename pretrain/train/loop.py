@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from data_pipeline import load_eval_data, make_train_loader
 from pretrain.batch import to_device
+from pretrain.eval.picture import retrieval_picture
 from pretrain.eval.retrieval import evaluate_retrieval, format_table, non_finite_warning, save_eval_json
 from pretrain.train.checkpoint import (
     load_checkpoint,
@@ -73,11 +74,11 @@ def train_step(engine, micro_batches: list[dict], watchdog: Watchdog) -> dict[st
 
 def run_evaluation(engine, eval_data, setup: Setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:
     recipe = setup.recipe
-    metrics, block = evaluate_retrieval(engine.module, eval_data, recipe.eval.batch_size, recipe.eval.itm_rerank_k,
-                                        engine.device, dtype)
+    metrics, examples = evaluate_retrieval(engine.module, eval_data, recipe.eval.batch_size,
+                                           recipe.eval.itm_rerank_k, engine.device, dtype)
     if dist.get_rank() == 0:
         save_eval_json(recipe.run_path / "eval.json", metrics)
-        log.retrieval(step, metrics, block)
+        log.retrieval(step, metrics, retrieval_picture(examples, eval_data))
         tqdm.write(f"[step {step}] " + format_table(metrics))
         warning = non_finite_warning(metrics)
         if warning:

@@ -60,15 +60,6 @@ class ThroughputWindow:
         }
 
 
-def similarity_heatmap(sim: torch.Tensor, cell: int = 8) -> torch.Tensor:
-    """[3, H, W] picture of a similarity block: bright where similar; the diagonal should light up."""
-    lo, hi = sim.min(), sim.max()
-    norm = (sim - lo) / (hi - lo).clamp_min(1e-6)
-    big = norm.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    # A two-colour ramp (dark blue -> yellow) reads better than grey at a glance.
-    return torch.stack([big, big, 0.4 * (1 - big)]).clamp(0, 1)
-
-
 class TrainLog:
     """TensorBoard plus metrics.jsonl (one JSON line per logged step, for scripts), on rank 0 only.
 
@@ -101,9 +92,10 @@ class TrainLog:
         if self.writer:
             self.writer.add_image(tag, chw, step)
 
-    def retrieval(self, step: int, metrics: dict, block: torch.Tensor) -> None:
+    def retrieval(self, step: int, metrics: dict, picture: torch.Tensor) -> None:
+        """Recall@k scalars and the retrieval picture (pretrain.eval.picture: [3, H, W])."""
         self.scalars(step, {f"eval/{d}_{k}": v for d in ("i2t", "t2i") for k, v in metrics[d].items()})
-        self.image("eval/similarity_images_vs_first_captions", similarity_heatmap(block), step)
+        self.image("eval/retrieval_examples", picture, step)
 
     def close(self) -> None:
         if self.writer:

@@ -106,3 +106,13 @@ def test_reranking_orders_the_top_k_by_itm_and_keeps_the_rest_in_itc_order():
     expected = {f"r{r}": sum(rank < r for rank in t2i_ranks) / n for r in (1, 5, 10)}
     assert reranked["t2i"] == pytest.approx(expected)
     assert reranked["t2i"] != itc_only["t2i"]
+    # the picture's examples list the candidates in that same order
+    examples = evaluate_retrieval(model, data, 5, k, CPU)[1]
+    for q, image in enumerate(examples.image_queries.tolist()):
+        expected = reference_order(sim[image].tolist(), margin[image].tolist(), k)[:5]
+        assert examples.texts_of_images[q].tolist() == expected, image
+
+
+def reference_order(itc: list[float], margins: list[float], k: int) -> list[int]:
+    top = sorted(range(len(itc)), key=lambda c: -itc[c])[:k]
+    return sorted(top, key=lambda c: -margins[c]) + sorted(set(range(len(itc))) - set(top), key=lambda c: -itc[c])

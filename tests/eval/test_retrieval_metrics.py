@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pretrain.eval.retrieval import _first_caption_block, recall_at_k
+from pretrain.eval.retrieval import recall_at_k
 
 
 def test_perfect_scores_give_full_recall():
@@ -38,13 +38,6 @@ def test_ties_count_against_the_positive():
     metrics = recall_at_k(scores, image_ids, text_image_ids, ks=(1, 2))
     assert metrics["i2t"]["r1"] == 0.0 and metrics["i2t"]["r2"] == 1.0
     assert metrics["t2i"]["r1"] == 0.0
-
-
-def test_first_caption_block_picks_each_images_first_caption():
-    image_ids = torch.tensor([5, 6])
-    text_image_ids = torch.tensor([5, 5, 6, 6])
-    sim = torch.arange(8.0).reshape(2, 4)
-    assert _first_caption_block(sim, image_ids, text_image_ids).tolist() == [[0.0, 2.0], [4.0, 6.0]]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
