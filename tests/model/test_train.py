@@ -65,6 +65,19 @@ def test_loss_weights_and_temperature_clamp():
         assert float(model(batch).temperature) == pytest.approx(0.001)
 
 
+def test_every_parameter_is_used_inside_its_own_modules_forward():
+    """ZeRO-3 fetches a partitioned parameter through its module's forward hooks; a weight read from outside
+    (as `token_type_embeddings.weight[0]` was) goes through its slow external-parameter path instead."""
+    model = ALBEF(tiny_config())
+    owners = {name: m for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
+    called = set()
+    for name, module in owners.items():
+        module.register_forward_hook(lambda m, args, out, name=name: called.add(name))
+    model(make_batch(model.config))
+    assert "text_encoder.embeddings.token_type_embeddings" in owners
+    assert set(owners) - called == set()
+
+
 @pytest.mark.parametrize(("raw", "bound"), [(0.8, 0.5), (1e-4, 0.001)])
 def test_a_temperature_past_a_bound_gets_only_the_gradient_that_brings_it_back(raw, bound):
     model = ALBEF(tiny_config())

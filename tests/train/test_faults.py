@@ -1,6 +1,6 @@
 """Fault injection: real jobs (`bash launch/pretrain.sh`, 2 CPU ranks, ZeRO-3 over gloo), one fault each.
 
-Faults are planted in the ranks by tests/fault_injection/sitecustomize.py (see its docstring), so the
+Faults are planted in the ranks by tests/train/fault_injection/sitecustomize.py (see its docstring), so the
 launcher, engine, loader and checkpoints are the production code. Every job trains the same 8 steps
 (checkpoint every 4) on the same data as the fault-free reference run, so the same seed and world size
 must give the very same losses, and a resumed job must continue exactly where its checkpoint left off.
