@@ -43,13 +43,17 @@ def recall_at_k(scores_i2t: torch.Tensor, image_ids: torch.Tensor, text_image_id
 
     An image-to-text hit is any caption of the image within the top k; a text's single positive is its image.
     """
-    positive = image_ids[:, None] == text_image_ids[None, :]
-    i2t_rank = _ranks_of_best_positive(scores_i2t, positive)
-    t2i_rank = _ranks_of_best_positive(scores_i2t.T, positive.T)
-    return {
-        "i2t": {f"r{k}": (i2t_rank < k).float().mean().item() for k in ks},
-        "t2i": {f"r{k}": (t2i_rank < k).float().mean().item() for k in ks},
-    }
+    return {"i2t": recall_of_queries(scores_i2t, image_ids, text_image_ids, ks),
+            "t2i": recall_of_queries(scores_i2t.T, text_image_ids, image_ids, ks)}
+
+
+def recall_of_queries(scores: torch.Tensor, query_ids: torch.Tensor, candidate_ids: torch.Tensor,
+                      ks: tuple[int, ...] = RECALL_KS) -> dict:
+    """Recall@k of one direction: `scores` [queries, candidates]; a hit is a candidate with the query's image id
+    within the top k. (One direction at a time: re-ranked scores differ by direction, and a COCO-5k matrix is
+    large.)"""
+    rank = _ranks_of_best_positive(scores, query_ids[:, None] == candidate_ids[None, :])
+    return {f"r{k}": (rank < k).float().mean().item() for k in ks}
 
 
 @dataclass
@@ -75,10 +79,9 @@ def retrieval_examples(i2t: torch.Tensor, t2i: torch.Tensor, image_ids: torch.Te
                        queries: int = 4, top: int = 5) -> Examples:
     """The top `top` candidates of `queries` image queries (rows of i2t [images, texts]) and as many caption
     queries (rows of t2i [texts, images]), ranked as recall_at_k ranks them."""
-    positive = image_ids[:, None] == text_image_ids[None, :]
     images, texts = spread(len(image_ids), queries), spread(len(text_image_ids), queries)
-    image_top, image_hit = _top_candidates(i2t[images], positive[images], top)
-    text_top, text_hit = _top_candidates(t2i[texts], positive.T[texts], top)
+    image_top, image_hit = _top_candidates(i2t[images], image_ids[images, None] == text_image_ids[None, :], top)
+    text_top, text_hit = _top_candidates(t2i[texts], text_image_ids[texts, None] == image_ids[None, :], top)
     return Examples(images, image_top, image_hit, texts, text_top, text_hit)
 
 
@@ -176,8 +179,8 @@ def evaluate_retrieval(model, data, batch_size: int, itm_rerank_k: int, device: 
     image_ids, text_image_ids = enc["image_ids"].cpu(), enc["text_ids"].cpu()
     i2t, t2i = i2t.cpu(), t2i.cpu()
     metrics = {
-        "i2t": recall_at_k(i2t, image_ids, text_image_ids)["i2t"],
-        "t2i": recall_at_k(t2i.T, image_ids, text_image_ids)["t2i"],
+        "i2t": recall_of_queries(i2t, image_ids, text_image_ids),
+        "t2i": recall_of_queries(t2i, text_image_ids, image_ids),
         "num_images": int(image_ids.numel()),
         "num_texts": int(text_image_ids.numel()),
         "itm_rerank_k": itm_rerank_k,
