@@ -129,7 +129,7 @@ def _itm_rerank(model, query_embeds, cand_embeds, text_mask, sim, k: int, batch_
     query rows are split across ranks."""
     rank, world = distributed.rank(), distributed.world_size()
     rows, k = sim.shape[0], min(k, sim.shape[1])
-    topk = sim.topk(k, dim=1).indices
+    topk = finite_or_last(sim).topk(k, dim=1).indices  # topk takes NaN for the largest value
     rows_per_call = max(1, batch_size // k)
     per_rank = math.ceil(math.ceil(rows / world) / rows_per_call) * rows_per_call
     # Past the last row, repeat it: every rank must run the same number of forward passes.

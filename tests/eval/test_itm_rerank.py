@@ -116,3 +116,17 @@ def test_reranking_orders_the_top_k_by_itm_and_keeps_the_rest_in_itc_order():
 def reference_order(itc: list[float], margins: list[float], k: int) -> list[int]:
     top = sorted(range(len(itc)), key=lambda c: -itc[c])[:k]
     return sorted(top, key=lambda c: -margins[c]) + sorted(set(range(len(itc))) - set(top), key=lambda c: -itc[c])
+
+
+def test_a_nan_similarity_takes_no_re_ranking_slot():
+    # Caption 2's feature is NaN (so is its whole column). Image 0's ITC: its caption 0.5, caption 1 0.9; with
+    # k = 2 the slots go to captions 1 and 0 (torch's topk alone would hand one to the NaN, leaving caption 0
+    # behind caption 1), and ITM puts caption 0 first. Image 1 likewise finds caption 1; image 2's caption is NaN.
+    sim = torch.tensor([[0.5, 0.9, 0.0], [0.1, 0.8, 0.0], [0.1, 0.2, 0.0]])
+    sim[:, 2] = float("nan")
+    margin = torch.zeros(3, 3)
+    margin[0, 1] = 1.0
+    margin[torch.arange(3), torch.arange(3)] = 3.0
+    metrics, _ = evaluate_retrieval(TableModel(sim, margins_to_logits(margin)), IndexData([0, 1, 2], 3), 4, 2, CPU)
+    assert metrics["i2t"]["r1"] == pytest.approx(2 / 3)
+    assert metrics["non_finite_queries"] == {"i2t": 3, "t2i": 1}  # every image row holds the NaN; one caption
