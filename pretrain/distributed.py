@@ -27,9 +27,13 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; older releases lack the new name
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
 def _all_gather(x: Tensor) -> Tensor:
     out = x.new_empty((world_size() * len(x), *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous())
+    _all_gather_single(out, x.contiguous())
     return out
 
 
