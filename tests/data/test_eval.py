@@ -8,6 +8,7 @@ import torch
 from data_pipeline import load_eval_data
 from data_pipeline.samples import image_id_of
 from data_pipeline.text import clean_caption
+from tests.helpers.data import encoded, ramp_with_marker, read_split
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +17,7 @@ def eval_data(synthetic_shards, tokenizer):
 
 
 def test_every_caption_of_every_image_in_shard_order(eval_data, synthetic_shards, synthetic_coco, tokenizer):
-    import webdataset as wds
-
-    manifest = json.loads((synthetic_shards["val"] / "manifest.json").read_text())
-    urls = [str(synthetic_shards["val"] / s["name"]) for s in manifest["shards"]]
-    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    samples = read_split(synthetic_shards["val"])
     assert eval_data.num_images == 12 and eval_data.num_texts == 60
     assert eval_data.keys == [s["__key__"] for s in samples]
     assert eval_data.image_ids.tolist() == [image_id_of(s["__key__"]) for s in samples]
@@ -54,19 +51,10 @@ def test_eval_images_are_deterministic(eval_data):
     assert torch.equal(first, next(eval_data.image_batches(3))["pixel_values"])
 
 
-def structured_png(width: int = 60, height: int = 30) -> bytes:
+def structured_png() -> bytes:
     """A non-square picture whose left and right thirds differ (a colour ramp, a white marker near the left
     edge): a centre crop would cut them off."""
-    import io
-
-    from PIL import Image
-
-    image = Image.new("RGB", (width, height))
-    image.putdata([(4 * x, 8 * y, 255 - 4 * x) for y in range(height) for x in range(width)])
-    image.paste((255, 255, 255), (2, 10, 6, 20))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encoded(ramp_with_marker(60, 30, marker=(2, 10, 6, 20)), "PNG")
 
 
 def pil_resized(data: bytes, size: int) -> torch.Tensor:
@@ -85,7 +73,7 @@ def test_eval_image_resizes_the_whole_image_without_a_crop():
 
     data = structured_png()
     expected = pil_resized(data, 16)
-    # what a centre crop would lose: the ramp's ends (blue 255 at x=0, 19 at x=59) and the marker near x=4
+    # what a centre crop would lose: the ramp's ends (blue 255 at x=0, 0 at x=59) and the marker near x=4
     assert expected[2, 0, 0] > 240 and expected[2, 0, 15] < 30
     assert expected[0, 6:10, 1].min() > 150 and expected[0, 0:4, 1].max() < 30
     assert torch.equal(eval_image(data, size=16), expected)

@@ -3,9 +3,9 @@
 from collections import Counter
 
 import pytest
-from tests.helpers.data import read_tar, write_hostile_shards
 
 from data_pipeline import make_train_loader
+from tests.helpers.data import read_tar, write_hostile_shards
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from collections import Counter
 import psutil
 import pytest
 import torch
-from tests.helpers.data import CreatesFile, image_bytes, write_tar
 
 from data_pipeline import DataError, check_shards, make_train_loader
 from data_pipeline.epoch_plan import epoch_quotas, round_robin_position
 from data_pipeline.samples import image_id_of
+from tests.helpers.data import CreatesFile, image_bytes, read_split, write_tar
 
 BATCH_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "image_ids", "keys"}
 
@@ -28,11 +28,7 @@ def loader(spec, tokenizer, **overrides):
 
 
 def train_keys(shard_dir) -> list[str]:
-    import webdataset as wds
-
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
-    urls = [str(shard_dir / s["name"]) for s in manifest["shards"]]
-    return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    return [s["__key__"] for s in read_split(shard_dir)]
 
 
 def test_check_shards_resolves_specs(synthetic_shards):

@@ -1,20 +1,9 @@
 """Reading raw samples from tars: grouping by key, member selection, damaged and missing shards."""
 
-import io
-import tarfile
 from collections import Counter
 
 from data_pipeline.samples import read_samples
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+from tests.helpers.data import tar_bytes
 
 
 def test_members_are_grouped_by_key_and_only_wanted_ones_are_read(tmp_path):

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import webdataset as wds
-from tests.helpers.data import image_bytes, write_coco
 from PIL import Image
 
 from data_pipeline.make_shards import main as make_shards
+from tests.helpers.data import image_bytes, write_coco
 
 
 def run_shards(root, out, *extra):

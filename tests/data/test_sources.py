@@ -4,15 +4,15 @@ import json
 
 import datasets
 import pytest
-import webdataset as wds
-from tests.helpers.data import image_bytes, write_coco
 
 from data_pipeline import DataError
 from data_pipeline.make_shards import main as make_shards
+from data_pipeline.manifest import read_manifest
 from data_pipeline.sources.coco import read_coco
 from data_pipeline.sources.flickr30k import read_flickr30k
 from data_pipeline.sources.hf import read_hf
 from data_pipeline.sources.karpathy import read_karpathy
+from tests.helpers.data import image_bytes, read_split, write_coco
 
 
 def shard_and_read(tmp_path, *args: str) -> dict[str, list[dict]]:
@@ -20,13 +20,11 @@ def shard_and_read(tmp_path, *args: str) -> dict[str, list[dict]]:
     make_shards([*args, "--out", str(out), "--workers", "1", "--quiet"])
     result = {}
     for split_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        manifest = json.loads((split_dir / "manifest.json").read_text())
-        urls = [str(split_dir / s["name"]) for s in manifest["shards"]]
         samples = [
             {"key": s["__key__"], "txt": s["txt"].decode(), "meta": json.loads(s["json"])}
-            for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+            for s in read_split(split_dir)
         ]
-        assert len(samples) == manifest["num_samples"]
+        assert len(samples) == read_manifest(split_dir)["num_samples"]
         result[split_dir.name] = sorted(samples, key=lambda s: str(s["meta"]["image_id"]))
     return result
 

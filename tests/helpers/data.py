@@ -8,17 +8,38 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import webdataset as wds
 from PIL import Image
 
 from data_pipeline.manifest import MANIFEST, file_sha256, write_json_atomic
 
 
-def image_bytes(width: int = 40, height: int = 30, color=(200, 30, 30), fmt: str = "JPEG") -> bytes:
+def image_bytes(
+    width: int = 40, height: int = 30, color: tuple[int, int, int] = (200, 30, 30), fmt: str = "JPEG"
+) -> bytes:
+    return encoded(Image.new("RGB", (width, height), color), fmt)
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    """`image` saved in `fmt` (PIL's format name), as the bytes a file or shard member would hold."""
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def ramp_with_marker(width: int, height: int, marker: tuple[int, int, int, int]) -> Image.Image:
+    """A picture with structure: a colour ramp (red grows left to right, green top to bottom, blue falls left
+    to right) and a white `marker` box (left, top, right, bottom), so a wrong crop, stretch or flip shows."""
+    image = Image.new("RGB", (width, height))
+    image.putdata(
+        [(255 * x // max(1, width - 1), 255 * y // max(1, height - 1), 255 - 255 * x // max(1, width - 1))
+         for y in range(height) for x in range(width)]
+    )  # fmt: skip
+    image.paste((255, 255, 255), marker)
+    return image
 
 
 def write_coco(root: Path, split: str, images: list[dict], captions: list[tuple[int, str]]) -> None:
@@ -35,17 +56,36 @@ def write_coco(root: Path, split: str, images: list[dict], captions: list[tuple[
     (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(document))
 
 
-def write_tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
+def tar_bytes(members: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> bytes:
+    """A tar of `members` in order; a list of (name, data) pairs may repeat a name, a dict cannot."""
+    pairs = members.items() if isinstance(members, Mapping) else members
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in pairs:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> None:
+    path.write_bytes(tar_bytes(members))
 
 
 def read_tar(path: Path) -> dict[str, bytes]:
     with tarfile.open(path) as tar:
         return {member.name: tar.extractfile(member).read() for member in tar.getmembers() if member.isfile()}
+
+
+def shard_urls(split_dir: Path) -> list[str]:
+    """The shard paths a split directory's manifest.json lists, in its order."""
+    manifest = json.loads((split_dir / MANIFEST).read_text())
+    return [str(split_dir / entry["name"]) for entry in manifest["shards"]]
+
+
+def read_split(split_dir: Path) -> list[dict]:
+    """Every raw sample of a split directory in manifest order, read by plain webdataset (not our reader)."""
+    return list(wds.WebDataset(shard_urls(split_dir), shardshuffle=False, empty_check=False))
 
 
 class CreatesFile:
@@ -54,7 +94,7 @@ class CreatesFile:
     def __init__(self, path: Path):
         self.path = path
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple:
         return open, (str(self.path), "w")
 
 
