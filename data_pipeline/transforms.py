@@ -32,9 +32,15 @@ def random_crop_box(
             left = rng.randint(0, width - w)
             top = rng.randint(0, height - h)
             return left, top, left + w, top + h
-    side = min(width, height)  # fallback: central square, as torchvision does for extreme images
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
+    # fallback, as torchvision's: the central crop at the allowed aspect nearest the image's (whole if allowed)
+    if width / height < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
 def _decode_for(image: Image.Image, box: tuple[int, int, int, int], size: int):

@@ -16,6 +16,11 @@ from PIL import Image
 
 from data_pipeline.manifest import MANIFEST, file_sha256, write_json_atomic
 
+# OpenAI CLIP's preprocessing statistics (ALBEF and BLIP use them), written out here rather than imported from the
+# code under test: a test that read them from data_pipeline.transforms would accept any constants
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 def image_bytes(
     width: int = 40, height: int = 30, color: tuple[int, int, int] = (200, 30, 30), fmt: str = "JPEG"
