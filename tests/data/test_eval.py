@@ -8,7 +8,7 @@ import torch
 from data_pipeline import load_eval_data
 from data_pipeline.samples import image_id_of
 from data_pipeline.text import clean_caption
-from tests.helpers.data import encoded, ramp_with_marker, read_split
+from tests.helpers.data import CLIP_MEAN, CLIP_STD, encoded, ramp_with_marker, read_split
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_eval_batches_are_normalised_with_the_clip_statistics(tokenizer):
     tokens = torch.ones(1, 4, dtype=torch.long)
     eval_data = EvalData(["k"], ids, [data], ["a caption"], ids, tokens, tokens, image_size=16, skipped={})
     pixels = next(eval_data.image_batches(1))["pixel_values"][0]
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float64).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], dtype=torch.float64).view(3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float64).view(3, 1, 1)
     expected = (pil_resized(data, 16).double() / 255 - mean) / std
     assert pixels.dtype == torch.float32
     torch.testing.assert_close(pixels.double(), expected, rtol=0, atol=1e-5)
