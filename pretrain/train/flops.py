@@ -1,18 +1,26 @@
 """Training FLOPs per sample of ALBEF (for MFU): matmuls only, 2 FLOPs per multiply-add, backward = 2x
-forward. Counts what `ALBEF.forward` runs: the ViT once, the text encoder on clean and masked text, the
-fusion encoder on four text streams (positive, hard-negative text, masked text, hard-negative image)
-with the cross-attention keys/values projected once per image (own image and hard-negative image),
-the MLM head on the masked tokens. Leaves out the ITC similarity matrix (O(global batch x embed_dim)).
+forward (the input and the weight gradient) except for the ViT patch embedding, whose input (the pixels)
+needs no gradient: its backward is the weight gradient alone, 1x forward. Counts what `ALBEF.forward`
+runs: the ViT once, the text encoder on clean and masked text, the fusion encoder on four text streams
+(positive, hard-negative text, masked text, hard-negative image) with the cross-attention keys/values
+projected once per image (own image and hard-negative image), the MLM head on the masked tokens. Leaves
+out the ITC similarity matrix (O(global batch x embed_dim)).
 
 Text is counted on its real tokens: the text and fusion encoders run on the non-padding tokens only,
 so `text_tokens` is the mean number of real tokens per caption (the padded length gives an upper
-bound). Attention scores are counted as text_tokens^2 per caption, what flash-attn's varlen kernel
-does for captions of equal length; the padded CPU kernels also score the padding (not counted).
+bound). Attention is counted as text_tokens^2 per caption, what flash-attn's varlen kernel does for
+captions of equal length; the padded CPU kernels also score the padding (not counted).
+
+The count is kept per component (`forward_flops_by_component`), each one what a set of modules runs,
+so a test can hold every term against a FLOP counter's per-module breakdown.
 """
 
 from __future__ import annotations
 
 from pretrain.model.config import ModelConfig
+
+# Backward / forward FLOPs of a component; the others take 2 (input and weight gradients).
+_BACKWARD_RATIO = {"vision.patch_embed": 1.0}
 
 
 def _linear(tokens: float, d_in: int, d_out: int) -> float:
@@ -23,35 +31,55 @@ def _attention(q_tokens: float, k_tokens: float, hidden: int) -> float:
     return 2 * 2.0 * q_tokens * k_tokens * hidden  # scores and the weighted sum of values
 
 
-def _bert_layer(c: ModelConfig, length: float) -> float:
+def _bert_projections(c: ModelConfig, length: float) -> float:
+    """A BERT layer's self-attention (fused QKV + out) and FFN projections."""
     d = c.text_hidden
-    return _linear(length, d, 4 * d) + _attention(length, length, d) + 2 * _linear(length, d, c.text_intermediate)
+    return _linear(length, d, 4 * d) + 2 * _linear(length, d, c.text_intermediate)
+
+
+def forward_flops_by_component(
+    config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15
+) -> dict[str, float]:
+    """Forward FLOPs of one sample per component: `*.projections` are an encoder's linear layers,
+    `*_attention` the attention products (scores and weighted sum of values) of its layers."""
+    c, length = config, text_tokens
+    image_tokens = c.num_patches + 1
+    streams = 4  # fusion text streams per sample: positive, hard-negative text, masked text, hard-negative image
+    return {
+        "vision.patch_embed": _linear(c.num_patches, 3 * c.patch_size**2, c.vision_hidden),
+        "vision.projections": c.vision_layers * (
+            _linear(image_tokens, c.vision_hidden, 4 * c.vision_hidden)
+            + 2 * _linear(image_tokens, c.vision_hidden, c.vision_mlp)
+        ),
+        "vision.self_attention": c.vision_layers * _attention(image_tokens, image_tokens, c.vision_hidden),
+        "text.projections": 2 * c.text_layers * _bert_projections(c, length),  # clean and masked text
+        "text.self_attention": 2 * c.text_layers * _attention(length, length, c.text_hidden),
+        "fusion.projections": c.fusion_layers * streams * (
+            _bert_projections(c, length) + _linear(length, c.text_hidden, 2 * c.text_hidden)  # + cross query, out
+        ),
+        "fusion.self_attention": c.fusion_layers * streams * _attention(length, length, c.text_hidden),
+        # keys and values projected once per image: the sample's own and its hard-negative image
+        "fusion.cross_key_value": c.fusion_layers * 2 * _linear(image_tokens, c.vision_hidden, 2 * c.text_hidden),
+        "fusion.cross_attention": c.fusion_layers * streams * _attention(length, image_tokens, c.text_hidden),
+        "heads.itc": _linear(1, c.vision_hidden, c.embed_dim) + _linear(1, c.text_hidden, c.embed_dim),
+        "heads.itm": _linear(3, c.text_hidden, 2),  # the positive and the two hard negatives
+        "heads.mlm": _linear(mlm_probability * length, c.text_hidden, c.text_hidden + c.vocab_size),
+    }  # fmt: skip
+
+
+def train_flops_by_component(
+    config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15
+) -> dict[str, float]:
+    """Forward + backward FLOPs of one sample per component (see `forward_flops_by_component`)."""
+    forward = forward_flops_by_component(config, text_tokens, mlm_probability)
+    return {name: (1 + _BACKWARD_RATIO.get(name, 2.0)) * flops for name, flops in forward.items()}
 
 
 def forward_flops_per_sample(config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15) -> float:
-    c, length = config, text_tokens
-    image_tokens = c.num_patches + 1
-    vit = _linear(c.num_patches, 3 * c.patch_size**2, c.vision_hidden) + c.vision_layers * (
-        _linear(image_tokens, c.vision_hidden, 4 * c.vision_hidden)
-        + _attention(image_tokens, image_tokens, c.vision_hidden)
-        + 2 * _linear(image_tokens, c.vision_hidden, c.vision_mlp)
-    )
-    text = 2 * c.text_layers * _bert_layer(c, length)
-    cross_per_stream = _linear(length, c.text_hidden, 2 * c.text_hidden) + _attention(
-        length, image_tokens, c.text_hidden
-    )
-    cross_kv_per_image = _linear(image_tokens, c.vision_hidden, 2 * c.text_hidden)
-    fusion = c.fusion_layers * (4 * (_bert_layer(c, length) + cross_per_stream) + 2 * cross_kv_per_image)
-    heads = (
-        _linear(1, c.vision_hidden, c.embed_dim)
-        + _linear(1, c.text_hidden, c.embed_dim)
-        + _linear(3, c.text_hidden, 2)
-        + _linear(mlm_probability * length, c.text_hidden, c.text_hidden + c.vocab_size)
-    )
-    return vit + text + fusion + heads
+    return sum(forward_flops_by_component(config, text_tokens, mlm_probability).values())
 
 
 def train_flops_per_sample(config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15) -> float:
     """Forward + backward FLOPs of one training sample (ITC + ITM + MLM) whose caption has `text_tokens`
     real tokens, `mlm_probability` of them masked."""
-    return 3 * forward_flops_per_sample(config, text_tokens, mlm_probability)
+    return sum(train_flops_by_component(config, text_tokens, mlm_probability).values())

@@ -1,9 +1,13 @@
+from collections import defaultdict
+
 import pytest
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.model import ALBEF
-from pretrain.train.flops import train_flops_per_sample
+from pretrain.model.attention import CrossAttention, SelfAttention
+from pretrain.train.flops import forward_flops_by_component, train_flops_by_component, train_flops_per_sample
 from tests.helpers.model import make_batch, tiny_config
 
 
@@ -139,13 +143,65 @@ def _counted_flops(model: ALBEF, batch: dict) -> dict[str, int]:
     return {str(op): n / len(batch["input_ids"]) for op, n in counter.get_flop_counts()["Global"].items()}
 
 
-def test_train_flops_match_the_flop_counter():
+_HEADS = {"vision_proj": "heads.itc", "text_proj": "heads.itc", "itm_head": "heads.itm", "mlm_head": "heads.mlm"}
+_ENCODERS = {"image_encoder": "vision", "text_encoder": "text", "fusion_encoder": "fusion"}
+
+
+def _forward_flops_by_component(model: ALBEF, batch: dict) -> tuple[dict[str, float], float]:
+    """The counter's per-module breakdown of a forward, per sample, grouped as the formula's components
+    (linear layers by where they sit; an attention module's own work beyond its projections is its
+    attention products), and the FLOPs ALBEF.forward runs outside its submodules. Only the forward: the counter's module
+    tracker attributes backward FLOPs to the wrong modules (the text embeddings get most of them)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(batch)
+    size = len(batch["input_ids"])
+    counts = {name.removeprefix("ALBEF."): sum(ops.values()) / size for name, ops in counter.get_flop_counts().items()}
+    components: dict[str, float] = defaultdict(float)
+    for name, module in model.named_modules():
+        top, flops = name.split(".")[0], counts.get(name, 0.0)
+        if top in _HEADS:
+            components[_HEADS[top]] += flops if name == top else 0.0
+        elif isinstance(module, nn.Conv2d):
+            components["vision.patch_embed"] += flops
+        elif isinstance(module, nn.Linear):
+            kind = "cross_key_value" if name.endswith("cross_attn.key_value") else "projections"
+            components[f"{_ENCODERS[top]}.{kind}"] += flops
+        elif isinstance(module, (SelfAttention, CrossAttention)):
+            own = flops - sum(counts.get(f"{name}.{child}", 0.0) for child, _ in module.named_children())
+            kind = "cross_attention" if isinstance(module, CrossAttention) else "self_attention"
+            components[f"{_ENCODERS[top]}.{kind}"] += own
+    assert counts["ALBEF"] == counts["Global"]
+    return dict(components), counts["ALBEF"] - sum(counts.get(child, 0.0) for child, _ in model.named_children())
+
+
+def test_train_flops_match_the_flop_counter_term_by_term():
+    """Every term of the formula equals what the counter sees the modules run, exactly (integers in floats):
+    dropping any term (the cross-attention products, the patch embedding, a head...) or miscounting its
+    backward fails."""
+    torch.manual_seed(0)
     config = tiny_config(attention="eager")  # the counter sees eager attention's matmuls
+    model = ALBEF(config)
     batch = make_batch(config, batch_size=4, length=12)
     batch["attention_mask"].fill_(1)  # no padding: the padded kernels then do exactly the counted work
     masked_fraction = (batch["mlm_labels"] != -100).float().mean().item()
-    measured = sum(_counted_flops(ALBEF(config), batch).values())
-    assert measured == pytest.approx(train_flops_per_sample(config, 12, masked_fraction), rel=0.02)
+    size, rel = len(batch["input_ids"]), 1e-9
+    # ITC's similarity matrices, which the formula leaves out: 2 directions of [B, E] x [E, B] per batch.
+    itc_similarities = 2 * 2 * size * config.embed_dim
+
+    counted, outside_modules = _forward_flops_by_component(model, batch)
+    formula = forward_flops_by_component(config, 12, masked_fraction)
+    assert outside_modules == itc_similarities  # nothing but ITC runs outside the modules sorted above
+    assert counted.keys() == formula.keys()
+    for name, flops in formula.items():
+        assert counted[name] == pytest.approx(flops, rel=rel), name
+    total = sum(formula.values())
+    assert min(formula.values()) > 1000 * rel * total  # so leaving out any one term fails
+
+    # Forward + backward: twice the forward, except the patch embedding (the pixels need no gradient).
+    counted_train = sum(_counted_flops(model, batch).values()) - 3 * itc_similarities
+    predicted = train_flops_per_sample(config, 12, masked_fraction)
+    assert counted_train == pytest.approx(predicted, rel=rel)
+    assert sum(train_flops_by_component(config, 12, masked_fraction).values()) == predicted
 
 
 def test_padding_costs_no_projection_flops():
