@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import AutoModel, BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTModel
+from transformers import AutoModel, BertForMaskedLM, BertModel, ViTModel
 
 from pretrain.model import (
     ALBEF,
@@ -11,35 +11,23 @@ from pretrain.model import (
     load_pretrained,
     vit_state_dict_to_ours,
 )
-from tests.helpers.model import VOCAB, make_batch, tiny_config
-
-
-def _hf_vit(image_size: int) -> ViTModel:
-    torch.manual_seed(1)
-    config = ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                       image_size=image_size, patch_size=8)  # fmt: skip
-    return ViTModel(config, add_pooling_layer=False).eval()
-
-
-def _hf_bert(layers: int = 4, hidden: int = 128) -> BertForMaskedLM:
-    torch.manual_seed(2)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=512, max_position_embeddings=32)  # fmt: skip
-    return BertForMaskedLM(config).eval()
+from tests.helpers.hf import hf_bert, hf_vit
+from tests.helpers.model import make_batch, tiny_config
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    _hf_vit(64).save_pretrained(root / "vit")
-    _hf_vit(32).save_pretrained(root / "vit32")
-    _hf_bert().save_pretrained(root / "bert")
+    hf_vit(64).save_pretrained(root / "vit")
+    hf_vit(32).save_pretrained(root / "vit32")
+    hf_bert().save_pretrained(root / "bert")
     return root
 
 
 def _loaded(checkpoints, vit="vit") -> ALBEF:
     """Ours with the checkpoints' weights, in float64: equivalence with HF is checked where rounding is
     ~1e-16, so the comparison is independent of the CPU's float32 accumulation order."""
+    torch.manual_seed(0)  # the parameters no checkpoint sets (cross-attention, ITC/ITM heads)
     model = ALBEF(tiny_config(attention="eager")).eval()
     load_pretrained(model, vit=str(checkpoints / vit), bert=str(checkpoints / "bert"))
     return model.double()
@@ -78,6 +66,21 @@ def test_loaded_encoders_reproduce_hf_outputs(checkpoints):
     assert model.mlm_head.decoder.weight is model.text_encoder.embeddings.word_embeddings.weight
 
 
+def test_the_mlm_head_is_loaded_from_bert_for_masked_lm(checkpoints):
+    """The transform (dense, GELU, LayerNorm) and the decoder bias come from `cls.predictions`, the decoder
+    weight is the word embeddings: the head's logits are HF's on the same hidden states."""
+    model = _loaded(checkpoints)
+    hf_bert = _hf(BertForMaskedLM, checkpoints / "bert")
+    transform = hf_bert.cls.predictions.transform
+    for ours, theirs in ((model.mlm_head.dense, transform.dense), (model.mlm_head.norm, transform.LayerNorm)):
+        assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+    assert model.mlm_head.norm.eps == transform.LayerNorm.eps
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(20, model.config.text_hidden, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.mlm_head(hidden), hf_bert.cls(hidden), **EXACT)
+
+
 def test_text_encoder_gradients_equal_hf_bert_on_a_padded_batch(checkpoints):
     """Ours packs the real tokens, HF BERT computes on the padded batch: same outputs and gradients."""
     model = _loaded(checkpoints)
@@ -98,12 +101,24 @@ def test_text_encoder_gradients_equal_hf_bert_on_a_padded_batch(checkpoints):
 
 
 def test_positions_are_interpolated_like_hf(checkpoints):
+    """Ours resizes a checkpoint's positions once at load (bicubic, computed in float32), HF at every forward:
+    the same values to float32 rounding, and with those values the same encoder."""
     model = _loaded(checkpoints, vit="vit32")  # checkpoint at 32 px, model at 64 px
+    hf = _hf(ViTModel, checkpoints / "vit32")
     pixels = _double_batch(model.config)["pixel_values"]
+    c = model.config
     with torch.no_grad():
-        reference = _hf(ViTModel, checkpoints / "vit32")(pixels, interpolate_pos_encoding=True).last_hidden_state
-        # ours resizes the positions once at load, in float32 (HF each forward, here in float64)
-        torch.testing.assert_close(model.encode_image(pixels)[0], reference, atol=1e-5, rtol=1e-5)
+        expected = hf.embeddings.interpolate_pos_encoding(
+            torch.empty(1, 1 + c.num_patches, c.vision_hidden), c.image_size, c.image_size)  # fmt: skip
+        ours = model.image_encoder.pos_embed
+        # Bicubic weights of one output sum to 1 in absolute value 1.25 at most; float32 arithmetic on them
+        # and the final rounding leave each value within a few float32 steps of the largest input.
+        float32_steps = 4 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+        torch.testing.assert_close(ours, expected, rtol=0, atol=float32_steps)
+        assert (ours[0, 1:] - ours[0, 1:].mean(dim=0)).abs().max() > 1000 * float32_steps  # positions differ
+        ours.copy_(expected)
+        reference = hf(pixels, interpolate_pos_encoding=True).last_hidden_state
+        torch.testing.assert_close(model.encode_image(pixels)[0], reference, **EXACT)
 
 
 def test_export_round_trip_through_automodel(checkpoints, tmp_path):
@@ -124,12 +139,12 @@ def test_export_round_trip_through_automodel(checkpoints, tmp_path):
 def test_mismatched_checkpoints_fail_with_one_clear_error():
     config = tiny_config()
     with pytest.raises(HFWeightsError, match="missing.*encoder.layer.3"):
-        bert_state_dict_to_ours(_hf_bert(layers=3).state_dict(), config)
+        bert_state_dict_to_ours(hf_bert(layers=3).state_dict(), config)
     with pytest.raises(HFWeightsError, match="unexpected.*encoder.layer.4"):
-        bert_state_dict_to_ours(_hf_bert(layers=5).state_dict(), config)
+        bert_state_dict_to_ours(hf_bert(layers=5).state_dict(), config)
     with pytest.raises(HFWeightsError, match="shapes do not fit.*word_embeddings"):
-        bert_state_dict_to_ours(_hf_bert(hidden=64).state_dict(), config)
-    vit = _hf_vit(64).state_dict()
+        bert_state_dict_to_ours(hf_bert(hidden=64).state_dict(), config)
+    vit = hf_vit(64).state_dict()
     vit["layers.0.attention.q_proj.weight"] = torch.zeros(128, 64)
     with pytest.raises(HFWeightsError, match=r"q_proj.weight \(128, 64\) for image_encoder.blocks.0.attn.qkv.weight"):
         vit_state_dict_to_ours(vit, config)
@@ -138,7 +153,7 @@ def test_mismatched_checkpoints_fail_with_one_clear_error():
 def test_hub_style_names_map_like_current_ones():
     """Files on the Hub (and older transformers) spell ViT's and BERT's names the old way."""
     config = tiny_config()
-    current = _hf_vit(64).state_dict()
+    current = hf_vit(64).state_dict()
     old = {
         k.replace("layers.", "encoder.layer.")
         .replace("attention.q_proj", "attention.attention.query")
@@ -153,7 +168,7 @@ def test_hub_style_names_map_like_current_ones():
     assert from_old.keys() == from_current.keys()
     for name, value in from_current.items():  # the values too: a swapped query/key would keep the key set
         assert torch.equal(from_old[name], value), name
-    current_bert = _hf_bert().state_dict()
+    current_bert = hf_bert().state_dict()
     old_bert = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
                 if k.startswith(("embeddings", "encoder")) else k: v for k, v in current_bert.items()}  # fmt: skip
     from_old, from_current = bert_state_dict_to_ours(old_bert, config), bert_state_dict_to_ours(current_bert, config)
