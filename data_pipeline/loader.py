@@ -94,6 +94,10 @@ class TrainLoader:
                 self.position += 1
                 yield batch
         except DataError as error:  # a worker's error arrives wrapped in its traceback; keep the one line
+            # its traceback and the frame that raised it hold each other and the DataLoader iterator: left to
+            # the garbage collector, the iterator's queues are torn down first and its shutdown then waits 5 s
+            # per worker (MP_STATUS_CHECK_INTERVAL) at some later point; dropped here, the workers end at once
+            error.__traceback__ = None
             raise DataError(
                 str(error).strip().splitlines()[-1].removeprefix("data_pipeline.errors.DataError: ")
             ) from None

@@ -1,8 +1,10 @@
 """The training loader: spec checks, batch contract, exactly-once epochs, exact resume, safety, bad data."""
 
+import gc
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -12,11 +14,12 @@ from collections import Counter
 import psutil
 import pytest
 import torch
+from PIL import Image
 
 from data_pipeline import DataError, check_shards, make_train_loader
 from data_pipeline.epoch_plan import epoch_quotas, round_robin_position
 from data_pipeline.samples import image_id_of
-from tests.helpers.data import CLIP_MEAN, CLIP_STD, CreatesFile, image_bytes, read_split, write_tar
+from tests.helpers.data import CLIP_MEAN, CLIP_STD, CreatesFile, encoded, image_bytes, read_split, write_tar
 
 BATCH_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "image_ids", "keys"}
 
@@ -169,10 +172,23 @@ def test_resume_gives_the_batches_an_uninterrupted_loader_gives(
     assert all(batches_equal(a, b) for a, b in zip(uninterrupted[consumed:], rest, strict=True))
 
 
-def test_resume_rejects_a_different_layout(synthetic_shards, tokenizer):
-    state = loader(str(synthetic_shards["train"]), tokenizer, num_workers=2).state_dict()
-    with pytest.raises(DataError, match="num_workers"):
-        loader(str(synthetic_shards["train"]), tokenizer, num_workers=1).load_state_dict(state)
+@pytest.mark.parametrize(
+    ("option", "saved", "now"), [("seed", 0, 1), ("world_size", 1, 2), ("num_workers", 2, 1), ("batch_size", 5, 4)]
+)
+def test_resume_rejects_a_different_layout(synthetic_shards, tokenizer, option, saved, now):
+    spec = str(synthetic_shards["train"])
+    state = loader(spec, tokenizer, num_workers=2).state_dict()
+    assert state[option] == saved
+    with pytest.raises(DataError) as error:
+        loader(spec, tokenizer, **{"num_workers": 2, option: now}).load_state_dict(state)
+    assert str(error.value) == (
+        f"exact resume needs the same {option} as the saved run ({{'{option}': {saved}}}); "
+        f"keep them or start the loader fresh"
+    )
+    resampled = loader(spec, tokenizer, mode="resampled").state_dict()
+    with pytest.raises(DataError) as error:
+        loader(spec, tokenizer).load_state_dict(resampled)
+    assert str(error.value) == "loader state is from mode 'resampled', not 'epoch'; use the same mode"
 
 
 def wait_until(condition, seconds: float = 10.0) -> bool:
@@ -256,15 +272,39 @@ def test_corrupt_samples_are_skipped_counted_and_batches_stay_exact(tmp_path, to
         list(loader(str(tmp_path / "mixed.tar"), tokenizer, batch_size=3, max_pixels=20_000, max_bad_fraction=0.2))
 
 
+def live_children(excluded: set[int]) -> list[psutil.Process]:
+    return [
+        child
+        for child in psutil.Process().children()
+        if child.pid not in excluded and child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    ]
+
+
 def test_a_stream_without_captions_is_an_error_not_a_hang(tmp_path, tokenizer):
+    """One line that names the fix, and the workers gone with the error: not left to a garbage collection that
+    would stall 5 s per worker wherever it happened to run (the next test, the trainer's exit)."""
     write_tar(tmp_path / "a.tar", {f"k{i}.jpg": image_bytes() for i in range(6)})
     write_tar(tmp_path / "b.tar", {f"j{i}.jpg": image_bytes() for i in range(6)})
     spec = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
-    with pytest.raises(DataError, match="no valid sample") as error:
-        list(loader(spec, tokenizer, batch_size=2, num_workers=2))
-    assert "\n" not in str(error.value) and "no_caption=6" in str(error.value)
-    with pytest.raises(DataError, match="in a row unusable"):
-        next(iter(loader(spec, tokenizer, batch_size=2, num_workers=1, mode="resampled")))
+    before = {child.pid for child in psutil.Process().children()}
+    gc.disable()  # only the error itself may end the workers here
+    try:
+        with pytest.raises(DataError) as error:
+            list(loader(spec, tokenizer, batch_size=2, num_workers=2))
+        assert re.fullmatch(
+            rf"no valid sample in shards \['{tmp_path}/[ab]\.tar'\] \(skipped: no_caption=6\); check or rebuild them",
+            str(error.value),
+        )
+        assert live_children(before) == []
+        with pytest.raises(DataError) as error:
+            next(iter(loader(spec, tokenizer, batch_size=2, num_workers=1, mode="resampled")))
+        assert str(error.value) == (
+            f"1000 samples in a row unusable ({{'no_caption': 1000}}) in {[[spec[0]], [spec[1]]]}; "
+            "check or rebuild the shards"
+        )
+        assert live_children(before) == []
+    finally:
+        gc.enable()
 
 
 def test_resampled_mode_is_endless_and_follows_source_weights(tmp_path, tokenizer):
@@ -284,3 +324,57 @@ def test_resampled_mode_is_endless_and_follows_source_weights(tmp_path, tokenize
             break
     share_a = sum(k.startswith("a") for k in keys) / len(keys)
     assert 0.75 < share_a < 0.85
+
+
+def test_each_epoch_draws_one_caption_per_image_at_random(tmp_path, tokenizer):
+    """docs/data.md: one caption at random per epoch. Over 40 epochs each of 2 images shows every one of its 5
+    captions (a uniform draw misses one with probability under 0.2%; the draw is seeded, so this is fixed), the
+    same seed draws the same captions and another seed other ones."""
+    captions = ["a red circle on the left", "a blue square at the top", "a green triangle in the center",
+                "a yellow diamond on the right", "a purple circle at the bottom"]  # fmt: skip
+    members = {}
+    for key in ("first", "second"):
+        members |= {f"{key}.jpg": image_bytes(), f"{key}.txt": captions[0].encode()}
+        members[f"{key}.json"] = json.dumps({"captions": captions}).encode()
+    write_tar(tmp_path / "captions.tar", members)
+    caption_of = {
+        tuple(tokenizer(caption, padding="max_length", max_length=24)["input_ids"]): caption for caption in captions
+    }
+    assert len(caption_of) == 5  # the tokenizer tells the five apart
+
+    def drawn(seed: int, epochs: int) -> list[dict[str, str]]:
+        train = loader(str(tmp_path / "captions.tar"), tokenizer, batch_size=2, seed=seed, image_size=8)
+        per_epoch = []
+        for _ in range(epochs):  # each iteration is the next epoch, as in a training loop
+            (batch,) = list(train)
+            rows = batch["input_ids"].tolist()
+            per_epoch.append({key: caption_of[tuple(row)] for key, row in zip(batch["keys"], rows, strict=True)})
+        return per_epoch
+
+    epochs = drawn(seed=0, epochs=40)
+    assert all(sorted(epoch) == ["first", "second"] for epoch in epochs)  # one caption per image per epoch
+    for key in ("first", "second"):
+        assert {epoch[key] for epoch in epochs} == set(captions)
+    assert drawn(seed=0, epochs=4) == epochs[:4]
+    assert drawn(seed=1, epochs=4) != epochs[:4]
+
+
+def test_jpeg_and_webp_members_are_read_like_jpg_and_png(tmp_path, tokenizer):
+    """docs/data.md: jpg/jpeg/png/webp members are read; each sample here is a plain colour in one format."""
+    colors = {"jpg": (200, 30, 30), "jpeg": (30, 200, 30), "png": (30, 30, 200), "webp": (200, 200, 30)}
+    formats = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+    members = {}
+    for extension, color in colors.items():
+        options = {"lossless": True} if extension == "webp" else {}
+        members[f"{extension}_sample.{extension}"] = encoded(Image.new("RGB", (24, 24), color), formats[extension],
+                                                             **options)  # fmt: skip
+        members[f"{extension}_sample.txt"] = b"a plain colour"
+    write_tar(tmp_path / "formats.tar", members)
+    train = loader(str(tmp_path / "formats.tar"), tokenizer, batch_size=4, image_size=8)
+    (batch,) = list(train)
+    assert train.skip_counts() == {} and sorted(batch["keys"]) == sorted(f"{e}_sample" for e in colors)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD).view(3, 1, 1) * 255
+    for key, pixels in zip(batch["keys"], batch["pixel_values"], strict=True):
+        color = torch.tensor(colors[key.removesuffix("_sample")], dtype=torch.float32).view(3, 1, 1)
+        assert (pixels * std + mean - color).abs().max() < 4, key  # JPEG may move a plain colour by a level or two
