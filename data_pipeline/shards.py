@@ -120,7 +120,10 @@ def _resolve_source(part: str, weight: float) -> ShardSource:
             raise DataError(f"shard pattern {part!r} matches no file; check the path")
         missing = [url for url in urls if not Path(url).is_file()]
         if missing:
-            raise DataError(f"{len(missing)} of {len(urls)} shards in {part!r} are missing (e.g. {missing[0]})")
+            raise DataError(
+                f"{len(missing)} of {len(urls)} shards in {part!r} are missing (e.g. {missing[0]}); "
+                f"check the spec or rerun make_shards"
+            )
         shards = tuple(Shard(url, _count_samples(Path(url))) for url in urls)
     if not shards:
         raise DataError(f"shard source {part!r} holds no shards; rerun make_shards")

@@ -46,22 +46,41 @@ def test_check_shards_resolves_specs(synthetic_shards):
     assert [(len(s.shards), s.weight) for s in weighted.sources] == [(4, 0.7), (3, 0.3)]
 
 
+def write_manifest_of_a_missing_shard(directory) -> str:
+    directory.mkdir()
+    (directory / "manifest.json").write_text(json.dumps({"shards": [{"name": "gone.tar", "num_samples": 3}]}))
+    return str(directory)
+
+
 @pytest.mark.parametrize(
     ("make_spec", "options", "message"),
     [
-        (lambda d: str(d / "train-000009.tar"), {}, "missing"),
-        (lambda d: str(d / "nothing-*.tar"), {}, "matches no file"),
-        (lambda d: str(d.parent), {}, "no manifest.json"),
-        (lambda d: str(d), {"world_size": 2, "num_workers": 3}, "4 shards cannot feed 2 ranks x 3 workers"),
-        (lambda d: f"{d}::0.5", {}, "weights only apply"),
-        (lambda d: str(d), {"mode": "sequential"}, "not one of"),
+        (lambda d, t: str(d / "train-000009.tar"), {},
+         "1 of 1 shards in '{d}/train-000009.tar' are missing (e.g. {d}/train-000009.tar); "
+         "check the spec or rerun make_shards"),
+        (lambda d, t: write_manifest_of_a_missing_shard(t / "partial"), {},
+         "1 shards of {t}/partial/manifest.json are missing (e.g. {t}/partial/gone.tar); rerun make_shards"),
+        (lambda d, t: str(d / "nothing-*.tar"), {},
+         "shard pattern '{d}/nothing-*.tar' matches no file; check the path"),
+        (lambda d, t: str(d.parent), {},
+         "{d.parent} has no manifest.json; run make_shards into it or give a shard pattern"),
+        (lambda d, t: str(d), {"world_size": 2, "num_workers": 3},
+         "4 shards cannot feed 2 ranks x 3 workers in epoch mode; write smaller shards "
+         "(make shards SHARD_SAMPLES=...), use fewer workers, or mode='resampled'"),
+        (lambda d, t: f"{d}::0.5", {},
+         "source weights only apply in mode='resampled'; drop the ::WEIGHT suffixes or switch mode"),
+        (lambda d, t: str(d), {"mode": "sequential"},
+         "loader mode 'sequential' is not one of ('epoch', 'resampled'); fix the data mode option"),
+        (lambda d, t: [], {}, "shard spec [] is empty; give a directory, pattern or list of shards"),
     ],
-)
-def test_check_shards_rejects_bad_specs_with_one_line(synthetic_shards, make_spec, options, message):
+)  # fmt: skip
+def test_check_shards_rejects_bad_specs_with_one_line(synthetic_shards, tmp_path, make_spec, options, message):
+    """The whole line: the problem and the fix (a substring such as the path would match any error)."""
     arguments = {"world_size": 1, "num_workers": 1, **options}
-    with pytest.raises(DataError, match=message) as error:
-        check_shards(make_spec(synthetic_shards["train"]), **arguments)
-    assert "\n" not in str(error.value)
+    train = synthetic_shards["train"]
+    with pytest.raises(DataError) as error:
+        check_shards(make_spec(train, tmp_path), **arguments)
+    assert str(error.value) == message.format(d=train, t=tmp_path)
 
 
 def test_batches_follow_the_contract(synthetic_shards, tokenizer):
@@ -268,8 +287,12 @@ def test_corrupt_samples_are_skipped_counted_and_batches_stay_exact(tmp_path, to
     keys = Counter(k for b in batches for k in b["keys"])
     assert set(keys) == {f"g{i}" for i in range(8)} | {"badjson"} and sum(keys.values()) == 15  # 6 repeated
     assert mixed.stats()["padded"] == 6
-    with pytest.raises(DataError, match="max_bad_fraction"):
+    with pytest.raises(DataError) as error:
         list(loader(str(tmp_path / "mixed.tar"), tokenizer, batch_size=3, max_pixels=20_000, max_bad_fraction=0.2))
+    assert re.fullmatch(  # 7 of the 16 samples are unusable, counted by reason in reading order
+        r"7 of 16 samples skipped \(\{[^}]*\}\) > max_bad_fraction 0\.2; rebuild the shards or raise the bound",
+        str(error.value),
+    )
 
 
 def live_children(excluded: set[int]) -> list[psutil.Process]:
