@@ -4,15 +4,19 @@ import hashlib
 import importlib
 import io
 import json
+import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import webdataset as wds
 from PIL import Image
 
 from data_pipeline.make_shards import main as make_shards
-from tests.helpers.data import image_bytes, write_coco
+from data_pipeline.make_shards import parse_args
+from tests.helpers.data import image_bytes, read_split, read_tar, write_coco
 
 
 def run_shards(root, out, *extra):
@@ -38,6 +42,10 @@ def test_shards_match_manifest_and_carry_the_sample_format(synthetic_shards, syn
             assert "." not in sample["__key__"]
             assert set(sample) >= {"jpg", "txt", "json"}
             meta = json.loads(sample["json"])
+            assert set(meta) == {
+                "image_id", "captions", "source", "split", "width", "height", "original_size", "sha256"
+            }  # fmt: skip
+            assert (meta["source"], meta["split"]) == ("synthetic", "train")  # --name, and the split
             assert meta["captions"] == captions[meta["image_id"]]
             assert sample["txt"].decode() == meta["captions"][0]
             assert meta["sha256"] == hashlib.sha256(sample["jpg"]).hexdigest()
@@ -152,21 +160,88 @@ def cli(capsys, *args) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
+def shard_sizes(manifest: dict) -> list[int]:
+    return [entry["num_samples"] for entry in manifest["shards"]]
+
+
+def test_shard_bytes_closes_a_shard_by_size_and_shard_samples_by_count(tmp_path):
+    """A shard closes once its samples' member bytes (tar headers aside) reach --shard-bytes, or at
+    --shard-samples samples, whichever comes first."""
+    images = [{"id": 10 + i, "file_name": f"{i}.jpg", "data": image_bytes(color=(40 * i, 90, 0))} for i in range(7)]
+    write_coco(tmp_path / "coco", "train", images, [(10 + i, f"caption number {i}") for i in range(7)])
+    one_each = run_shards(tmp_path / "coco", tmp_path / "one_each", "--shard-bytes", "1")
+    assert shard_sizes(one_each) == [1] * 7
+    payloads = [sum(map(len, read_tar(tmp_path / "one_each/train" / e["name"]).values())) for e in one_each["shards"]]
+    bound = sum(payloads) * 5 // 14  # about 2.5 samples
+    expected, filled, count = [], 0, 0  # the rule, on the sizes in shuffled order (the same in every run)
+    for payload in payloads:
+        filled, count = filled + payload, count + 1
+        if filled >= bound:
+            expected, filled, count = [*expected, count], 0, 0
+    expected += [count] if count else []
+    assert expected == [3, 3, 1]
+    assert shard_sizes(run_shards(tmp_path / "coco", tmp_path / "by_bytes", "--shard-bytes", str(bound))) == expected
+    both = run_shards(tmp_path / "coco", tmp_path / "both", "--shard-bytes", str(bound), "--shard-samples", "2")
+    assert shard_sizes(both) == [2, 2, 2, 1]
+
+
+def test_seed_sets_the_global_shuffle(synthetic_shards, synthetic_coco, tmp_path):
+    """--seed (SHARD_SEED, default 0) orders the samples before sharding: the same seed gives the same order
+    (the session's shards were written without --seed), another seed another order of the same samples."""
+    default = [sample["__key__"] for sample in read_split(synthetic_shards["train"])]
+    orders = {}
+    for seed in (0, 1):
+        run_shards(synthetic_coco, tmp_path / str(seed), "--name", "synthetic", "--shard-samples", "40", "--seed",
+                   str(seed))  # fmt: skip
+        orders[seed] = [sample["__key__"] for sample in read_split(tmp_path / str(seed) / "train")]
+    assert orders[0] == default
+    assert orders[1] != default and sorted(orders[1]) == sorted(default)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_passes_the_shard_variables_to_make_shards():
+    """docs/data.md's table: SHARD_SAMPLES / SHARD_BYTES / SHARD_SEED reach make_shards, with the stated defaults."""
+    repository = Path(__file__).resolve().parents[2]
+
+    def parsed(*variables: str):
+        result = subprocess.run(
+            ["make", "-n", "-s", "-C", str(repository), "shards", "SOURCE=coco", "ROOT=/nowhere", *variables],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        commands = result.stdout.replace("\\\n", " ").splitlines()  # a recipe's continued lines, joined
+        (line,) = [command for command in commands if "data_pipeline.make_shards" in command]
+        words = shlex.split(line)
+        return parse_args(words[words.index("data_pipeline.make_shards") + 1 :])
+
+    defaults = parsed()
+    assert (defaults.shard_samples, defaults.shard_bytes, defaults.seed) == (500, 500_000_000, 0)
+    chosen = parsed("SHARD_SAMPLES=7", "SHARD_BYTES=12345", "SHARD_SEED=3")
+    assert (chosen.shard_samples, chosen.shard_bytes, chosen.seed) == (7, 12345, 3)
+
+
 def test_cli_fails_with_one_line_when_nothing_is_valid_or_too_much_is_bad(tmp_path, capsys):
     write_coco(tmp_path / "empty", "train", [{"id": 1, "file_name": "a.jpg", "data": None}], [(1, "x")])
     status, err = cli(capsys, "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o1"), "--splits", "train")
     assert status == 1
-    assert err.strip().count("\n") == 0 and "no valid sample" in err and "missing_image=1" in err
+    assert err == "error: no valid sample in split 'train' (skipped: missing_image=1); check --root and the layout\n"
 
     images = [{"id": i, "file_name": f"{i}.jpg", "data": image_bytes() if i < 3 else None} for i in range(4)]
     write_coco(tmp_path / "half", "train", images, [(i, "x") for i in range(4)])
     args = ["--root", str(tmp_path / "half"), "--out", str(tmp_path / "o2"), "--splits", "train"]
     assert cli(capsys, *args, "--max-bad-fraction", "0.5")[0] == 0
     status, err = cli(capsys, *args, "--max-bad-fraction", "0.2")
-    assert status == 1 and "max-bad-fraction" in err and err.strip().count("\n") == 0
+    assert status == 1
+    assert err == (
+        "error: split 'train': 25.0% of images skipped (missing_image=1) > --max-bad-fraction 0.2; "
+        "fix the data or raise the bound\n"
+    )
 
     status, err = cli(capsys, "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3"))
-    assert status == 1 and err.startswith("error:") and "annotations" in err
+    assert status == 1
+    assert err == (
+        f"error: {tmp_path}/nowhere/annotations/captions_train2017.json not found; "
+        "point --root at a COCO directory with annotations/\n"
+    )
 
 
 def test_cli_help_runs_as_a_module():

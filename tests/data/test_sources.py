@@ -38,8 +38,11 @@ def test_coco_official_layout_groups_captions_per_image(tmp_path):
     assert [s["meta"]["image_id"] for s in samples] == [7, 9]
     assert samples[0]["txt"] == "a dog" and samples[0]["meta"]["captions"] == ["a dog", "a brown dog"]
     assert samples[0]["key"] == "coco_train_7"
-    with pytest.raises(DataError, match="annotations"):
+    with pytest.raises(DataError) as error:
         read_coco(tmp_path, "val")
+    assert str(error.value) == (
+        f"{tmp_path}/annotations/captions_val2017.json not found; point --root at a COCO directory with annotations/"
+    )
 
 
 def karpathy_document(filepath: str | None) -> dict:
@@ -70,6 +73,10 @@ def test_coco_karpathy_split_uses_train_plus_restval(tmp_path):
         "val": [102],
         "test": [103],
     }
+    for split, split_samples in samples.items():  # each sample's json names its dataset and split
+        assert [(s["meta"]["source"], s["meta"]["split"]) for s in split_samples] == [("coco", split)] * len(
+            split_samples
+        )
 
 
 def test_flickr30k_karpathy_layout(tmp_path):
@@ -98,8 +105,15 @@ def test_flickr30k_plain_caption_files(tmp_path, caption_file):
         "2000": ("A bike",),
     }
     assert split.skipped == {"non_utf8_caption": 1}
-    samples = shard_and_read(tmp_path, "--source", "flickr30k", "--root", str(tmp_path), "--splits", "train")
+    samples = shard_and_read(
+        tmp_path, "--source", "flickr30k", "--name", "f30k", "--root", str(tmp_path), "--splits", "train"
+    )
     assert [s["meta"]["captions"] for s in samples["train"]] == [["Two dogs run .", "Dogs running"], ["A bike"]]
+    # --name (DATASET) is the key prefix and the json's source
+    assert [(s["key"], s["meta"]["source"], s["meta"]["split"]) for s in samples["train"]] == [
+        ("f30k_train_1000", "f30k", "train"),
+        ("f30k_train_2000", "f30k", "train"),
+    ]
 
 
 def test_hf_dataset_from_disk_with_string_and_list_captions(tmp_path):
@@ -129,8 +143,11 @@ def test_hf_dataset_from_disk_with_string_and_list_captions(tmp_path):
     single = datasets.Dataset.from_dict({"image": [image_bytes()], "caption": ["one caption"]})
     single.save_to_disk(str(tmp_path / "hf_single"))
     assert read_hf(str(tmp_path / "hf_single"), "train").records[0].captions == ("one caption",)
-    with pytest.raises(DataError, match="column 'nope'"):
+    with pytest.raises(DataError) as error:
         read_hf(str(tmp_path / "hf_single"), "train", caption_column="nope")
+    assert str(error.value) == (
+        f"column 'nope' not in {tmp_path / 'hf_single'} (['image', 'caption']); fix the column option"
+    )
 
 
 def test_synthetic_set_is_deterministic_and_captions_distinguish_images(synthetic_coco, tmp_path):

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -22,9 +24,16 @@ def test_tokenizer_loads_with_auto_tokenizer_and_bert_specials(tokenizer_dir):
     assert tokenizer.unk_token_id not in ids  # caption words are in the vocabulary
 
 
-def test_load_tokenizer_missing_path_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="make tokenizer"):
+def test_load_tokenizer_missing_or_broken_is_a_data_error_naming_the_fix(tmp_path):
+    with pytest.raises(DataError) as error:
         load_tokenizer(str(tmp_path / "absent"))
+    assert re.fullmatch(rf"cannot load tokenizer '{tmp_path}/absent' \(\w+\); run `make tokenizer`", str(error.value))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError) as error:
+        load_tokenizer(str(tmp_path / "broken"))
+    assert str(error.value).startswith(f"cannot load tokenizer '{tmp_path / 'broken'}' (")
+    assert str(error.value).endswith("); re-create it with `make tokenizer`")
 
 
 def test_masking_statistics_follow_bert():
