@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.model.objectives import ITCResult, itc_loss, itm_loss, mlm_loss, sample_itm_negatives
 from tests.helpers.ranks import average_over_ranks, run_on_ranks
@@ -25,21 +27,21 @@ def test_itc_with_duplicate_image_ids_matches_hand_computation():
     row1 = -(0.5 * (1 - lse[1]) + 0.5 * (2 - lse[1]))
     row2 = -(3 - lse[2])
     expected = (row0 + row1 + row2) / 3  # sim is symmetric, so both directions agree
-    assert _itc_on(sim, torch.tensor([7, 7, 8])).loss.item() == pytest.approx(expected, rel=1e-6)
+    assert _itc_on(sim, torch.tensor([7, 7, 8])).loss.item() == pytest.approx(expected, rel=1e-12)
     # with one-hot targets the second caption would be a negative: the loss differs
     assert _itc_on(sim, torch.tensor([7, 8, 9])).loss.item() != pytest.approx(expected, rel=1e-3)
 
 
 def test_itc_similarities_positives_and_statistics_from_image_ids():
     g = torch.Generator().manual_seed(0)
-    feat = F.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=-1).float()
-    itc = itc_loss(feat, feat, torch.tensor([3, 3, 5, 6]), torch.tensor([0.5]))
-    cosine = feat.double() @ feat.double().T
-    torch.testing.assert_close(itc.sim_i2t.double(), cosine / 0.5, rtol=0, atol=1e-6)
+    feat = F.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=-1)
+    itc = itc_loss(feat, feat, torch.tensor([3, 3, 5, 6]), torch.tensor([0.5], dtype=torch.float64))
+    cosine = feat @ feat.T
+    torch.testing.assert_close(itc.sim_i2t, cosine / 0.5, rtol=0, atol=1e-12)  # float64: rounding only
     assert itc.positives.sum().item() == 6 and itc.positives[0, 1] and not itc.positives[0, 2]
     positives = itc.positives
-    assert itc.positive_sim.item() == pytest.approx(cosine[positives].mean().item(), abs=1e-6)
-    assert itc.negative_sim.item() == pytest.approx(cosine[~positives].mean().item(), abs=1e-6)
+    assert itc.positive_sim.item() == pytest.approx(cosine[positives].mean().item(), abs=1e-12)
+    assert itc.negative_sim.item() == pytest.approx(cosine[~positives].mean().item(), abs=1e-12)
 
 
 def test_itc_similarities_of_bf16_features_are_not_rounded_to_bf16():
@@ -53,10 +55,10 @@ def test_itc_similarities_of_bf16_features_are_not_rounded_to_bf16():
 
 
 def test_itm_sampling_never_picks_a_same_image_negative():
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the draws (multinomial takes the global generator)
     ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
     positives = ids[:, None] == ids[None, :]
-    sim = torch.randn(8, 8) + 20 * positives  # positives dominate the softmax: the mask must act
+    sim = torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) + 20 * positives  # the mask must act
     picks_text, picks_image = zip(*(_negatives(sim, ids) for _ in range(500)))
     picks_text, picks_image = torch.stack(picks_text), torch.stack(picks_image)
     assert (ids[picks_text] != ids[None, :]).all() and (ids[picks_image] != ids[None, :]).all()
@@ -67,7 +69,7 @@ def test_itm_sampling_never_picks_a_same_image_negative():
 def test_itm_sampling_survives_non_finite_similarities():
     # a NaN batch on one rank reaches every rank's similarities through the ITC gather; sampling must not
     # crash (the step's loss is NaN and DeepSpeed skips the update)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the draws (multinomial takes the global generator)
     ids = torch.tensor([0, 0, 1, 2])
     sim = torch.full((4, 4), float("nan"))
     sim[3, 0] = float("inf")
@@ -76,7 +78,7 @@ def test_itm_sampling_survives_non_finite_similarities():
 
 
 def test_itm_sampling_follows_the_dominant_similarity():
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the draws (multinomial takes the global generator)
     sim = torch.zeros(6, 6)
     sim[:, 4] = 8.0  # text 4 looks like every image
     sim[4, 2] = 8.0  # image 4's hardest negative is text 2
@@ -89,7 +91,7 @@ def test_itm_sampling_follows_the_dominant_similarity():
 def test_itm_sampling_with_a_single_image_draws_uniformly():
     # Every caption shows the same image: no negative exists, and the similarities must not steer the draw
     # (by similarity, text 0 would win 300 of 300 draws).
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the draws (multinomial takes the global generator)
     sim = torch.zeros(3, 3)
     sim[:, 0] = 10.0
     draws = torch.stack([torch.cat(_negatives(sim, torch.zeros(3, dtype=torch.long))) for _ in range(600)])
@@ -99,21 +101,86 @@ def test_itm_sampling_with_a_single_image_draws_uniformly():
     assert chi_square < 13.8  # the 0.999 quantile of chi-square with 2 degrees of freedom
 
 
+class _FunctionCalls(TorchFunctionMode):
+    """Every torch function and Tensor method called, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _HostSyncs(TorchDispatchMode):
+    """The aten ops that make the host wait for the device: reading a value back, or an output whose size
+    depends on the values (nonzero, masked_select, boolean-mask indexing)."""
+
+    _SIZE_FROM_VALUES = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list = []
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        indices = args[1] if func.name().startswith("aten::index") and len(args) > 1 else ()
+        boolean_mask = any(t is not None and t.dtype == torch.bool for t in indices)
+        if func is torch.ops.aten._local_scalar_dense.default or func in self._SIZE_FROM_VALUES or boolean_mask:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+_HOST_READS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+               torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__)  # fmt: skip
+
+
+@pytest.mark.parametrize("image_ids", [[0, 0, 1, 2, 3, 3], [5] * 6], ids=["negatives", "single_image"])
+def test_itm_sampling_is_one_multinomial_call_and_no_host_sync(image_ids):
+    """Both directions in one draw, and nothing the host has to wait for (on a GPU each would stall the step);
+    the single-image fallback included. On CPU nothing syncs, so the ops that would are recorded instead."""
+    sim = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    itc = _itc_on(sim, torch.tensor(image_ids))
+    with _FunctionCalls() as functions, _HostSyncs() as dispatched:
+        negative_texts, negative_images = sample_itm_negatives(itc)
+    assert negative_texts.shape == negative_images.shape == (6,)
+    multinomial = (torch.multinomial, torch.Tensor.multinomial)
+    assert sum(f in multinomial for f in functions.calls) == 1
+    assert dispatched.ops.count(torch.ops.aten.multinomial.default) == 1
+    assert [f.__name__ for f in functions.calls if f in _HOST_READS] == []
+    assert dispatched.syncs == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_itm_sampling_does_not_synchronise_a_cuda_device():
+    sim = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    itc = ITCResult(*(t.cuda() for t in _itc_on(sim, torch.tensor([0, 0, 1, 2, 3, 3]))))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sample_itm_negatives(itc)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_itm_loss_and_accuracy_on_known_logits():
     head = torch.nn.Identity()  # the fused [CLS] states are the logits themselves
-    positive = torch.tensor([[[0.0, 2.0]], [[1.0, 0.0]]])  # right, wrong
-    negative_text = torch.tensor([[[3.0, 0.0]], [[3.0, 0.0]]])  # right, right
-    negative_image = torch.tensor([[[0.0, 1.0]], [[2.0, 0.0]]])  # wrong, right
+    f64 = dict(dtype=torch.float64)
+    positive = torch.tensor([[[0.0, 2.0]], [[1.0, 0.0]]], **f64)  # right, wrong
+    negative_text = torch.tensor([[[3.0, 0.0]], [[3.0, 0.0]]], **f64)  # right, right
+    negative_image = torch.tensor([[[0.0, 1.0]], [[2.0, 0.0]]], **f64)  # wrong, right
     loss, accuracy = itm_loss(head, positive, negative_text, negative_image)
-    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [3.0, 0.0], [3.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [3.0, 0.0], [3.0, 0.0], [0.0, 1.0], [2.0, 0.0]], **f64)
     labels = torch.tensor([1, 1, 0, 0, 0, 0])
-    assert loss.item() == pytest.approx(F.cross_entropy(logits.double(), labels).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-12)
     assert accuracy.item() == pytest.approx(4 / 6)
 
 
 def test_mlm_loss_ignores_unmasked_positions():
-    torch.manual_seed(0)
-    states = torch.randn(2, 5, 11)
+    states = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     labels = torch.full((2, 5), -100)
     labels[0, 1], labels[1, 3] = 4, 7
     head = torch.nn.Identity()
@@ -121,9 +188,9 @@ def test_mlm_loss_ignores_unmasked_positions():
     changed = states.clone()
     changed[0, 0] += 100
     changed[1, 4] -= 50
-    assert mlm_loss(head, changed, labels).item() == pytest.approx(loss.item())
+    assert mlm_loss(head, changed, labels).item() == loss.item()
     expected = (F.cross_entropy(states[0, 1], torch.tensor(4)) + F.cross_entropy(states[1, 3], torch.tensor(7))) / 2
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
 def test_mlm_loss_perfect_logits_and_no_masked_tokens():
@@ -131,7 +198,8 @@ def test_mlm_loss_perfect_logits_and_no_masked_tokens():
     perfect = torch.full((1, 4, 12), -30.0)
     perfect[0, 1, 3] = perfect[0, 3, 9] = 30.0
     assert mlm_loss(torch.nn.Identity(), perfect, labels).item() < 1e-6
-    empty = mlm_loss(torch.nn.Identity(), torch.randn(1, 4, 12, requires_grad=True), torch.full((1, 4), -100))
+    states = torch.randn(1, 4, 12, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    empty = mlm_loss(torch.nn.Identity(), states, torch.full((1, 4), -100))
     assert empty.item() == 0.0
 
 
