@@ -74,7 +74,8 @@ def retrieval_picture(examples: Examples, data: EvalData) -> torch.Tensor:
     red); a query with no hit in view names the rank of its first hit."""
     layout = Layout(len(examples.image_queries), len(examples.text_queries), examples.texts_of_images.shape[1])
     canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    # At its default 10 px the built-in font's hinting swallows the space after some letters ("lefta")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
     image_ids, text_image_ids = data.image_ids.tolist(), data.text_image_ids.tolist()
 
     draw.text((PAD, PAD // 2), f"image -> text: top {layout.top} captions (green: a caption of this image)",
