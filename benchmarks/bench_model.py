@@ -18,6 +18,13 @@ this environment. Our synthetic captions are longer (mean 23 tokens with the pro
 real captions are what the model is for. Both models get the same padded batch: ours computes on the
 real tokens only, BLIP on every position.
 
+Denormal floats are flushed to zero for both models (--keep-denormals keeps them): on some CPUs an
+operation on a denormal falls to a slow path, which times how often a model underflows rather than the
+code being compared (one machine ran HF BLIP's fp32 step at 0.29 samples/s with denormals, 2.70 without).
+Torch's worker threads copy the flag when they start, so it is set before the first parallel op and
+checked in every thread; the JSON says which setting ran. Steps of the two models alternate, in --rounds
+rounds: the JSON gives each model's median over rounds and the speedup's median, range and every round.
+
     make bench-model   # or: python -m benchmarks.bench_model [--batch-size 8 --hidden 384 ...]
 """
 
@@ -54,8 +61,31 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=30524)  # BLIP's BERT vocabulary + [DEC], [ENC]
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurements per precision; spread reported")
+    p.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    return p.parse_args()
+    a = p.parse_args()
+    if a.rounds < 1 or a.steps < 1:
+        p.error("--rounds and --steps must be at least 1")
+    return a
+
+
+def denormals_flushed() -> bool:
+    """Whether every thread flushes denormals: each thread's chunk of this product is a denormal, or zero if flushed."""
+    denormal = torch.full((1 << 22,), 1 << 20, dtype=torch.int32).view(torch.float32)  # set from bits, not arithmetic
+    return not (denormal * 2).view(torch.int32).any().item()  # compared as integers, which no flag touches
+
+
+def denormal_note(flush: bool, supported: bool) -> tuple[bool, str]:
+    """The setting that ran, and a sentence saying so."""
+    flushed = denormals_flushed()
+    if not flush:
+        return flushed, "kept (--keep-denormals), torch's default: a slow denormal path hits whichever model underflows"
+    if not supported:
+        return flushed, "kept: torch.set_flush_denormal(True) returned False, this CPU cannot flush them"
+    if not flushed:
+        return flushed, "kept in some threads: torch's workers started before torch.set_flush_denormal(True)"
+    return flushed, "flushed to zero in every thread for both models, so neither is timed on a slow denormal path"
 
 
 def our_config(a: argparse.Namespace, attention: str = "auto") -> ModelConfig:
@@ -162,7 +192,10 @@ def counted_flops_per_sample(model, batch: dict, loss_fn) -> float:
 
 def main() -> None:
     a = parse_args()
+    # Before any parallel op: torch's worker threads take the flag from this thread when they start, not later.
+    supported = torch.set_flush_denormal(not a.keep_denormals)
     torch.set_num_threads(a.threads)
+    flushed, denormals = denormal_note(not a.keep_denormals, supported)
     torch.manual_seed(0)
     batch = make_batch(a)
     ours, blip = ALBEF(our_config(a)).train(), blip_model(a)
@@ -177,16 +210,19 @@ def main() -> None:
     }
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {precision: matmul_peak(dtype) for precision, dtype in dtypes.items()}
-    rates = {precision: samples_per_second(runs, batch, precision == "bf16", a) for precision in dtypes}
+    rounds = [{p: samples_per_second(runs, batch, p == "bf16", a) for p in dtypes} for _ in range(a.rounds)]
     # Measured again after the steps, the best kept: on shared cores one measurement can land in a busy spell.
     peaks = {precision: max(peaks[precision], matmul_peak(dtype)) for precision, dtype in dtypes.items()}
     results = {}
     for precision in dtypes:
-        row = {
-            name: {"samples_per_s": round(rate, 3), "mfu": round(rate * flops[name] / peaks[precision], 4)}
-            for name, rate in rates[precision].items()
-        }
-        row["speedup"] = round(row["ours"]["samples_per_s"] / row["blip"]["samples_per_s"], 3)
+        row = {}
+        for name in runs:
+            rate = statistics.median(r[precision][name] for r in rounds)
+            row[name] = {"samples_per_s": round(rate, 3), "mfu": round(rate * flops[name] / peaks[precision], 4)}
+        speedups = [r[precision]["ours"] / r[precision]["blip"] for r in rounds]
+        row["speedup"] = round(statistics.median(speedups), 3)
+        row["speedup_range"] = [round(min(speedups), 3), round(max(speedups), 3)]
+        row["speedup_per_round"] = [round(s, 3) for s in speedups]
         results[precision] = row
     report = {
         "benchmark": "albef_vs_hf_blip_train_step",
@@ -215,6 +251,13 @@ def main() -> None:
         "train_gflops_per_sample": {k: round(v / 1e9, 3) for k, v in flops.items()},
         "flops_counted": {"ours": "on real tokens (what it computes)", "blip": "as executed, padding included"},
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
+        "flush_denormal": flushed,
+        "denormals": denormals,
+        "timing": (
+            f"{a.rounds} rounds of {a.steps} alternating steps per model and precision, each after {a.warmup} warm-up; "
+            "samples/s: median over rounds of each round's median step; speedup: median of the rounds' ratios, "
+            "with their range and each round's"
+        ),
         "results": results,
         "goal_speedup": 1.5,
     }
