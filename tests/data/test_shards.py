@@ -172,17 +172,17 @@ def test_shard_bytes_closes_a_shard_by_size_and_shard_samples_by_count(tmp_path)
     one_each = run_shards(tmp_path / "coco", tmp_path / "one_each", "--shard-bytes", "1")
     assert shard_sizes(one_each) == [1] * 7
     payloads = [sum(map(len, read_tar(tmp_path / "one_each/train" / e["name"]).values())) for e in one_each["shards"]]
-    bound = sum(payloads) * 5 // 14  # about 2.5 samples
+    bound = sum(payloads[:3])  # reached exactly by the third sample
     expected, filled, count = [], 0, 0  # the rule, on the sizes in shuffled order (the same in every run)
     for payload in payloads:
         filled, count = filled + payload, count + 1
         if filled >= bound:
             expected, filled, count = [*expected, count], 0, 0
     expected += [count] if count else []
-    assert expected == [3, 3, 1]
+    assert expected[0] == 3 and len(expected) >= 2
     assert shard_sizes(run_shards(tmp_path / "coco", tmp_path / "by_bytes", "--shard-bytes", str(bound))) == expected
     both = run_shards(tmp_path / "coco", tmp_path / "both", "--shard-bytes", str(bound), "--shard-samples", "2")
-    assert shard_sizes(both) == [2, 2, 2, 1]
+    assert shard_sizes(both) == [2, 2, 2, 1]  # the count closes them first
 
 
 def test_seed_sets_the_global_shuffle(synthetic_shards, synthetic_coco, tmp_path):
