@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import psutil
 import pytest
@@ -217,6 +218,21 @@ def wait_until(condition, seconds: float = 10.0) -> bool:
     return condition()
 
 
+def pending_signals(pid: int) -> int:
+    """Signals sent to `pid` and not yet delivered or taken, process-wide or by any thread (Linux's /proc), as a
+    mask with bit n - 1 for signal n; 0 once the process is gone."""
+    mask = 0
+    for status in [Path(f"/proc/{pid}/status"), *Path(f"/proc/{pid}/task").glob("*/status")]:
+        try:
+            lines = status.read_text().splitlines()
+        except (FileNotFoundError, ProcessLookupError):  # the process or one of its threads ended meanwhile
+            continue
+        for line in lines:
+            if line.startswith(("ShdPnd:", "SigPnd:")):
+                mask |= int(line.split()[1], 16)
+    return mask
+
+
 def test_workers_survive_the_schedulers_signals_but_not_their_rank(synthetic_shards, tokenizer):
     """On preemption SLURM signals every process of the job; the rank checkpoints and needs its workers until
     it exits. The rank itself must still be able to end them (multiprocessing does at interpreter exit)."""
@@ -227,7 +243,10 @@ def test_workers_survive_the_schedulers_signals_but_not_their_rank(synthetic_sha
     (worker,) = [child for child in psutil.Process().children() if child.pid not in before]
     for number in (signal.SIGTERM, signal.SIGUSR1):  # from another process, as the scheduler sends them
         subprocess.run([sys.executable, "-c", f"import os; os.kill({worker.pid}, {int(number)})"], check=True)
-    time.sleep(0.5)
+    # kill() returned, so both are pending now; once none is, the worker has taken them (a default action would
+    # have ended it by then). The 10 s deadline is only reached on a failure.
+    sent = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGUSR1 - 1))
+    assert wait_until(lambda: not pending_signals(worker.pid) & sent)
     for batch in batches:
         assert worker.status() != psutil.STATUS_ZOMBIE  # still alive while the epoch runs
         received.append(batch)
