@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.losses import contrastive_similarities, itc_loss, itm_loss, sample_itm_negatives
-from pretrain.model import ALBEF, ModelConfig
+from pretrain.model import ALBEF, ModelConfig, itc_loss, itm_loss, sample_itm_negatives
 from pretrain.train.flops import train_flops_per_sample
 
 
@@ -139,16 +138,15 @@ def blip_loss(model, batch: dict) -> torch.Tensor:
     text_embeds = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
     image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1)
     text_feat = F.normalize(model.text_proj(text_embeds[:, 0]), dim=-1)
-    sim_i2t, sim_t2i, positives = contrastive_similarities(image_feat, text_feat, batch["image_ids"], 0.07)
-    negative_texts, negative_images = sample_itm_negatives(sim_i2t, sim_t2i, positives)
+    itc = itc_loss(image_feat, text_feat, batch["image_ids"], torch.tensor([0.07]))
+    negative_texts, negative_images = sample_itm_negatives(itc)
     fused = model.text_encoder(
         input_ids=torch.cat([ids, ids[negative_texts], ids]),
         attention_mask=torch.cat([mask, mask[negative_texts], mask]),
         encoder_hidden_states=torch.cat([image_embeds, image_embeds, image_embeds[negative_images]]),
     ).last_hidden_state
-    labels = torch.zeros(3 * len(ids), dtype=torch.long)
-    labels[: len(ids)] = 1
-    return itc_loss(sim_i2t, sim_t2i, positives) + itm_loss(model.itm_head(fused[:, 0]), labels)
+    loss_itm, _ = itm_loss(model.itm_head, *fused.chunk(3))  # positive, negative text, negative image
+    return itc.loss + loss_itm
 
 
 def train_step(model, batch: dict, loss_fn, bf16: bool) -> None:

@@ -12,7 +12,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -243,8 +242,11 @@ def load_pretrained(model: torch.nn.Module, vit: str | None = None, bert: str | 
     a time, rank 0 writes it, and the gather re-partitions it to every rank."""
     if not (vit or bert):
         return
+    import deepspeed  # imported here: the library is usable without starting DeepSpeed's accelerator probe
+
     params = dict(model.named_parameters())
     for name, value in pretrained_state_dict(model.config, vit=vit, bert=bert).items():
+        # a no-op on parameters that ZeRO-3 did not partition
         with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0), torch.no_grad():
             if rank() == 0:
                 params[name].copy_(value.to(params[name].dtype))
