@@ -28,14 +28,10 @@ def test_overrides_apply():
     assert (config.vocab_size, config.grad_checkpointing, config.image_size, config.patch_size) == (1500, True, 64, 8)
 
 
-@pytest.mark.parametrize(
-    ("preset", "total", "bert_layers"),
-    [("base", 209_937_725, 12), ("large", 689_408_317, 24)],
-)
-def test_preset_parameter_counts(preset, total, bert_layers):
+@pytest.mark.parametrize(("preset", "bert_layers"), [("base", 12), ("large", 24)])
+def test_preset_encoders_are_vit_and_bert_of_their_size(preset, bert_layers):
     config = model_preset(preset)
     model = _meta(lambda: ALBEF(config))
-    assert _count(model) == total
     # The encoders are exactly ViT-B/L and BERT-base/large (without poolers), plus fresh cross-attention.
     hf_vit = _meta(lambda: ViTModel(ViTConfig(
         hidden_size=config.vision_hidden, num_hidden_layers=config.vision_layers,
@@ -50,5 +46,15 @@ def test_preset_parameter_counts(preset, total, bert_layers):
     assert _count(model.text_encoder) + _count(model.fusion_encoder) == _count(hf_bert) + cross_attention
 
 
-def test_tiny_is_small():
-    assert 1_000_000 < _count(ALBEF(model_preset("tiny", vocab_size=1500))) < 3_000_000
+# The presets' exact parameter counts, base and large with BERT's 30,522-token vocabulary (docs/model.md's table).
+TINY_FIXED, TINY_PER_TOKEN = 1_839_875, 129  # per vocabulary entry: a word-embedding row and a decoder bias
+
+
+@pytest.mark.parametrize(
+    ("preset", "vocab", "total"),
+    [("tiny", 96, TINY_FIXED + TINY_PER_TOKEN * 96), ("tiny", 30522, TINY_FIXED + TINY_PER_TOKEN * 30522),
+     ("base", 30522, 209_937_725), ("large", 30522, 689_408_317)],
+)  # fmt: skip
+def test_parameter_counts_are_exact(preset, vocab, total):
+    """Tiny at two vocabularies, so its per-token term is checked too."""
+    assert _count(_meta(lambda: ALBEF(model_preset(preset, vocab_size=vocab)))) == total
