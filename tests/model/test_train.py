@@ -46,6 +46,7 @@ def test_a_few_steps_drive_all_three_losses_down():
 
 
 def test_output_fields_and_parameters_all_get_gradients():
+    torch.manual_seed(0)
     model = ALBEF(tiny_config())
     out, grads = _grads(model, make_batch(model.config))
     assert torch.isclose(out.loss, out.loss_itc + out.loss_itm + out.loss_mlm)
@@ -73,6 +74,7 @@ def test_loss_weights_and_temperature_clamp():
 def test_every_parameter_is_used_inside_its_own_modules_forward():
     """ZeRO-3 fetches a partitioned parameter through its module's forward hooks; a weight read from outside
     (as `token_type_embeddings.weight[0]` was) goes through its slow external-parameter path instead."""
+    torch.manual_seed(0)
     model = ALBEF(tiny_config())
     owners = {name: m for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
     called = set()
@@ -85,6 +87,7 @@ def test_every_parameter_is_used_inside_its_own_modules_forward():
 
 @pytest.mark.parametrize(("raw", "bound"), [(0.8, 0.5), (1e-4, 0.001)])
 def test_a_temperature_past_a_bound_gets_only_the_gradient_that_brings_it_back(raw, bound):
+    torch.manual_seed(0)
     model = ALBEF(tiny_config())
     with torch.no_grad():
         model.temp.fill_(raw)
@@ -97,6 +100,7 @@ def test_a_temperature_past_a_bound_gets_only_the_gradient_that_brings_it_back(r
 
 def test_a_temperature_pushed_past_a_bound_comes_back_under_an_optimizer():
     # A plain clamp has zero gradient past the bound: the raw value would stay at 0.8 for ever.
+    torch.manual_seed(0)
     model = ALBEF(tiny_config())
     with torch.no_grad():
         model.temp.fill_(0.8)
@@ -208,6 +212,7 @@ def test_train_flops_match_the_flop_counter_term_by_term():
 def test_padding_costs_no_projection_flops():
     """Captions of 7 real tokens padded to 12 cost the projections / FFNs / heads of 7 tokens, exactly."""
     config = tiny_config(attention="eager")
+    torch.manual_seed(0)
     model = ALBEF(config)
     padded = make_batch(config, batch_size=4, length=12)
     padded["attention_mask"] = (torch.arange(12) < 7).long().expand(4, -1).clone()
