@@ -1,4 +1,5 @@
-"""A hostile shard set (data_helpers.write_hostile_shards): each planted sample skipped, counted once, never run."""
+"""A hostile shard set (tests.helpers.data.write_hostile_shards): each planted sample skipped, counted once, never
+run."""
 
 from collections import Counter
 
