@@ -193,13 +193,10 @@ def test_bad_config_fails_once_before_any_rank_starts(synthetic_shards, tokenize
 
 def test_pretrained_hf_weights_land_in_zero3_partitions_and_ranks_train_with_seeds_of_their_own(
         tokenizer, tokenizer_dir, synthetic_shards, tmp_path):
-    from transformers import BertConfig, BertForMaskedLM, ViTConfig, ViTModel
+    from tests.helpers.hf import hf_bert, hf_vit
 
-    torch.manual_seed(3)  # tiny preset dims: ViT 64 px / patch 8 / 128 wide / 4 layers; BERT 2 text + 2 fusion
-    ViTModel(ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                       image_size=64, patch_size=8), add_pooling_layer=False).save_pretrained(tmp_path / "vit")
-    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                               intermediate_size=512, max_position_embeddings=32)).save_pretrained(tmp_path / "bert")
+    hf_vit().save_pretrained(tmp_path / "vit")  # the tiny preset's ViT and BERT (2 text + 2 fusion layers), seeded
+    hf_bert(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "bert")
     flags = ["--recipe", "tiny_synthetic", "--data.train", str(synthetic_shards["train"]), "--data.val", "null",
              "--data.tokenizer", str(tokenizer_dir), "--logging.run_dir", str(tmp_path / "runs"),
              "--model.vit", str(tmp_path / "vit"), "--model.bert", str(tmp_path / "bert")]  # fmt: skip
