@@ -52,6 +52,5 @@ def _buffer_lifecycle(rank: int, world: int, store: str) -> tuple[bool, bool]:
 
 @pytest.mark.slow
 def test_deepspeed_cpu_all_reduce_buffers_have_the_assumed_names_and_are_released(tmp_path):
-    results = run_on_ranks(_buffer_lifecycle, str(tmp_path / "ds_store"), store=tmp_path / "store",
-                           init_group=False)
+    results = run_on_ranks(_buffer_lifecycle, store=tmp_path / "store", init_group=False)
     assert results == {0: (True, True), 1: (True, True)}

@@ -15,7 +15,7 @@ def _entry(rank: int, world: int, store: str, init_group: bool, fn: Callable, ar
     if init_group:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        out[rank] = fn(rank, world, *args)
+        out[rank] = fn(rank, world, *args) if init_group else fn(rank, world, store, *args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -23,7 +23,8 @@ def _entry(rank: int, world: int, store: str, init_group: bool, fn: Callable, ar
 
 def run_on_ranks(fn: Callable, *args, store: Path, world: int = 2, init_group: bool = True) -> dict:
     """{rank: fn(rank, world, *args)} from `world` processes. `fn` must be a module-level function; with
-    init_group=False it starts its own process group (e.g. DeepSpeed's) from `store`."""
+    init_group=False it is called as fn(rank, world, store, *args) and starts its own process group (e.g.
+    DeepSpeed's) from the file store."""
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_entry, args=(world, str(store), init_group, fn, args, out), nprocs=world, join=True)
