@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,31 @@ def check_resumable(ckpt_dir: Path, world_size: int) -> None:
                               "per rank)")
 
 
+def _check_intact(ckpt_dir: Path, tag: str) -> None:
+    """Every rank reads its share of the tag's files (each file is read by one rank) as the zip archives torch
+    writes, checking every member's CRC, and all ranks agree on the outcome: a damaged file (cut short,
+    overwritten) stops every rank with one line, before DeepSpeed's load fails on one rank with a traceback
+    while the others wait for it. Reads the files once more; the load that follows finds them in the page cache."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    damage = None
+    for path in sorted((ckpt_dir / tag).glob("*.pt"))[rank::world]:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad_member = archive.testzip()
+            if bad_member:
+                damage = f"{path.name} cannot be read ({bad_member} fails its CRC check)"
+        except (OSError, zipfile.BadZipFile) as err:
+            damage = f"{path.name} cannot be read ({err})"
+        if damage:
+            break
+    damages = [None] * world
+    dist.all_gather_object(damages, damage)
+    damage = next((d for d in damages if d), None)
+    if damage:
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} is damaged: {damage}; point {ckpt_dir / 'latest'} at "
+                              "an older step directory, then continue with --resume auto", agreed=True)
+
+
 def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:
     """Restore engine (weights, optimizer, scheduler) from the newest complete checkpoint.
 
@@ -160,6 +186,7 @@ def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
+    _check_intact(ckpt_dir, tag)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete it to resume from an older one")

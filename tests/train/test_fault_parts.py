@@ -3,20 +3,32 @@
 import json
 import multiprocessing
 import os
+import re
 import signal
+import threading
 import time
+import types
 
 import pytest
+import torch
 import torch.distributed as dist
 
-from pretrain.train.checkpoint import CheckpointError, check_resumable, latest_tag, newest_checkpoint
+from pretrain.train.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    latest_tag,
+    load_checkpoint,
+    newest_checkpoint,
+)
 from pretrain.train.metrics import TrainLog
 from pretrain.train.preflight import check_fault_limits
 from pretrain.train.recipe import RecipeError, recipe_from_dict
+from pretrain.train.reliability import watchdog as watchdog_module
 from pretrain.train.reliability.faults import NonFiniteSteps, RunHalted, is_collective_failure, lost_contact
 from pretrain.train.reliability.files import probe_writable
 from pretrain.train.reliability.preemption import StopSignals
 from pretrain.train.reliability.watchdog import Watchdog
+from tests.helpers.ranks import run_on_ranks
 
 
 @pytest.mark.parametrize(
@@ -58,6 +70,27 @@ def test_a_checkpoint_is_checked_against_the_job_before_resuming(tmp_path):
     assert newest_checkpoint(tmp_path).startswith("none yet")
 
 
+def test_a_checkpoint_file_damaged_inside_is_found_before_loading(one_rank_group, tmp_path):
+    # torch.load itself reads such a file without a word: its values are simply wrong
+    tag = tmp_path / "step00000004"
+    tag.mkdir()
+    states = tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    torch.save({"weight": torch.arange(1000.0)}, states)
+    (tmp_path / "latest").write_text(tag.name)
+    damaged = bytearray(states.read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 8] = b"\xff" * 8  # inside the tensor's bytes
+    states.write_bytes(damaged)
+
+    class Engine:
+        def load_checkpoint(self, *args, **kwargs):
+            raise AssertionError("a damaged checkpoint reached DeepSpeed's load")
+
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint {tag} is damaged: {states.name} cannot be read ({states.stem}/data/0 fails its CRC "
+            f"check); point {tmp_path / 'latest'} at an older step directory, then continue with --resume auto")):
+        load_checkpoint(Engine(), tmp_path)
+
+
 def test_a_line_torn_by_a_crash_does_not_break_the_resumed_log(tmp_path):
     rows = [json.dumps({"step": s, "loss/total": 1.0 / s}) for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "loss/to')
@@ -89,31 +122,75 @@ def test_collective_failures_are_told_apart_from_other_errors():
                               "(Connection closed by peer [127.0.0.1]:39817)")
 
 
-def test_the_watchdog_reports_a_stall_once_with_step_phase_and_stack(capfd, tmp_path):
-    with Watchdog(rank=1, stall_seconds=0.4, report_dir=tmp_path) as watchdog:
+class WatchdogClock:
+    """A clock for the watchdog module that moves only when the test says so, and counts the watchdog thread's
+    reads of it: one per poll, so a test can wait for the thread to have looked (no sleeps, no timing)."""
+
+    def __init__(self):
+        self.now, self.polls, self.changed = 1000.0, 0, threading.Condition()
+
+    def monotonic(self) -> float:
+        with self.changed:
+            if threading.current_thread() is not threading.main_thread():
+                self.polls += 1
+                self.changed.notify_all()
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.changed:
+            self.now += seconds
+
+    def wait_for_polls(self, count: int) -> None:
+        """Until the watchdog has read the clock `count` more times: the first of them has been acted on."""
+        with self.changed:
+            target = self.polls + count
+            assert self.changed.wait_for(lambda: self.polls >= target, timeout=120), "the watchdog stopped polling"
+
+
+def test_the_watchdog_reports_a_stall_once_with_step_phase_and_stack(capfd, tmp_path, monkeypatch):
+    clock = WatchdogClock()
+    monkeypatch.setattr(watchdog_module, "time", types.SimpleNamespace(monotonic=clock.monotonic,
+                                                                       strftime=time.strftime))
+    with Watchdog(rank=1, stall_seconds=0.4, report_dir=tmp_path) as watchdog:  # polls every 0.1 s
         watchdog.enter("forward", step=7)
-        time.sleep(1.5)  # one stall, several polls
+        clock.advance(0.3)
+        clock.wait_for_polls(2)
+        assert "watchdog:" not in capfd.readouterr().err  # not stalled long enough yet
+        clock.advance(0.7)
+        clock.wait_for_polls(2)
+        report = capfd.readouterr().err
+        clock.advance(60)
+        clock.wait_for_polls(3)  # the same stall, longer: reported once
         watchdog.enter("backward")
-        time.sleep(0.2)  # progress again: no new report
-    report = capfd.readouterr().err
-    assert report.count("watchdog:") == 1
-    assert f"watchdog: rank 1 has made no progress for 1 s in phase 'forward' of step 7; its stacks: {tmp_path}" \
-        in report.replace("for 0 s", "for 1 s")
+        clock.advance(0.3)
+        clock.wait_for_polls(2)  # progress again, not stalled yet
+        assert "watchdog:" not in capfd.readouterr().err
+        clock.advance(2)
+        clock.wait_for_polls(2)  # a new stall: a new report
+        again = capfd.readouterr().err
+    assert report == f"[vlpretrain] watchdog: rank 1 has made no progress for 1 s in phase 'forward' of step 7; " \
+                     f"its stacks: {tmp_path / 'rank1.txt'}\n"
+    assert again == f"[vlpretrain] watchdog: rank 1 has made no progress for 2 s in phase 'backward' of step 7; " \
+                    f"its stacks: {tmp_path / 'rank1.txt'}\n"
     stacks = (tmp_path / "rank1.txt").read_text()
-    assert "phase 'forward' of step 7" in stacks and "test_the_watchdog_reports_a_stall_once" in stacks
+    assert "phase 'forward' of step 7, 1 s" in stacks and "phase 'backward' of step 7, 2 s" in stacks
+    assert "test_the_watchdog_reports_a_stall_once" in stacks  # the main thread's stack, waiting in this test
 
 
-def test_a_stop_signal_on_one_rank_is_seen_by_all(one_rank_group):
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        stop = StopSignals()
-        stop.install()
-        assert stop.agreed("cpu") is None
-        os.kill(os.getpid(), signal.SIGUSR1)  # would end the process without the handler
-        assert stop.agreed("cpu") == "SIGUSR1"
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def _stop_signals_on_two_ranks(rank: int, world: int) -> tuple:
+    stop = StopSignals()
+    stop.install()
+    before = stop.agreed("cpu")
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)  # this rank alone; would end the process without the handler
+    received = stop.received
+    return before, received, stop.agreed("cpu")
+
+
+@pytest.mark.slow
+def test_a_stop_signal_on_one_rank_is_seen_by_all(tmp_path):
+    results = run_on_ranks(_stop_signals_on_two_ranks, store=tmp_path / "store")
+    assert results == {0: (None, 0, "SIGUSR1"), 1: (None, signal.SIGUSR1, "SIGUSR1")}
 
 
 def _probe_many_times(directory) -> None:
