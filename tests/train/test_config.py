@@ -1,16 +1,25 @@
 """Recipe loading, DeepSpeed config building and optimizer rules: the errors a user can cause."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
 
 from data_pipeline import DataError
+from pretrain.model import ModelConfig
 from pretrain.train.cli import parse_args
-from pretrain.train.ds_config import build_ds_config
+from pretrain.train.ds_config import DS_CONFIG_DIR, build_ds_config
 from pretrain.train.optim import parameter_groups, warmup_cosine
 from pretrain.train.preflight import prepare
-from pretrain.train.recipe import RecipeError, ScheduleSection, load_recipe, recipe_from_dict
+from pretrain.train.recipe import Recipe, RecipeError, ScheduleSection, load_recipe, recipe_from_dict
+from tests.helpers.jobs import recipe_flags
+
+
+def exactly(message: str) -> str:
+    """For pytest.raises(match=...): the whole message, not a part of it."""
+    return f"^{re.escape(message)}$"
 
 
 def test_shipped_recipes_load():
@@ -21,14 +30,20 @@ def test_shipped_recipes_load():
 
 
 def test_unknown_recipe_key_is_one_clear_error():
-    with pytest.raises(RecipeError, match=r"unknown recipe key 'optim.learning_rate'.*'lr'"):
+    with pytest.raises(RecipeError, match=exactly(
+            "unknown recipe key 'optim.learning_rate': valid keys in 'optim' are ['betas', 'eps', 'lr', "
+            "'max_nonfinite_steps', 'min_lr_ratio', 'weight_decay']")):
         recipe_from_dict({"optim": {"learning_rate": 1e-4}})
-    with pytest.raises(RecipeError, match="unknown recipe key 'optimizer'"):
+    with pytest.raises(RecipeError, match=exactly(
+            "unknown recipe key 'optimizer': valid keys are ['checkpoint', 'data', 'dist', 'eval', 'logging', "
+            "'model', 'name', 'optim', 'schedule', 'seed']")):
         recipe_from_dict({"optimizer": {}})
 
 
 def test_wrong_type_is_rejected():
-    with pytest.raises(RecipeError, match="schedule.max_steps"):
+    with pytest.raises(RecipeError, match=exactly(
+            "recipe key schedule.max_steps must be int, got 'many': fix the value in the recipe or on the command "
+            "line")):
         recipe_from_dict({"schedule": {"max_steps": "many"}})
 
 
@@ -44,9 +59,21 @@ def test_cli_overrides_win_over_recipe():
 def test_help_documents_every_recipe_field(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
-    text = capsys.readouterr().out
-    for flag in ("--optim.lr", "--schedule.grad_accum", "--data.train", "--eval.itm_rerank_k", "--dist.ds_config"):
-        assert flag in text
+    # one entry per option, from its flag to the next option's; compared without the wrapping's whitespace
+    entries = {entry.split()[0]: "".join(entry.split()) for entry in re.split(r"\n  (?=--)", capsys.readouterr().out)}
+    fields = {}  # every field of every section of the recipe, and its top-level fields, as the dataclasses say
+    defaults = Recipe()
+    for top in dataclasses.fields(Recipe):
+        section = getattr(defaults, top.name)
+        if dataclasses.is_dataclass(section):
+            fields |= {f"--{top.name}.{f.name}": (f, getattr(section, f.name)) for f in dataclasses.fields(section)}
+        else:
+            fields[f"--{top.name}"] = (top, section)
+    assert len(fields) == 39
+    assert set(entries) - set(fields) == {"usage:", "--recipe", "--resume", "--validate-only"}  # and no other
+    for flag, (field, default) in fields.items():
+        assert "".join(f"{flag} VALUE {field.metadata['help']}".split()) in entries[flag], flag
+        assert "".join(f"default: {default!r}]".split()) in entries[flag], flag
 
 
 def test_ds_config_gets_batch_sizes_from_the_recipe():
@@ -60,13 +87,19 @@ def test_ds_config_gets_batch_sizes_from_the_recipe():
 def test_ds_config_contradiction_and_auto_are_errors(tmp_path):
     contradicting = tmp_path / "c.json"
     contradicting.write_text(json.dumps({"train_batch_size": 100}))
-    with pytest.raises(RecipeError, match="train_batch_size=100 but the recipe gives 64"):
+    with pytest.raises(RecipeError, match=exactly(
+            f"DeepSpeed config {contradicting} sets train_batch_size=100 but the recipe gives 64 (micro_batch_size=32 "
+            "x grad_accum=1 x world_size=2): delete it from the JSON; batch sizes live in the recipe")):
         build_ds_config(str(contradicting), ScheduleSection(micro_batch_size=32), world_size=2)
     auto = tmp_path / "a.json"
     auto.write_text(json.dumps({"bf16": {"enabled": "auto"}}))
-    with pytest.raises(RecipeError, match="bf16.enabled"):
+    with pytest.raises(RecipeError, match=exactly(
+            f'DeepSpeed config {auto} sets bf16.enabled to "auto", which plain DeepSpeed ignores (bf16 "auto" '
+            'silently means fp32): write an explicit value')):
         build_ds_config(str(auto), ScheduleSection(), world_size=1)
-    with pytest.raises(RecipeError, match="not found"):
+    with pytest.raises(RecipeError, match=exactly(
+            f"DeepSpeed config '{tmp_path / 'missing.json'}' not found: set dist.ds_config to a JSON path or one of "
+            f"{sorted(path.name for path in DS_CONFIG_DIR.glob('*.json'))}")):
         build_ds_config(str(tmp_path / "missing.json"), ScheduleSection(), world_size=1)
 
 
@@ -90,9 +123,7 @@ def test_warmup_then_cosine():
 
 @pytest.fixture
 def base_flags(synthetic_shards, tokenizer_dir, tmp_path):
-    return ["--recipe", "tiny_synthetic", "--data.train", str(synthetic_shards["train"]),
-            "--data.val", str(synthetic_shards["val"]), "--data.tokenizer", str(tokenizer_dir),
-            "--logging.run_dir", str(tmp_path)]  # fmt: skip
+    return recipe_flags(synthetic_shards, tokenizer_dir, tmp_path, val=True)
 
 
 def prepare_error(flags: list[str], world_size: int = 2) -> str:
@@ -111,20 +142,44 @@ def test_valid_setup_passes(base_flags, monkeypatch):
     assert setup.ds_config["train_batch_size"] == 2 * setup.recipe.schedule.micro_batch_size
 
 
-def test_user_errors_are_caught_before_any_process_group(base_flags, tmp_path, monkeypatch):
-    assert "nope" in prepare_error(base_flags + ["--data.train", str(tmp_path / "nope")])
-    assert "matches no file" in prepare_error(base_flags + ["--data.train", str(tmp_path / "x-*.tar")])
-    assert "missing" in prepare_error(base_flags + ["--data.train", str(tmp_path / "x-{000..003}.tar")])
-    assert "vocabulary" in prepare_error(base_flags + ["--model.overrides", "{vocab_size: 999}"])
-    assert "not found" in prepare_error(base_flags + ["--dist.ds_config", "missing_config"])
-    # 4 train shards cannot feed 4 ranks x 2 workers in epoch mode
-    assert "shards" in prepare_error(base_flags + ["--data.num_workers", "2"], world_size=4)
+def test_user_errors_are_caught_before_any_process_group(base_flags, tmp_path, tokenizer, monkeypatch):
+    # the whole line, so that the sentence naming the fix is checked, not just an echo of the input
+    nope, pattern, braces = tmp_path / "nope", tmp_path / "x-*.tar", tmp_path / "x-{000..003}.tar"
+    assert prepare_error(base_flags + ["--data.train", str(nope)]) == (
+        f"1 of 1 shards in '{nope}' are missing (e.g. {nope}); check the spec or rerun make_shards")
+    assert prepare_error(base_flags + ["--data.train", str(pattern)]) == (
+        f"shard pattern '{pattern}' matches no file; check the path")
+    assert prepare_error(base_flags + ["--data.train", str(braces)]) == (
+        f"4 of 4 shards in '{braces}' are missing (e.g. {tmp_path / 'x-000.tar'}); check the spec or rerun make_shards")
+    assert prepare_error(base_flags + ["--model.overrides", "{vocab_size: 999}"]) == (
+        f"the tokenizer has {len(tokenizer)} tokens but the model vocabulary has 999: use the tokenizer the model "
+        "was trained with, or drop model.overrides.vocab_size")
+    shipped = sorted(path.name for path in DS_CONFIG_DIR.glob("*.json"))
+    assert prepare_error(base_flags + ["--dist.ds_config", "missing_config"]) == (
+        f"DeepSpeed config 'missing_config' not found: set dist.ds_config to a JSON path or one of {shipped}")
+    assert prepare_error(base_flags + ["--data.num_workers", "2"], world_size=4) == (
+        "4 shards cannot feed 4 ranks x 2 workers in epoch mode; write smaller shards (make shards "
+        "SHARD_SAMPLES=...), use fewer workers, or mode='resampled'")
     with pytest.raises(SystemExit):  # argparse: an option that does not exist
         parse_args(base_flags + ["--optim.learning_rate", "1"])
-    assert "unknown model config key" in prepare_error(base_flags + ["--model.overrides", "{hiden: 3}"])
+    assert prepare_error(base_flags + ["--model.overrides", "{hiden: 3}"]) == (
+        "model: unknown model config key(s) hiden; valid keys are "
+        + ", ".join(sorted(f.name for f in dataclasses.fields(ModelConfig))))
     assert prepare_error(base_flags + ["--data.max_len", "33"]) == (
         "data.max_len 33 exceeds the model's 32 positions (preset 'tiny'): lower data.max_len or set "
         "model.overrides.max_position")
     monkeypatch.setenv("WORLD_SIZE", "2")
     longer = base_flags + ["--data.max_len", "40", "--model.overrides", "{max_position: 40}"]
     assert prepare(parse_args(longer)).model_config.max_position == 40
+
+
+def test_a_fresh_start_over_existing_checkpoints_is_refused(base_flags, tmp_path, monkeypatch):
+    ckpt = tmp_path / "earlier" / "checkpoints"
+    (ckpt / "step00000004").mkdir(parents=True)
+    for rank in (0, 1):
+        (ckpt / "step00000004" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"x")
+    (ckpt / "latest").write_text("step00000004")
+    assert prepare_error(base_flags + ["--name", "earlier"]) == (
+        f"run {ckpt.parent} already has checkpoints: pass --resume auto to continue it, or --name to start a new run")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert prepare(parse_args(base_flags + ["--name", "earlier", "--resume", "auto"])).recipe.run_path == ckpt.parent
