@@ -7,60 +7,73 @@ Runs (module-scoped, shared by the tests below):
 A, B and C see the same data in the same order, so their per-step losses must agree.
 """
 
+import errno
 import json
-import os
 import re
-import subprocess
+import shutil
 import sys
 
 import pytest
 import torch
 
 from pretrain.model import ALBEF, ModelConfig
+from pretrain.train import export as export_module
 from pretrain.train.engine import rank_seed
 from pretrain.train.export import load_exported
-from tests.helpers.jobs import DEEPSPEED, REPO, check, free_port, losses, run
+from tests.helpers.jobs import (
+    DEEPSPEED,
+    PORT,
+    REPO,
+    TINY_JOB,
+    check,
+    free_port,
+    logged_rows,
+    losses,
+    recipe_flags,
+    run,
+    run_together,
+)
 
 pytestmark = pytest.mark.slow
-STEPS = 8
+STEPS = TINY_JOB["schedule.max_steps"]
+LEARN = {"optim.lr": "1e-3", "eval.batch_size": 16, "eval.itm_rerank_k": 4}  # the tiny job, learning visibly
 
 
 @pytest.fixture(scope="module")
 def runs(synthetic_shards, tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    common = [
-        "--recipe", "tiny_synthetic", "--logging.run_dir", str(root),
-        "--data.train", str(synthetic_shards["train"]), "--data.tokenizer", str(tokenizer_dir),
-        "--schedule.max_steps", str(STEPS), "--schedule.warmup_steps", "2", "--schedule.micro_batch_size", "8",
-        "--optim.lr", "1e-3", "--logging.every", "1", "--checkpoint.every", "4", "--eval.batch_size", "16",
-        "--eval.itm_rerank_k", "4",
-    ]  # fmt: skip
-    no_eval = ["--data.val", "null"]
+
+    def flags(name: str, val: bool = False, **more) -> list[str]:
+        return recipe_flags(synthetic_shards, tokenizer_dir, root, TINY_JOB, LEARN, {"name": name}, more, val=val)
+
     out = {"root": root}
+    out["A"] = check(run(DEEPSPEED + ["--num_gpus", "2", "--master_port", PORT, "launch/pretrain.sh",
+                                      *flags("A", val=True)]))
 
-    out["A"] = check(run(DEEPSPEED + ["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.sh",
-                                      *common, "--data.val", str(synthetic_shards["val"]), "--name", "A"]))
-
-    bash_env = {"GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())}
-    out["B1"] = check(run(["bash", "launch/pretrain.sh", *common, *no_eval, "--name", "B",
-                           "--schedule.exit_at_step", "3"], env=bash_env))  # mid-epoch: 2 batches/epoch
-    out["B2"] = check(run(["bash", "launch/pretrain.sh", *common, *no_eval, "--name", "B", "--resume", "auto"],
-                          env={**bash_env, "MASTER_PORT": str(free_port())}))
+    bash_env = {"GPUS_PER_NODE": "2", "MASTER_PORT": PORT}
+    out["B1"] = check(run(["bash", "launch/pretrain.sh", *flags("B", **{"schedule.exit_at_step": 3})],
+                          env=bash_env))  # mid-epoch: 2 batches/epoch
+    out["B2"] = check(run(["bash", "launch/pretrain.sh", *flags("B"), "--resume", "auto"], env=bash_env))
 
     hostfile = root / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = str(free_port())
-    c_flags = [*common, *no_eval, "--name", "C", "--checkpoint.keep", "1"]
+    c_flags = flags("C", **{"checkpoint.keep": 1})
     # node 0 with DeepSpeed's own flags; node 1 through the bash form that launch/slurm.sbatch uses
     node0 = DEEPSPEED + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1",
-                         "--master_port", port, "launch/pretrain.sh", *c_flags]
+                         "--master_port", PORT, "launch/pretrain.sh", *c_flags]
     node1 = ["bash", "launch/pretrain.sh", *c_flags]
-    node1_env = {**os.environ, "PYTHON": sys.executable, "HOSTFILE": str(hostfile), "NO_SSH": "1", "NODE_RANK": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd, env in ((node0, None), (node1, node1_env))]
-    out["C"] = [(node.wait(timeout=600), node.stdout.read()) for node in nodes]
+    node1_env = {"HOSTFILE": str(hostfile), "NO_SSH": "1", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": PORT}
+    out["C"] = run_together([(node0, None), (node1, node1_env)])
     return out
+
+
+def test_the_start_up_line_says_what_is_on(runs):
+    root = runs["root"]
+    attention = json.loads((root / "A" / "model_config.json").read_text())["attention"]
+    on = f"world_size=2 zero_stage=3 bf16=off dtype=torch.float32 attention={attention}"  # cpu_zero3.json: fp32
+    assert f"[vlpretrain] {on} resume_step=0 run={root / 'A'}" in runs["A"].stdout.splitlines()
+    assert f"[vlpretrain] {on} resume_step=3 run={root / 'B'}" in runs["B2"].stdout.splitlines()
 
 
 def test_zero3_partitions_parameters_across_ranks(runs):
@@ -96,8 +109,8 @@ def test_resume_reproduces_the_uninterrupted_run(runs):
 
 
 def test_two_nodes_on_localhost_train_like_one(runs):
-    for returncode, output in runs["C"]:
-        assert returncode == 0, output[-4000:]
+    for node in runs["C"]:
+        check(node)
     single, multi = losses(runs["root"] / "A"), losses(runs["root"] / "C")
     for step in range(1, STEPS + 1):
         assert multi[step]["loss/total"] == pytest.approx(single[step]["loss/total"], rel=1e-4)
@@ -180,14 +193,77 @@ def test_exported_hf_encoders_load_with_automodel(runs):
     assert type(AutoModel.from_pretrained(export / "text_encoder")).__name__ == "BertModel"
     assert type(AutoModel.from_pretrained(export / "image_encoder")).__name__ == "ViTModel"
     assert (export / "tokenizer" / "tokenizer.json").is_file()
+    assert not (runs["root"] / "A" / "export.tmp").exists()  # written there, then renamed whole
+
+
+def exported_files(export) -> dict:
+    return {path.relative_to(export): path.read_bytes() for path in export.rglob("*") if path.is_file()}
+
+
+def test_an_interrupted_export_never_looks_complete(runs, tokenizer, tmp_path, monkeypatch):
+    run_dir, export = runs["root"] / "A", tmp_path / "export"
+    shutil.copytree(run_dir / "export", export)  # the export of an earlier run
+    earlier = exported_files(export)
+
+    def disk_full(model, out_dir) -> None:  # after the weights, before the HF encoders
+        (out_dir / "text_encoder").mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module, "export_hf", disk_full)
+    config = ModelConfig(**json.loads((run_dir / "model_config.json").read_text()))
+    with pytest.raises(OSError, match="No space left on device"):
+        export_module.export_run(run_dir / "checkpoints", config, tokenizer, export)
+    assert exported_files(export) == earlier  # untouched: the part written so far is only in export.tmp
+    assert sorted(p.name for p in (tmp_path / "export.tmp").iterdir()) == [
+        "model.safetensors", "model_config.json", "text_encoder"]
+
+
+def test_rerunning_a_finished_run_only_evaluates_it_again(runs, synthetic_shards, tokenizer_dir):
+    root, run_dir = runs["root"], runs["root"] / "A-again"
+    shutil.copytree(root / "A", run_dir)  # a finished run, as `make pretrain` finds it when run again
+    (run_dir / "eval.json").unlink()
+    checkpoint = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in (run_dir / "checkpoints").rglob("*")}
+    flags = recipe_flags(synthetic_shards, tokenizer_dir, root, TINY_JOB, LEARN, {"name": "A-again"}, val=True)
+    proc = check(run(["bash", "launch/pretrain.sh", *flags, "--resume", "auto"],
+                     env={"GPUS_PER_NODE": "2", "MASTER_PORT": PORT}))
+    assert f"resume_step={STEPS} run={run_dir}" in proc.stdout
+    assert not re.search(r"^step \d+/", proc.stdout, re.M)  # no training step: no step line
+    trained = [row for row in logged_rows(root / "A") if "loss/total" in row]
+    assert [row for row in logged_rows(run_dir) if "loss/total" in row] == trained
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in (run_dir / "checkpoints").rglob("*")} == checkpoint
+    assert json.loads((run_dir / "eval.json").read_text()) == json.loads((root / "A" / "eval.json").read_text())
+    assert f"done at step {STEPS}" in proc.stdout
+
+
+def test_the_bash_launcher_writes_the_environment_of_ranks_started_over_ssh(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    forwarded = {"NCCL_SOCKET_IFNAME": "eth0", "FI_PROVIDER": "efa", "UCX_TLS": "rc", "HF_HOME": str(tmp_path / "hf"),
+                 "CUDA_DEVICE_MAX_CONNECTIONS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env_file = REPO / ".deepspeed_env"  # where DeepSpeed's runner, started in the repository, reads it
+    before = env_file.read_bytes() if env_file.exists() else None
+    try:  # the file is written before the recipe is checked: a bad recipe stops it before any ssh
+        proc = run(["bash", "launch/pretrain.sh", "--recipe", "tiny_synthetic", "--data.train", str(tmp_path / "x")],
+                   env={"HOSTFILE": str(hostfile), "PYTHONPATH": "/site", "NOT_FORWARDED": "1", **forwarded})
+        written = env_file.read_text().splitlines()
+    finally:
+        env_file.unlink(missing_ok=True)
+        if before is not None:
+            env_file.write_bytes(before)
+    assert proc.returncode == 2 and "spawned" not in proc.stdout + proc.stderr, proc.stderr
+    assert f"PYTHONPATH={REPO}:/site" in written  # the ranks import this checkout, with the caller's path after
+    assert {f"{key}={value}" for key, value in forwarded.items()} <= set(written)
+    assert not [line for line in written if line.startswith("NOT_FORWARDED=")]
 
 
 def test_bad_config_fails_once_before_any_rank_starts(synthetic_shards, tokenizer_dir, tmp_path):
-    proc = run(["bash", "launch/pretrain.sh", "--recipe", "tiny_synthetic", "--data.train", str(tmp_path / "nope"),
+    nope = tmp_path / "nope"
+    proc = run(["bash", "launch/pretrain.sh", "--recipe", "tiny_synthetic", "--data.train", str(nope),
                 "--data.tokenizer", str(tokenizer_dir)], env={"GPUS_PER_NODE": "2"})
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error:") and "nope" in errors[0], proc.stderr
+    assert errors == [f"error: 1 of 1 shards in '{nope}' are missing (e.g. {nope}); check the spec or rerun "
+                      "make_shards"], proc.stderr
     assert "spawned" not in proc.stdout + proc.stderr  # the DeepSpeed launcher never started
 
 
