@@ -69,7 +69,6 @@ def test_help_documents_every_recipe_field(capsys):
             fields |= {f"--{top.name}.{f.name}": (f, getattr(section, f.name)) for f in dataclasses.fields(section)}
         else:
             fields[f"--{top.name}"] = (top, section)
-    assert len(fields) == 39
     assert set(entries) - set(fields) == {"usage:", "--recipe", "--resume", "--validate-only"}  # and no other
     for flag, (field, default) in fields.items():
         assert "".join(f"{flag} VALUE {field.metadata['help']}".split()) in entries[flag], flag
