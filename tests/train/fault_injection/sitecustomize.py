@@ -8,26 +8,35 @@ training ranks (launcher processes are left alone):
       kill       SIGKILL the rank in the middle of the step's forward pass
       kill_save  SIGKILL the rank right after it wrote its first file of the step's checkpoint
       disk_full  the rank's first file of the step's checkpoint goes to /dev/full (a real ENOSPC from torch)
+      no_write   from the step's checkpoint on, the rank can write no file (RLIMIT_FSIZE 0: a real EFBIG from
+                 the kernel; a read-only directory would not do, as root ignores permissions)
       nan        the rank's batch of the step has NaN pixels (a non-finite loss and gradient)
       hang       the rank stops as the step's optimizer step begins and never comes back
       usr1       the rank sends SIGUSR1 to the job's whole process group during the step (as SLURM does)
-      term       the rank sends SIGTERM to itself only during the step (the other ranks must follow)
+      term       the rank sends SIGTERM to the job's whole process group during the step (as a scheduler
+                 does on preemption; DeepSpeed's launcher passes it on to the ranks and waits for them)
+      term_self  the rank sends SIGTERM to itself only during the step (the other ranks must stop with it)
     VLPRETRAIN_PROBE=<dir>   each rank appends a JSON line per step to <dir>/rank<r>.jsonl: the step,
                              whether DeepSpeed applied it, and a digest of the rank's parameter
                              partition before and after it
+    VLPRETRAIN_SHM_PROBE=<dir>  each rank writes <dir>/rank<r>.json as it releases DeepSpeed's /dev/shm
+                             all-reduce buffer: the buffer's name (pretrain.compat's) and whether it existed
 """
 
 import json
 import os
 
-if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRAIN_PROBE" in os.environ):
+PROBES = ("VLPRETRAIN_FAULT", "VLPRETRAIN_PROBE", "VLPRETRAIN_SHM_PROBE")
+if "LOCAL_RANK" in os.environ and any(name in os.environ for name in PROBES):
     import hashlib
+    import resource
     import signal
     import time
     from pathlib import Path
 
     import torch
 
+    import pretrain.compat as compat
     import pretrain.train.loop as train_module
 
     RANK = int(os.environ["RANK"])
@@ -36,7 +45,9 @@ if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRA
     FAULT_STEPS = {int(s) for s in STEPS.split(",")}
     HERE = int(FAULT_RANK) == RANK  # this rank carries the fault
     PROBE = os.environ.get("VLPRETRAIN_PROBE")
+    SHM_PROBE = os.environ.get("VLPRETRAIN_SHM_PROBE")
     real_train_step, real_save = train_module.train_step, torch.save
+    real_save_checkpoint, real_release = train_module.save_checkpoint, compat.release_deepspeed_shm_buffers
 
     def partition_digest(engine) -> str:
         """A digest of this rank's parameter partition: it changes whenever one element does (a sum can
@@ -66,6 +77,8 @@ if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRA
             elif KIND == "usr1":
                 os.killpg(os.getpgrp(), signal.SIGUSR1)
             elif KIND == "term":
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+            elif KIND == "term_self":
                 os.kill(os.getpid(), signal.SIGTERM)
         before = partition_digest(engine) if PROBE else ""
         values = real_train_step(engine, micro_batches, watchdog)
@@ -82,5 +95,20 @@ if "LOCAL_RANK" in os.environ and ("VLPRETRAIN_FAULT" in os.environ or "VLPRETRA
         if HERE and KIND == "kill_save" and tag in str(path):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def faulty_save_checkpoint(engine, ckpt_dir, step, *args, **kwargs):
+        if HERE and KIND == "no_write" and step in FAULT_STEPS:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return real_save_checkpoint(engine, ckpt_dir, step, *args, **kwargs)
+
+    def recording_release() -> None:
+        buffer = compat.deepspeed_shm_buffer(RANK)
+        existed = buffer.exists()
+        real_release()
+        if SHM_PROBE:
+            (Path(SHM_PROBE) / f"rank{RANK}.json").write_text(json.dumps({"buffer": str(buffer), "existed": existed}))
+
     train_module.train_step = faulty_train_step
+    train_module.save_checkpoint = faulty_save_checkpoint
+    compat.release_deepspeed_shm_buffers = recording_release
     torch.save = faulty_save
