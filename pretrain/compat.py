@@ -1,7 +1,7 @@
 """The private torch and DeepSpeed internals this project relies on, in one place.
 
 Each is an assumption about a version's internals, checked here against the versions it was written
-and tested for (`tests/train/test_compat.py` fails when an upgrade breaks one):
+and tested for (`tests/test_compat.py` fails when an upgrade breaks one):
 - torch keeps every process group in `distributed_c10d._world.pg_map` and can change a group's timeout
   after creation with `distributed_c10d._set_pg_timeout` (DeepSpeed makes groups of its own that we
   cannot pass a timeout to);
@@ -40,7 +40,7 @@ def warn_if_untested() -> None:
     untested = untested_versions({"torch": torch.__version__, "deepspeed": deepspeed.__version__})
     if untested:
         warnings.warn(f"pretrain.compat relies on private internals checked on other versions than {untested}; "
-                      "run tests/train/test_compat.py", stacklevel=2)
+                      "run tests/test_compat.py", stacklevel=2)
 
 
 def process_groups() -> list:
