@@ -1,7 +1,8 @@
 """Image transforms without torchvision: random resized crop, optional flip, normalization, eval resize.
 
-JPEG `draft` mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop will be downsampled anyway,
-which is most of the loader's speed advantage on large images.
+JPEGs decode at 1/2, 1/4 or 1/8 scale in the DCT domain when the crop will be downsampled anyway (jpeg.py:
+libjpeg-turbo where installed, else PIL's draft mode), which is most of the loader's speed advantage on
+large images.
 """
 
 import math
@@ -10,7 +11,8 @@ import random
 import torch
 from PIL import Image
 
-from data_pipeline.images import DEFAULT_MAX_PIXELS, load_rgb, open_checked
+from data_pipeline.images import DEFAULT_MAX_PIXELS, open_checked
+from data_pipeline.jpeg import decode_rgb
 
 # CLIP/ALBEF statistics; the model room normalizes nothing itself.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,9 +49,7 @@ def _decode_for(image: Image.Image, box: tuple[int, int, int, int], size: int):
     """Decode with the largest JPEG draft reduction that keeps the crop box at least `size` pixels."""
     full_w, full_h = image.size
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
-    if image.format == "JPEG":
-        image.draft("RGB", (math.ceil(full_w * size / crop_w), math.ceil(full_h * size / crop_h)))
-    rgb = load_rgb(image)
+    rgb = decode_rgb(image, (math.ceil(full_w * size / crop_w), math.ceil(full_h * size / crop_h)))
     sx, sy = rgb.size[0] / full_w, rgb.size[1] / full_h
     return rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
