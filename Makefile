@@ -6,6 +6,8 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= dev
 PY := $(VENV)/bin/python
 
+comma := ,
+
 .PHONY: env test lint shards tokenizer pretrain bench-data bench-model clean
 
 env: $(VENV)/.installed
@@ -33,10 +35,13 @@ IMAGE_COLUMN ?= image
 CAPTION_COLUMN ?= caption
 ID_COLUMN ?=
 SPLITS ?= train,val
+HOLDOUT_FRACTION ?= 0.05
 SHARDS_DIR ?= data/shards/$(DATASET)
 MAX_SIZE ?= 256
 MAX_PIXELS ?= 89478485
+MIN_SIDE ?= 64
 SHARD_SAMPLES ?= 500
+MIN_SHARDS ?= 8
 SHARD_BYTES ?= 500000000
 SHARD_WORKERS ?= $(shell nproc)
 SHARD_SEED ?= 0
@@ -46,10 +51,12 @@ SYNTH_TRAIN ?= 10000
 SYNTH_VAL ?= 1000
 SYNTH_SIZE ?= 96
 TOKENIZER_DIR ?= data/tokenizer
+DATASET_TOKENIZER ?= data/tokenizer-$(DATASET)
 TOKENIZER_SHARDS ?= data/shards/synthetic/train
 VOCAB_SIZE ?= 8000
 SHARD_ARGS = --splits $(SPLITS) --out $(SHARDS_DIR) --max-size $(MAX_SIZE) --max-pixels $(MAX_PIXELS) \
-	--shard-samples $(SHARD_SAMPLES) --shard-bytes $(SHARD_BYTES) --workers $(SHARD_WORKERS) --seed $(SHARD_SEED) \
+	--min-side $(MIN_SIDE) --shard-samples $(SHARD_SAMPLES) --min-shards $(MIN_SHARDS) --shard-bytes $(SHARD_BYTES) \
+	--workers $(SHARD_WORKERS) --seed $(SHARD_SEED) --holdout-fraction $(HOLDOUT_FRACTION) \
 	$(if $(MAX_BAD_FRACTION),--max-bad-fraction $(MAX_BAD_FRACTION))
 
 shards: env
@@ -63,6 +70,8 @@ else
 		$(if $(ROOT),--root $(ROOT)) $(if $(KARPATHY_JSON),--karpathy-json $(KARPATHY_JSON)) \
 		$(if $(HF_DATASET),--hf-dataset $(HF_DATASET) --image-column $(IMAGE_COLUMN) \
 		--caption-column $(CAPTION_COLUMN)) $(if $(ID_COLUMN),--id-column $(ID_COLUMN))
+	$(if $(filter train,$(subst $(comma), ,$(SPLITS))),$(MAKE) --no-print-directory tokenizer \
+		TOKENIZER_SHARDS=$(SHARDS_DIR)/train TOKENIZER_DIR=$(DATASET_TOKENIZER))
 endif
 
 tokenizer: env

@@ -9,6 +9,9 @@ from PIL import Image
 
 # PIL's own bomb guard is a warning below 2x this; we check an explicit, configurable limit instead.
 DEFAULT_MAX_PIXELS = 89_478_485
+# Shorter side below this is a thumbnail, icon or spacer: the 0.5-scale random crop would upscale under 46 px of
+# content to the model's input (ALBEF: 256 px), i.e. train on interpolation. Real COCO/Flickr images are >= 100 px.
+DEFAULT_MIN_SIDE = 64
 # only these decoders are ever tried (less attack surface, and no probing of dozens of plugins)
 DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -30,7 +33,7 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except Image.DecompressionBombError as exc:  # over 2x PIL's limit PIL refuses first; still a pixel bomb
         raise ImageRejected("too_many_pixels", str(exc)) from exc
     except Exception as exc:
-        raise ImageRejected("undecodable_image", str(exc)) from exc
+        raise ImageRejected(_decode_failure(exc), str(exc)) from exc
     width, height = image.size
     if width * height > max_pixels:
         raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
@@ -43,7 +46,12 @@ def load_rgb(image: Image.Image) -> Image.Image:
         image.load()
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:
-        raise ImageRejected("undecodable_image", str(exc)) from exc
+        raise ImageRejected(_decode_failure(exc), str(exc)) from exc
+
+
+def _decode_failure(exc: Exception) -> str:
+    """A file cut short (an interrupted download or copy: fetch it again) apart from bytes that are no image."""
+    return "truncated_image" if "truncated" in str(exc).lower() else "undecodable_image"
 
 
 @dataclass
@@ -57,10 +65,20 @@ class PreparedImage:
 
 
 def prepare_for_shard(
-    data: bytes, *, max_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 90
+    data: bytes,
+    *,
+    max_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
+    quality: int = 90,
 ) -> PreparedImage:
-    """Shorter side down to `max_size` (aspect kept) and JPEG-encode; small JPEGs keep their exact bytes."""
+    """Shorter side down to `max_size` (aspect kept) and JPEG-encode; small JPEGs keep their exact bytes.
+
+    Images whose shorter side is under `min_side` are rejected as `image_too_small`, from the header alone.
+    """
     image = open_checked(data, max_pixels)
+    if min(image.size) < min_side:
+        raise ImageRejected("image_too_small", f"{image.width}x{image.height}: shorter side < {min_side}")
     is_jpeg = image.format == "JPEG"
     original = image.size
     rgb = load_rgb(image)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"  # shards finished so far by an unfinished run; lets a rerun resume
-# per-caption reasons; every other reason counts one skipped image
-CAPTION_REASONS = frozenset({"empty_caption", "non_utf8_caption", "non_text_caption"})
+# per-caption (or per-line) reasons; every other reason counts one skipped image
+CAPTION_REASONS = frozenset(
+    {"empty_caption", "non_utf8_caption", "non_text_caption", "caption_without_image", "unparseable_line"}
+)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -33,7 +33,7 @@ def synthetic_shards(synthetic_coco, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("shards")
     make_shards_main(
         ["--source", "coco", "--root", str(synthetic_coco), "--name", "synthetic", "--out", str(out),
-         "--shard-samples", str(SHARD_SAMPLES), "--workers", "1", "--quiet"]
+         "--shard-samples", str(SHARD_SAMPLES), "--min-shards", "1", "--workers", "1", "--quiet"]
     )  # fmt: skip
     return {"train": out / "train", "val": out / "val"}
 

@@ -1,12 +1,19 @@
 """Dataset layouts. Each reader returns, per image, a stable id, the image (path or bytes) and its captions.
 
-Caption-level problems (empty, not UTF-8, duplicate ids) are counted here; image problems are found
-when the shard writer decodes the image.
+Caption-level problems (empty, not UTF-8, duplicate ids, lines or annotations that belong to no image)
+are counted here; image problems are found when the shard writer decodes the image.
+
+Sources without split information (the plain Flickr30k caption files, a single saved HF Dataset) are split
+by `hash_split`: each image id falls in one split by its hash, so train, val and test never share an image
+whichever splits a run asks for.
 """
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from data_pipeline.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,35 @@ class Record:
 class SourceSplit:
     records: list[Record]
     skipped: Counter = field(default_factory=Counter)
+    split_rule: dict | None = None  # how the split was cut from a source without splits (goes to the manifest)
+
+
+HASH_SPLITS = ("train", "val", "test")
+DEFAULT_HOLDOUT_FRACTION = 0.05
+
+
+def hash_split_rule(fraction: float) -> dict:
+    """The [low, high) ranges of the id hash per split: val and test `fraction` each, train the rest."""
+    return {
+        "by": "sha256(image_id) / 2**256",
+        "val": [0.0, fraction],
+        "test": [fraction, 2 * fraction],
+        "train": [2 * fraction, 1.0],
+    }
+
+
+def in_hash_split(image_id: object, split: str, fraction: float) -> bool:
+    """Whether `image_id` belongs to `split` under hash_split_rule (which does not depend on the splits asked)."""
+    low, high = hash_split_rule(fraction)[split]
+    return low <= int.from_bytes(hashlib.sha256(str(image_id).encode()).digest(), "big") / 2**256 < high
+
+
+def check_hash_split(split: str, source_name: str) -> None:
+    if split not in HASH_SPLITS:
+        raise DataError(
+            f"{source_name} has no split information, so its splits are {', '.join(HASH_SPLITS)} cut by "
+            f"image-id hash, not {split!r}; fix --splits"
+        )
 
 
 def _valid_caption(caption: str | bytes, skipped: Counter) -> str | None:

@@ -30,7 +30,8 @@ def rank_loaders(spec, tokenizer, world_size: int, seed: int) -> list:
 def test_the_hostile_set_plants_every_kind_of_damage(hostile):
     spec, _, planted = hostile
     assert planted == {
-        "unreadable_shard": 1, "undecodable_image": 2, "missing_image": 1, "no_caption": 2, "bad_text_encoding": 2,
+        "unreadable_shard": 1, "undecodable_image": 1, "truncated_image": 1, "missing_image": 1, "no_caption": 2,
+        "bad_text_encoding": 2,
         "too_many_pixels": 2,
     }  # fmt: skip
     names = [name for shard in sorted(spec.glob("*.tar"))[1:] for name in read_tar(shard)]

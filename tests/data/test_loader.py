@@ -300,7 +300,8 @@ def test_corrupt_samples_are_skipped_counted_and_batches_stay_exact(tmp_path, to
     batches = list(mixed)
     assert len(batches) == len(mixed) == 16 // 3
     assert mixed.skip_counts() == {
-        "undecodable_image": 2, "no_caption": 1, "missing_image": 1, "too_many_pixels": 1, "bad_text_encoding": 1,
+        "undecodable_image": 1, "truncated_image": 1, "no_caption": 1, "missing_image": 1, "too_many_pixels": 1,
+        "bad_text_encoding": 1,
         "bad_json": 1,  # only the sample without a txt; "badjson" trains on its txt caption, uncounted
     }  # fmt: skip
     keys = Counter(k for b in batches for k in b["keys"])

@@ -20,7 +20,11 @@ from tests.helpers.data import image_bytes, read_split, read_tar, write_coco
 
 
 def run_shards(root, out, *extra):
-    make_shards(["--root", str(root), "--out", str(out), "--splits", "train", "--workers", "1", "--quiet", *extra])
+    """One split with shards of exactly --shard-samples (no small-split rule, unless `extra` sets --min-shards)."""
+    make_shards(
+        ["--root", str(root), "--out", str(out), "--splits", "train", "--workers", "1", "--quiet", "--min-shards", "1",
+         *extra]
+    )  # fmt: skip
     return json.loads((out / "train" / "manifest.json").read_text())
 
 
@@ -60,7 +64,7 @@ def test_shards_match_manifest_and_carry_the_sample_format(synthetic_shards, syn
 def test_large_images_are_resized_and_non_jpeg_reencoded(tmp_path):
     images = [
         {"id": 1, "file_name": "wide.png", "data": image_bytes(600, 300, fmt="PNG")},
-        {"id": 2, "file_name": "small.png", "data": image_bytes(50, 40, fmt="PNG")},
+        {"id": 2, "file_name": "small.png", "data": image_bytes(70, 64, fmt="PNG")},  # not resized: side 64
     ]
     write_coco(tmp_path / "coco", "train", images, [(1, "wide"), (2, "small")])
     run_shards(tmp_path / "coco", tmp_path / "out", "--max-size", "64")
@@ -146,7 +150,8 @@ def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path):
         "no_caption": 1,
         "non_utf8_caption": 1,
         "too_many_pixels": 1,
-        "undecodable_image": 2,
+        "truncated_image": 1,
+        "undecodable_image": 1,
     }
 
 
@@ -215,15 +220,51 @@ def test_make_passes_the_shard_variables_to_make_shards():
 
     defaults = parsed()
     assert (defaults.shard_samples, defaults.shard_bytes, defaults.seed) == (500, 500_000_000, 0)
-    chosen = parsed("SHARD_SAMPLES=7", "SHARD_BYTES=12345", "SHARD_SEED=3")
+    assert (defaults.min_shards, defaults.min_side, defaults.holdout_fraction) == (8, 64, 0.05)
+    help_defaults = parse_args(["--root", "/nowhere"])  # one default: the Makefile's is make_shards' own
+    for option in (
+        "shard_samples",
+        "shard_bytes",
+        "min_shards",
+        "min_side",
+        "max_size",
+        "max_pixels",
+        "holdout_fraction",
+    ):
+        assert getattr(defaults, option) == getattr(help_defaults, option), option
+    chosen = parsed("SHARD_SAMPLES=7", "SHARD_BYTES=12345", "SHARD_SEED=3", "MIN_SHARDS=2", "MIN_SIDE=16")
     assert (chosen.shard_samples, chosen.shard_bytes, chosen.seed) == (7, 12345, 3)
+    assert (chosen.min_shards, chosen.min_side) == (2, 16)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_shards_of_a_real_source_trains_its_own_tokenizer():
+    """A real source's train split gets data/tokenizer-DATASET (the synthetic 168-token vocabulary would split
+    real words into characters); no train split, no tokenizer."""
+    repository = Path(__file__).resolve().parents[2]
+
+    def tokenizer_commands(*variables: str) -> list[str]:
+        result = subprocess.run(
+            ["make", "-n", "-s", "-C", str(repository), "shards", "SOURCE=coco", "ROOT=/nowhere", *variables],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        commands = result.stdout.replace("\\\n", " ").splitlines()
+        return [shlex.split(c) for c in commands if "data_pipeline.train_tokenizer" in c]
+
+    (command,) = tokenizer_commands("DATASET=mycoco", "SPLITS=train,val")
+    assert command[command.index("--shards") + 1] == "data/shards/mycoco/train"
+    assert command[command.index("--out") + 1] == "data/tokenizer-mycoco"
+    assert tokenizer_commands("SPLITS=val") == []
 
 
 def test_cli_fails_with_one_line_when_nothing_is_valid_or_too_much_is_bad(tmp_path, capsys):
     write_coco(tmp_path / "empty", "train", [{"id": 1, "file_name": "a.jpg", "data": None}], [(1, "x")])
     status, err = cli(capsys, "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o1"), "--splits", "train")
     assert status == 1
-    assert err == "error: no valid sample in split 'train' (skipped: missing_image=1); check --root and the layout\n"
+    assert err == (  # the path the source names, and that no image is there at all
+        f"error: no valid sample in split 'train' (skipped: missing_image=1; e.g. {tmp_path}/empty/train2017/a.jpg "
+        f"is missing; no image file exists under {tmp_path}/empty); check --root and the layout\n"
+    )
 
     images = [{"id": i, "file_name": f"{i}.jpg", "data": image_bytes() if i < 3 else None} for i in range(4)]
     write_coco(tmp_path / "half", "train", images, [(i, "x") for i in range(4)])
@@ -232,8 +273,8 @@ def test_cli_fails_with_one_line_when_nothing_is_valid_or_too_much_is_bad(tmp_pa
     status, err = cli(capsys, *args, "--max-bad-fraction", "0.2")
     assert status == 1
     assert err == (
-        "error: split 'train': 25.0% of images skipped (missing_image=1) > --max-bad-fraction 0.2; "
-        "fix the data or raise the bound\n"
+        f"error: split 'train': 25.0% of images skipped (missing_image=1; e.g. {tmp_path}/half/train2017/3.jpg is "
+        f"missing; {tmp_path}/half/train2017/0.jpg exists) > --max-bad-fraction 0.2; fix the data or raise the bound\n"
     )
 
     status, err = cli(capsys, "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3"))

@@ -129,7 +129,9 @@ def test_hf_dataset_from_disk_with_string_and_list_captions(tmp_path):
         "text": [["a blue square", "blue"], ["a red square"]],
         "uid": [11, 12],
     }
-    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(
+        str(tmp_path / "hf")
+    )
     split = read_hf(str(tmp_path / "hf"), "train", image_column="picture", caption_column="text", id_column="uid")
     assert [(r.image_id, r.captions) for r in split.records] == [
         ("11", ("a blue square", "blue")),
@@ -140,7 +142,9 @@ def test_hf_dataset_from_disk_with_string_and_list_captions(tmp_path):
         "--caption-column", "text", "--id-column", "uid", "--splits", "train",
     )  # fmt: skip
     assert [s["meta"]["image_id"] for s in samples["train"]] == [11, 12]
-    single = datasets.Dataset.from_dict({"image": [image_bytes()], "caption": ["one caption"]})
+    single = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"image": [image_bytes()], "caption": ["one caption"]})}
+    )
     single.save_to_disk(str(tmp_path / "hf_single"))
     assert read_hf(str(tmp_path / "hf_single"), "train").records[0].captions == ("one caption",)
     with pytest.raises(DataError) as error:

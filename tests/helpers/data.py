@@ -23,8 +23,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def image_bytes(
-    width: int = 40, height: int = 30, color: tuple[int, int, int] = (200, 30, 30), fmt: str = "JPEG"
+    width: int = 80, height: int = 64, color: tuple[int, int, int] = (200, 30, 30), fmt: str = "JPEG"
 ) -> bytes:
+    """A plain picture; the default size passes make_shards' 64 px minimum side."""
     return encoded(Image.new("RGB", (width, height), color), fmt)
 
 
@@ -126,7 +127,7 @@ def write_hostile_shards(good_dir: Path, out_dir: Path, marker: Path) -> dict[st
     big = image_bytes(300, 300)
     groups = [  # (skip reason, members) per planted sample, one group per shard after the first
         [
-            ("undecodable_image", {"cut_jpeg.jpg": big[: len(big) // 2], "cut_jpeg.txt": b"a red square"}),
+            ("truncated_image", {"cut_jpeg.jpg": big[: len(big) // 2], "cut_jpeg.txt": b"a red square"}),
             ("undecodable_image", {"garbage.jpg": b"\xff\xd8 not a jpeg at all", "garbage.txt": b"a red square"}),
             ("missing_image", {"no_image.txt": b"a red square", "no_image.json": b'{"captions": ["a red square"]}'}),
         ],
