@@ -6,7 +6,8 @@
 #   GPUS_PER_NODE  ranks per node (default: the hostfile's slots, else visible CUDA GPUs, else 2 CPU ranks)
 #   HOSTFILE       DeepSpeed hostfile for multi-node runs (see launch/hostfile.example)
 #   NUM_NODES      use the first N hosts of the hostfile
-#   MASTER_ADDR    rendezvous address (default 127.0.0.1 on one node)   MASTER_PORT (default 29500)
+#   MASTER_ADDR    rendezvous address (default 127.0.0.1 on one node)
+#   MASTER_PORT    rendezvous port (default: a free port on one node, as torchrun --standalone; 29500 with a HOSTFILE)
 #   LAUNCHER       multi-node backend: pdsh (default), openmpi, mpich, impi, slurm, mvapich
 #   NODE_RANK      with NO_SSH=1: start only this node's ranks (one launcher per node, e.g. under SLURM)
 #   PYTHON         interpreter (default: the repo's .venv if present, else python3)
@@ -19,7 +20,19 @@ if [[ -z "$PYTHON" ]]; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-launcher=(--master_port "${MASTER_PORT:-29500}")
+port_is_free() {  # as torch's store binds it (all addresses, SO_REUSEADDR)
+  "$PYTHON" -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+if [[ -z "${MASTER_PORT:-}" && -z "${HOSTFILE:-}" ]]; then  # one node: nobody else needs to know the port
+  MASTER_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
+fi
+MASTER_PORT="${MASTER_PORT:-29500}"
+if [[ -z "${HOSTFILE:-}" || "${NO_SSH:-0}" == 1 && "${NODE_RANK:-}" == 0 ]] && ! port_is_free "$MASTER_PORT"; then
+  echo "error: MASTER_PORT=$MASTER_PORT is taken on this machine (another job?): unset MASTER_PORT on one node to pick a free port, or set a free one" >&2
+  exit 2
+fi
+launcher=(--master_port "$MASTER_PORT")
 if [[ -n "${HOSTFILE:-}" ]]; then
   [[ -f "$HOSTFILE" ]] || { echo "error: HOSTFILE=$HOSTFILE does not exist: point it at a DeepSpeed hostfile" >&2; exit 2; }
   hosts="$(grep -E '^[^#[:space:]]' "$HOSTFILE" | head -n "${NUM_NODES:-1000000}")"

@@ -9,6 +9,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import DistNetworkError
 
 from pretrain import compat
 from pretrain.distributed import apply_collective_timeout
@@ -16,7 +17,7 @@ from pretrain.model import ALBEF, load_pretrained
 from pretrain.train.ds_config import zero_stage
 from pretrain.train.optim import build_optimizer, build_scheduler
 from pretrain.train.preflight import Setup
-from pretrain.train.recipe import DistSection
+from pretrain.train.recipe import DistSection, RecipeError
 
 
 def share_cpu_cores() -> None:
@@ -28,10 +29,29 @@ def share_cpu_cores() -> None:
 
 
 def start_distributed(section: DistSection) -> None:
+    """Join the process group; a rendezvous port another process holds is one RecipeError naming MASTER_PORT.
+
+    On CPU, DeepSpeed maps a /dev/shm all-reduce buffer per rank and spins until every rank's exists: a rank
+    that got that far when another failed to start was killed there and left its buffer behind. So every rank
+    first proves the group works (a barrier), and a failure after that unlinks this rank's buffer name."""
     compat.warn_if_untested()
-    deepspeed.init_distributed(dist_backend=section.backend, timeout=section.timeout)
-    if not torch.cuda.is_available():  # only DeepSpeed's CPU accelerator maps them
+    try:
+        dist.init_process_group(backend=section.backend, timeout=section.timeout)
+    except DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        raise RecipeError(f"MASTER_PORT={os.environ.get('MASTER_PORT')} is taken on this machine (another job?): "
+                          "unset MASTER_PORT on one node to pick a free port, or set a free one") from None
+    if torch.cuda.is_available():  # only DeepSpeed's CPU accelerator maps the buffers
+        deepspeed.init_distributed(dist_backend=section.backend, timeout=section.timeout)
+        return
+    dist.barrier()
+    try:
+        deepspeed.init_distributed(dist_backend=section.backend, timeout=section.timeout)
         compat.release_deepspeed_shm_buffers()
+    except BaseException:
+        compat.deepspeed_shm_buffer(dist.get_rank()).unlink(missing_ok=True)
+        raise
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -16,6 +16,7 @@ training ranks (launcher processes are left alone):
       term       the rank sends SIGTERM to the job's whole process group during the step (as a scheduler
                  does on preemption; DeepSpeed's launcher passes it on to the ranks and waits for them)
       term_self  the rank sends SIGTERM to itself only during the step (the other ranks must stop with it)
+      exit_init  the rank exits as soon as it has joined the process group (a failed start; give step 0)
     VLPRETRAIN_PROBE=<dir>   each rank appends a JSON line per step to <dir>/rank<r>.jsonl: the step,
                              whether DeepSpeed applied it, and a digest of the rank's parameter
                              partition before and after it
@@ -48,6 +49,7 @@ if "LOCAL_RANK" in os.environ and any(name in os.environ for name in PROBES):
     SHM_PROBE = os.environ.get("VLPRETRAIN_SHM_PROBE")
     real_train_step, real_save = train_module.train_step, torch.save
     real_save_checkpoint, real_release = train_module.save_checkpoint, compat.release_deepspeed_shm_buffers
+    real_init_process_group = torch.distributed.init_process_group
 
     def partition_digest(engine) -> str:
         """A digest of this rank's parameter partition: it changes whenever one element does (a sum can
@@ -108,7 +110,13 @@ if "LOCAL_RANK" in os.environ and any(name in os.environ for name in PROBES):
         if SHM_PROBE:
             (Path(SHM_PROBE) / f"rank{RANK}.json").write_text(json.dumps({"buffer": str(buffer), "existed": existed}))
 
+    def faulty_init_process_group(*args, **kwargs):
+        real_init_process_group(*args, **kwargs)
+        if HERE and KIND == "exit_init":
+            os._exit(1)
+
     train_module.train_step = faulty_train_step
     train_module.save_checkpoint = faulty_save_checkpoint
     compat.release_deepspeed_shm_buffers = recording_release
     torch.save = faulty_save
+    torch.distributed.init_process_group = faulty_init_process_group
