@@ -4,6 +4,9 @@ import re
 
 _PUNCTUATION = re.compile(r"[^\w\s']")
 _SPACES = re.compile(r"\s+")
+# Python's \w is str.isalnum() (letters and every number) or "_"; the Oniguruma \w of `tokenizers` also
+# keeps combining marks and drops other numbers, so the tokenizer's pattern spells the classes out.
+_PUNCTUATION_ONIGURUMA = r"[^\p{L}\p{N}_\s']"
 
 
 def clean_caption(caption: str, max_words: int = 30) -> str:
@@ -11,3 +14,14 @@ def clean_caption(caption: str, max_words: int = 30) -> str:
     text = _PUNCTUATION.sub(" ", caption.lower())
     words = _SPACES.sub(" ", text).strip().split(" ")
     return " ".join(words[:max_words])
+
+
+def caption_normalizer():
+    """`clean_caption` as a `tokenizers` normalizer, for tokenizers used without our loader (an export).
+
+    Whitespace needs no collapsing (the pre-tokenizer splits on any run of it); the word cap is not
+    applied, which changes nothing once captions are truncated to max_len <= max_words + 2 tokens.
+    """
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(_PUNCTUATION_ONIGURUMA), " ")])

@@ -254,7 +254,12 @@ def load_pretrained(model: torch.nn.Module, vit: str | None = None, bert: str | 
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path) -> None:
     """Write `out_dir/image_encoder` (ViTModel) and `out_dir/text_encoder` (BertModel, the text_layers
-    unimodal layers). Neither has a pooler: ALBEF never trains one."""
+    unimodal layers).
+
+    ALBEF trains no pooler (its ITC heads project [CLS] themselves), and nothing in config.json stops
+    `AutoModel` from building one, so each export carries a pooler of zeros: every weight is on disk (no
+    random initialisation on load) and `pooler_output` is all zeros rather than plausible noise.
+    """
     from transformers import BertModel, ViTModel
 
     config, out_dir = model.config, Path(out_dir)
@@ -263,6 +268,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> None:
         (ViTModel, _vit_config(config), ours_to_vit_state_dict(ours, config), "image_encoder"),
         (BertModel, _bert_config(config, config.text_layers), ours_to_bert_state_dict(ours, config), "text_encoder"),
     ):
-        hf = cls(hf_config, add_pooling_layer=False)
-        hf.load_state_dict(state_dict, strict=True)
+        hf = cls(hf_config)
+        pooler = {f"pooler.{name}": torch.zeros_like(p) for name, p in hf.pooler.named_parameters()}
+        hf.load_state_dict({**state_dict, **pooler}, strict=True)
         hf.save_pretrained(out_dir / sub)

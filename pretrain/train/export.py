@@ -11,6 +11,8 @@ from pathlib import Path
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_model, save_model
 
+from data_pipeline.text import caption_normalizer
+from data_pipeline.transforms import MEAN, STD
 from pretrain.model import ALBEF, ModelConfig, export_hf
 from pretrain.train.checkpoint import latest_tag
 
@@ -23,7 +25,35 @@ def save_export(model: ALBEF, tokenizer, out_dir: Path) -> None:
     save_model(model, str(out_dir / WEIGHTS_FILE))  # safetensors: no pickle, tied weights handled
     (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2))
     export_hf(model, out_dir)
-    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    cleaning = cleaning_tokenizer(tokenizer, model.config.max_position)
+    for folder in ("tokenizer", "text_encoder"):  # text_encoder/ as a Hub model folder: weights + tokenizer
+        cleaning.save_pretrained(str(out_dir / folder))
+    (out_dir / "image_encoder" / "preprocessor_config.json").write_text(
+        json.dumps(image_processor_config(model.config.image_size), indent=2))
+
+
+def cleaning_tokenizer(tokenizer, max_length: int):
+    """The run's tokenizer with our caption cleaning first in its normalizer, so that a raw caption gives
+    the ids training gave its cleaned copy. Saved as a plain fast tokenizer: transformers' BertTokenizer
+    rebuilds its normalizer from its arguments when loaded and would drop ours."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: the run's tokenizer stays as it is
+    own = [backend.normalizer] if backend.normalizer is not None else []
+    backend.normalizer = normalizers.Sequence([caption_normalizer(), *own])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=max_length,
+                                   **tokenizer.special_tokens_map)
+
+
+def image_processor_config(image_size: int) -> dict:
+    """Our evaluation transform for `AutoImageProcessor`: the whole image to RGB, resized bicubic (PIL's
+    resample 3) to image_size x image_size without keeping the aspect, scaled to [0, 1], CLIP mean and std."""
+    return {
+        "image_processor_type": "ViTImageProcessor", "do_convert_rgb": True,
+        "do_resize": True, "size": {"height": image_size, "width": image_size}, "resample": 3,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": MEAN, "image_std": STD,
+    }  # fmt: skip
 
 
 def export_run(ckpt_dir: Path, config: ModelConfig, tokenizer, out_dir: Path) -> ALBEF:

@@ -126,14 +126,21 @@ def test_export_round_trip_through_automodel(checkpoints, tmp_path):
     model = ALBEF(tiny_config(attention="eager")).eval().double()
     export_hf(model, tmp_path)
     batch = _double_batch(model.config)
+    encoders = {}
+    for sub in ("image_encoder", "text_encoder"):  # every weight on disk: nothing initialised at random on load
+        hf, info = AutoModel.from_pretrained(tmp_path / sub, output_loading_info=True)
+        assert {k: v for k, v in info.items() if v} == {}, (sub, info)
+        encoders[sub] = hf.eval().double()
     with torch.no_grad():
-        image = _hf(AutoModel, tmp_path / "image_encoder")(batch["pixel_values"])
+        image = encoders["image_encoder"](batch["pixel_values"])
         torch.testing.assert_close(image.last_hidden_state, model.encode_image(batch["pixel_values"])[0], **EXACT)
-        text = _hf(AutoModel, tmp_path / "text_encoder")
-        text = text(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        text = encoders["text_encoder"](batch["input_ids"], attention_mask=batch["attention_mask"])
         ours = model.text_encoder(batch["input_ids"], KeyPadding(batch["attention_mask"].bool()))
     valid = batch["attention_mask"].bool()
-    torch.testing.assert_close(text[valid], ours[valid], **EXACT)
+    torch.testing.assert_close(text.last_hidden_state[valid], ours[valid], **EXACT)
+    # ALBEF trains no pooler: the export's is zeros, so pooler_output is zeros and never plausible noise
+    for output in (image, text):
+        assert output.pooler_output.shape[0] == 6 and not output.pooler_output.any()
 
 
 def test_mismatched_checkpoints_fail_with_one_clear_error():
