@@ -25,7 +25,7 @@ lint: env
 test: lint
 	$(PY) -m pytest -q tests
 
-# --- data (see README "## Data" for every variable) ---
+# --- data (see docs/data.md for every variable) ---
 SOURCE ?= synthetic
 DATASET ?= $(SOURCE)
 ROOT ?=
