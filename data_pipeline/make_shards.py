@@ -259,7 +259,12 @@ def _check_enough_valid(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=SOURCES, default="coco", help="dataset layout (synthetic data is coco)")
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="coco",
+        help="dataset layout (synthetic data is coco) (default: %(default)s)",
+    )
     parser.add_argument(
         "--root",
         help="dataset directory (coco: annotations/ + {train,val}2017/ or 2014/; flickr30k: "
@@ -271,37 +276,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "for coco, images are found at ROOT/filepath/filename (2014 names) or ROOT/{train,val}2017/ID.jpg",
     )
     parser.add_argument("--hf-dataset", help="hf: a Hugging Face dataset name or a save_to_disk directory")
-    parser.add_argument("--image-column", default="image", help="hf: image column (Image feature, bytes or path)")
-    parser.add_argument("--caption-column", default="caption", help="hf: caption column (a string or a list)")
+    parser.add_argument(
+        "--image-column", default="image", help="hf: image column (Image feature, bytes or path) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--caption-column", default="caption", help="hf: caption column (a string or a list) (default: %(default)s)"
+    )
     parser.add_argument("--id-column", help="hf: image id column (default: the row index)")
     parser.add_argument(
-        "--splits", default="train,val", help="comma-separated splits to shard (hf: val also finds validation)"
+        "--splits",
+        default="train,val",
+        help="comma-separated splits to shard (hf: val also finds validation) (default: %(default)s)",
     )
     parser.add_argument(
         "--holdout-fraction",
         type=float,
         default=DEFAULT_HOLDOUT_FRACTION,
         help="sources without splits (plain Flickr30k caption files, one saved HF Dataset): val and test each "
-        "take this fraction of the images by image-id hash, train the rest",
+        "take this fraction of the images by image-id hash, train the rest (default: %(default)s)",
     )
     parser.add_argument("--name", help="dataset name: key prefix and default output folder (default: --source)")
     parser.add_argument("--out", help="output directory; one subdirectory per split (default: data/shards/NAME)")
-    parser.add_argument("--max-size", type=int, default=256, help="shorter image side at most this (pixels)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images (bombs)")
     parser.add_argument(
-        "--min-side", type=int, default=DEFAULT_MIN_SIDE, help="skip images whose shorter side is under this"
+        "--max-size", type=int, default=256, help="shorter image side at most this (pixels) (default: %(default)s)"
     )
-    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded images")
-    parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per shard at most")
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images (bombs) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--min-side",
+        type=int,
+        default=DEFAULT_MIN_SIDE,
+        help="skip images whose shorter side is under this (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jpeg-quality", type=int, default=90, help="quality of re-encoded images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--shard-samples",
+        type=int,
+        default=DEFAULT_SHARD_SAMPLES,
+        help="samples per shard at most (default: %(default)s)",
+    )
     parser.add_argument(
         "--min-shards",
         type=int,
         default=DEFAULT_MIN_SHARDS,
-        help="smaller shards for a split too small to fill this many (epoch-mode training needs ranks x workers)",
+        help="write smaller shards when a split would fill fewer than this many; epoch-mode training needs "
+        "ranks x workers shards (default: %(default)s)",
     )
-    parser.add_argument("--shard-bytes", type=int, default=500_000_000, help="close a shard past this size")
+    parser.add_argument(
+        "--shard-bytes", type=int, default=500_000_000, help="close a shard past this size (default: %(default)s)"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image processes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle before sharding")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the global shuffle before sharding (default: %(default)s)"
+    )
     parser.add_argument("--max-bad-fraction", type=float, help="fail when more images than this are skipped")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

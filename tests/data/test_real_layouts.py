@@ -81,6 +81,31 @@ def test_flickr_karpathy_file_keeps_its_own_splits(tmp_path):
     assert read_manifest(out / "train")["options"]["split_rule"] is None
 
 
+def test_a_saved_single_hf_dataset_is_split_by_id_hash(tmp_path):
+    rows = {"image": [image_bytes()] * 60, "caption": [f"c{i}" for i in range(60)], "uid": list(range(500, 560))}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "hf"))
+    args = ["--source", "hf", "--hf-dataset", str(tmp_path / "hf"), "--id-column", "uid", "--holdout-fraction", "0.2"]
+    out = shard(tmp_path, *args, "--splits", "train,val,test")
+    ids = [image_ids(out / split) for split in ("train", "val", "test")]
+    assert sorted(sum(ids, [])) == list(range(500, 560))  # every row once
+    position = {i: int(hashlib.sha256(str(i).encode()).hexdigest(), 16) / 2**256 for i in range(500, 560)}
+    assert ids[1] == [i for i, p in position.items() if p < 0.2] and len(ids[1]) > 0
+
+
+def test_coco_official_2014_release_is_read(tmp_path):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2014").mkdir()
+    (root / "val2014" / "COCO_val2014_000000000042.jpg").write_bytes(image_bytes())
+    document = {
+        "images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"}],
+        "annotations": [{"id": 1, "image_id": 42, "caption": "a kite"}],
+    }
+    (root / "annotations" / "captions_val2014.json").write_text(json.dumps(document))
+    out = shard(tmp_path, "--root", str(root), "--splits", "val")
+    assert image_ids(out / "val") == [42]
+
+
 def test_small_truncated_and_undecodable_images_are_counted_apart(tmp_path):
     cut = noise_jpeg()
     images = [

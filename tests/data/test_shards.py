@@ -290,6 +290,9 @@ def test_cli_help_runs_as_a_module():
         [sys.executable, "-m", "data_pipeline.make_shards", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "--shard-samples" in result.stdout
+    help_text = " ".join(result.stdout.split())  # the defaults the Makefile and docs/data.md state
+    for default in ("(default: 500)", "(default: 8)", "(default: 64)", "(default: 0.05)", "(default: train,val)"):
+        assert default in help_text, default
 
 
 @pytest.mark.parametrize("module", ["train_tokenizer", "synthetic"])
