@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 comma := ,
 
-.PHONY: env test lint shards tokenizer pretrain bench-data bench-model clean
+.PHONY: env test lint shards tokenizer pretrain bench-data bench-model zeroshot-data clean
 
 env: $(VENV)/.installed
 
@@ -104,6 +104,15 @@ ifeq ($(TRAIN),)
 	@test -f data/shards/synthetic/val/manifest.json -a -f $(TOKENIZER_DIR)/tokenizer.json || $(MAKE) --no-print-directory shards
 endif
 	GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh $(PRETRAIN_FLAGS)
+
+# --- prompting (see README "## Prompting" and docs/prompting.md) ---
+ZEROSHOT_DIR ?= data/zeroshot
+ZEROSHOT_TRAIN ?= 32
+ZEROSHOT_TEST ?= 100
+
+zeroshot-data: env
+	$(PY) -m data_pipeline.zeroshot_data --out $(ZEROSHOT_DIR) --train-per-class $(ZEROSHOT_TRAIN) \
+		--test-per-class $(ZEROSHOT_TEST) --image-size $(SYNTH_SIZE) --workers $(SHARD_WORKERS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

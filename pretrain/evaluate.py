@@ -34,6 +34,12 @@ def load_model(checkpoint: Path) -> ALBEF:
                             "run's export/ or checkpoints/ directory")
 
 
+def run_max_len(checkpoint: Path) -> int:
+    """The text length the run trained with (data.max_len of its recipe.yaml beside the checkpoint), else 32."""
+    recipe_file = checkpoint.parent / "recipe.yaml"
+    return yaml.safe_load(recipe_file.read_text())["data"]["max_len"] if recipe_file.is_file() else 32
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="run export/ or checkpoints/ directory")
@@ -47,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-rank the top k by the ITM head (ALBEF: 256 for COCO 5k, 128 for Flickr30k 1k)")
     parser.add_argument("--out", type=Path, default=None, help="where to write eval.json (default: beside checkpoint)")
     args = parser.parse_args(argv)
-    recipe_file = args.checkpoint.parent / "recipe.yaml"
-    if args.max_len is None:  # evaluate as the run did
-        args.max_len = yaml.safe_load(recipe_file.read_text())["data"]["max_len"] if recipe_file.is_file() else 32
+    if args.max_len is None:
+        args.max_len = run_max_len(args.checkpoint)
     try:
         model = load_model(args.checkpoint)
         tokenizer = load_tokenizer(args.tokenizer or str(args.checkpoint / "tokenizer"))

@@ -1,11 +1,13 @@
-"""The retrieval picture for TensorBoard: a few image queries with their top captions and a few caption
-queries with their top images, hits in green and misses in red, so one look tells what the model retrieves.
+"""Evaluation pictures for TensorBoard, drawn with PIL alone (its built-in font works offline).
 
-Drawn with PIL alone (its built-in font works offline); the queries are the same at every evaluation.
+The retrieval picture: a few image queries with their top captions and a few caption queries with their top
+images, hits in green and misses in red, so one look tells what the model retrieves; the queries are the same
+at every evaluation. The classification pictures: a confusion matrix, and accuracy against shots.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -141,3 +143,75 @@ def _wrap(text: str, width: int, font, max_lines: int) -> list[str]:
     if len(lines) > max_lines:  # the rest did not fit on the last line, so _fit cuts it and adds the '...'
         lines = lines[: max_lines - 1] + [_fit(" ".join(lines[max_lines - 1 :]), width, font)]
     return lines
+
+
+def confusion_picture(confusion: list[list[int]], classes: list[str], title: str = "") -> torch.Tensor:
+    """uint8 [3, H, W]: the confusion matrix (rows: true class, columns: predicted), each cell shaded by its
+    share of the row and labelled with its count; the diagonal in green, errors in red."""
+    n, cell = len(classes), 36
+    font = ImageFont.load_default(size=12)
+    label_width = min(TEXT_COLUMN, max(int(font.getlength(name)) for name in classes) + PAD)
+    left, top = PAD + label_width, TITLE + LINE + label_width
+    title = title or "confusion: rows true, columns predicted"
+    width = max(left + n * cell + PAD, int(font.getlength(title)) + 2 * PAD)
+    canvas = Image.new("RGB", (width, top + n * cell + PAD), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PAD, PAD // 2), title, fill=INK, font=font)
+    for c, name in enumerate(classes):
+        draw.text((PAD, top + c * cell + cell // 3), _fit(name, label_width - PAD, font), fill=INK, font=font)
+        column = Image.new("RGB", (label_width, LINE), BACKGROUND)  # column labels written sideways
+        ImageDraw.Draw(column).text((0, 0), _fit(name, label_width, font), fill=INK, font=font)
+        canvas.paste(column.rotate(90, expand=True), (left + c * cell + (cell - LINE) // 2, TITLE + LINE))
+    for row, counts in enumerate(confusion):
+        total = max(1, sum(counts))
+        for col, count in enumerate(counts):
+            share = count / total
+            tint = HIT if row == col else MISS
+            fill = tuple(int(b + share * (t - b)) for b, t in zip(BACKGROUND, tint))
+            box = (left + col * cell, top + row * cell, left + (col + 1) * cell, top + (row + 1) * cell)
+            draw.rectangle(_inclusive(box), fill=fill, outline=(60, 60, 60))
+            draw.text((box[0] + 4, box[1] + cell // 3), str(count), fill=INK, font=font)
+    return to_uint8_tensor(canvas)
+
+
+# one line colour per method of a learning-curve picture, none of them a hit/miss marker
+CURVE_COLOURS = [(90, 160, 255), (255, 170, 60), (200, 120, 255), (80, 220, 220), (250, 110, 170), (200, 200, 90),
+                 (160, 160, 160)]
+
+
+def curve_picture(curves: dict[str, list[tuple[float, float, float]]], title: str, width: int = 560,
+                  height: int = 320) -> torch.Tensor:
+    """uint8 [3, H, W]: accuracy (0-1) against shots on a log2 axis, one line per method from (shots, mean, sd)
+    points, with a +-sd bar at each point and a legend below."""
+    font = ImageFont.load_default(size=12)
+    shots = sorted({x for points in curves.values() for x, _, _ in points})
+    plot = (2 * PAD + 32, TITLE + PAD, width - PAD, height - 2 * LINE)  # left, top, right, bottom
+    legend_rows = len(curves)
+    canvas = Image.new("RGB", (width, height + legend_rows * LINE + PAD), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PAD, PAD // 2), _fit(title, width - 2 * PAD, font), fill=INK, font=font)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        fx = math.log2(x / shots[0]) / math.log2(shots[-1] / shots[0]) if shots[-1] > shots[0] else 0.5
+        return plot[0] + fx * (plot[2] - plot[0]), plot[3] - y * (plot[3] - plot[1])
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        _, y = at(shots[0], tick)
+        draw.line((plot[0], y, plot[2], y), fill=(60, 60, 60))
+        draw.text((PAD, y - 6), f"{tick:.2f}", fill=INK, font=font)
+    for x in shots:
+        px, _ = at(x, 0)
+        draw.text((px - 4, plot[3] + 4), str(int(x)), fill=INK, font=font)
+    draw.text((plot[2] - 40, plot[3] + 4 + LINE // 2), "shots", fill=INK, font=font)
+    for n, (method, points) in enumerate(curves.items()):
+        colour = CURVE_COLOURS[n % len(CURVE_COLOURS)]
+        xy = [at(x, mean) for x, mean, _ in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for (x, mean, sd), (px, py) in zip(points, xy):
+            draw.line((px, at(x, mean - sd)[1], px, at(x, mean + sd)[1]), fill=colour)
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
+        y = height + n * LINE
+        draw.line((PAD, y + LINE // 2, PAD + 20, y + LINE // 2), fill=colour, width=3)
+        draw.text((PAD + 28, y), method, fill=INK, font=font)
+    return to_uint8_tensor(canvas)

@@ -32,14 +32,16 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=config.text_layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids: Tensor, padding: KeyPadding) -> Tensor:
-        """Padded ids [B, L] -> embeddings of the real tokens [T, D]."""
+    def forward(self, input_ids: Tensor, padding: KeyPadding, inputs_embeds: Tensor | None = None) -> Tensor:
+        """Padded ids [B, L] -> embeddings of the real tokens [T, D]. `inputs_embeds` [B, L, D], when given,
+        replaces the word embeddings of `input_ids` (learned prompt vectors, as in Hugging Face's BERT)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         ids, positions = padding.unpad(input_ids), padding.unpad(positions)
+        words = self.word_embeddings(ids) if inputs_embeds is None else padding.unpad(inputs_embeds)
         # Every token has segment 0, as in ALBEF. The module is called (not its weight read) so that ZeRO-3
         # fetches the table through its forward hooks.
         segment = self.token_type_embeddings(ids.new_zeros(1))
-        x = self.word_embeddings(ids) + self.position_embeddings(positions) + segment
+        x = words + self.position_embeddings(positions) + segment
         return self.dropout(self.norm(x))
 
 
@@ -83,9 +85,9 @@ class TextEncoder(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config, backend, False) for _ in range(config.text_layers))
 
-    def forward(self, input_ids: Tensor, key_padding: KeyPadding) -> Tensor:
+    def forward(self, input_ids: Tensor, key_padding: KeyPadding, inputs_embeds: Tensor | None = None) -> Tensor:
         checkpointed = self.grad_checkpointing and self.training
-        x = _run_layers(self.layers, self.embeddings(input_ids, key_padding), checkpointed, key_padding)
+        x = _run_layers(self.layers, self.embeddings(input_ids, key_padding, inputs_embeds), checkpointed, key_padding)
         return key_padding.pad(x)
 
 
