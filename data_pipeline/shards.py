@@ -55,8 +55,8 @@ def check_shards(spec, *, world_size: int, num_workers: int, mode: str = "epoch"
         if len(shard_set.shards) < readers:
             raise DataError(
                 f"{len(shard_set.shards)} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers "
-                f"in epoch mode; write smaller shards (make shards SHARD_SAMPLES=...), use fewer workers, "
-                f"or mode='resampled'"
+                f"in epoch mode; write at least that many shards (make shards MIN_SHARDS={readers}), use fewer "
+                f"workers, or mode='resampled'"
             )
     return shard_set
 

@@ -66,8 +66,8 @@ def write_manifest_of_a_missing_shard(directory) -> str:
         (lambda d, t: str(d.parent), {},
          "{d.parent} has no manifest.json; run make_shards into it or give a shard pattern"),
         (lambda d, t: str(d), {"world_size": 2, "num_workers": 3},
-         "4 shards cannot feed 2 ranks x 3 workers in epoch mode; write smaller shards "
-         "(make shards SHARD_SAMPLES=...), use fewer workers, or mode='resampled'"),
+         "4 shards cannot feed 2 ranks x 3 workers in epoch mode; write at least that many shards "
+         "(make shards MIN_SHARDS=6), use fewer workers, or mode='resampled'"),
         (lambda d, t: f"{d}::0.5", {},
          "source weights only apply in mode='resampled'; drop the ::WEIGHT suffixes or switch mode"),
         (lambda d, t: str(d), {"mode": "sequential"},

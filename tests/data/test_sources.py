@@ -99,7 +99,7 @@ def test_flickr30k_plain_caption_files(tmp_path, caption_file):
         text = b"image_name| comment_number| comment\n1000.jpg| 0| Two dogs run .\n1000.jpg| 1| Dogs running\n"
         text += b"2000.jpg| 0| A bike\n2000.jpg| 1| bad \xff\xfe\n"
     (tmp_path / caption_file).write_bytes(text)
-    split = read_flickr30k(tmp_path, "train")
+    split = read_flickr30k(tmp_path, "train")  # both ids hash into train (test_real_layouts checks the rule)
     assert {r.image_id: r.captions for r in split.records} == {
         "1000": ("Two dogs run .", "Dogs running"),
         "2000": ("A bike",),

@@ -157,8 +157,8 @@ def test_user_errors_are_caught_before_any_process_group(base_flags, tmp_path, t
     assert prepare_error(base_flags + ["--dist.ds_config", "missing_config"]) == (
         f"DeepSpeed config 'missing_config' not found: set dist.ds_config to a JSON path or one of {shipped}")
     assert prepare_error(base_flags + ["--data.num_workers", "2"], world_size=4) == (
-        "4 shards cannot feed 4 ranks x 2 workers in epoch mode; write smaller shards (make shards "
-        "SHARD_SAMPLES=...), use fewer workers, or mode='resampled'")
+        "4 shards cannot feed 4 ranks x 2 workers in epoch mode; write at least that many shards (make shards "
+        "MIN_SHARDS=8), use fewer workers, or mode='resampled'")
     with pytest.raises(SystemExit):  # argparse: an option that does not exist
         parse_args(base_flags + ["--optim.learning_rate", "1"])
     assert prepare_error(base_flags + ["--model.overrides", "{hiden: 3}"]) == (
