@@ -10,7 +10,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from data_pipeline.sources import SourceSplit, check_hash_split, collect, hash_split_rule, in_hash_split
+from data_pipeline.sources import (
+    DEFAULT_HOLDOUT_FRACTION,
+    SourceSplit,
+    check_hash_split,
+    collect,
+    hash_split_rule,
+    in_hash_split,
+)
 from data_pipeline.sources.karpathy import read_karpathy
 
 CAPTION_FILES = ("results_20130124.token", "results.csv")
@@ -19,7 +26,11 @@ _NUMBER_THEN_CAPTION = re.compile(rb"\s*\d+\s+(.*)", re.DOTALL)
 
 
 def read_flickr30k(
-    root: str | Path, split: str, karpathy_json: str | Path | None = None, *, holdout_fraction: float = 0.05
+    root: str | Path,
+    split: str,
+    karpathy_json: str | Path | None = None,
+    *,
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
 ) -> SourceSplit:
     root = Path(root)
     image_dir = root / "flickr30k-images"

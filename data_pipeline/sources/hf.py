@@ -7,7 +7,14 @@ has no splits, so its rows are split by image-id hash (sources.hash_split_rule).
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from data_pipeline.sources import SourceSplit, check_hash_split, collect, hash_split_rule, in_hash_split
+from data_pipeline.sources import (
+    DEFAULT_HOLDOUT_FRACTION,
+    SourceSplit,
+    check_hash_split,
+    collect,
+    hash_split_rule,
+    in_hash_split,
+)
 
 # names one split goes by in different datasets; the first one the dataset has is used
 SPLIT_ALIASES = {
@@ -24,7 +31,7 @@ def read_hf(
     image_column: str = "image",
     caption_column: str = "caption",
     id_column: str | None = None,
-    holdout_fraction: float = 0.05,
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
 ) -> SourceSplit:
     """One record per row; a caption cell may hold one string or a list; ids default to the row index."""
     import datasets
