@@ -180,6 +180,18 @@ class TrainLoader:
             )
         self.epoch, self.position = state["epoch"], state["batches_consumed"]
 
+    def load_state_dict_from_ranks(self, states: list[dict]) -> None:
+        """Continue a run saved by another number of ranks (states: one per saving rank, in rank order):
+        the same epoch and global sample count, rounded down to whole batches of this layout, so at most one
+        batch per rank is read again. The rest of an interrupted epoch is this layout's: its shards are dealt
+        to the ranks anew, so which samples it holds is not the saved run's (counts are)."""
+        config = self.config
+        consumed = sum(state["samples_consumed"] for state in states)
+        position = consumed // (config.world_size * config.batch_size)
+        layout = {key: getattr(config, key) for key in ("rank", "world_size", "num_workers", "batch_size")}
+        self.load_state_dict({**states[0], **layout, "batches_consumed": position,
+                              "samples_consumed": position * config.batch_size})
+
 
 def make_train_loader(
     spec,

@@ -4,6 +4,10 @@ DeepSpeed writes `client_state` only from data-parallel rank 0, so per-rank stat
 is gathered from every rank first and stored as a list indexed by rank. That state lives inside the tag's
 files, so it is complete exactly when the tag is: a tag counts once our `latest` names it, which is
 written after every rank finished writing (a crash mid-save leaves `latest` on the previous tag).
+
+Another number of ranks resumes through DeepSpeed's universal checkpoint: rank 0 converts the tag once
+(`ds_to_universal`, into `<tag>/universal/`), and an engine built with `load_universal` loads it; the
+loader continues from the saved global sample position (`TrainLoader.load_state_dict_from_ranks`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -24,6 +30,7 @@ from pretrain.train.reliability.files import probe_writable, replace_text
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 MODEL_STATES = "*model_states.pt"  # one per rank under ZeRO-3, one in all otherwise
 OPTIMIZER_SHARDS = "*zero_pp_rank_*_optim_states.pt"  # one per data-parallel rank under ZeRO
+UNIVERSAL = "universal"  # a tag's universal copy (inside it, so it is pruned with it), for a resume on other ranks
 
 
 class CheckpointError(RunHalted):
@@ -136,21 +143,37 @@ def newest_checkpoint(ckpt_dir: Path) -> str:
     return f"step {int(tag[4:])} ({ckpt_dir / tag})" if tag else f"none yet in {ckpt_dir} (a restart begins at step 0)"
 
 
-def check_resumable(ckpt_dir: Path, world_size: int) -> None:
-    """Before any rank starts: the checkpoint `latest` names has its files, written by as many ranks as
-    this job has (ZeRO shards the optimizer per rank, and the data position is per rank)."""
+def check_resumable(ckpt_dir: Path) -> None:
+    """Before any rank starts: the checkpoint `latest` names has its model states."""
     tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return
-    files = ckpt_dir / tag
-    if not any(files.glob(MODEL_STATES)):
-        raise CheckpointError(f"checkpoint {files} has no model states: it is damaged; point "
+    if tag is not None and not any((ckpt_dir / tag).glob(MODEL_STATES)):
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} has no model states: it is damaged; point "
                               f"{ckpt_dir / 'latest'} at an older step directory")
-    shards = len(list(files.glob(OPTIMIZER_SHARDS)))
-    if shards and shards != world_size:
-        raise CheckpointError(f"checkpoint {files} was written by {shards} ranks but this job has {world_size}: "
-                              "resume with the same number of ranks (the optimizer and the data position are "
-                              "per rank)")
+
+
+def needs_universal_load(ckpt_dir: Path, world_size: int) -> bool:
+    """Whether the newest checkpoint's ZeRO optimizer shards were written by another number of ranks."""
+    tag = latest_tag(ckpt_dir)
+    shards = len(list((ckpt_dir / tag).glob(OPTIMIZER_SHARDS))) if tag else 0
+    return shards not in (0, world_size)
+
+
+def _universal_copy(files: Path) -> None:
+    """Rank 0 converts the tag with DeepSpeed's ds_to_universal, into a temporary folder renamed when
+    complete (an interrupted conversion is started over); every rank waits for it."""
+    target = files / UNIVERSAL
+    if dist.get_rank() == 0 and not target.is_dir():
+        partial = files / f"{UNIVERSAL}.tmp"
+        shutil.rmtree(partial, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(files), "--output_folder", str(partial), "--num_extract_workers", "1",
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise CheckpointError(f"checkpoint {files} could not be converted for another number of ranks "
+                                  f"(ds_to_universal: {last}): resume with as many ranks as wrote it")
+        partial.rename(target)
+    dist.barrier()
 
 
 def _check_intact(ckpt_dir: Path, tag: str) -> None:
@@ -181,19 +204,17 @@ def _check_intact(ckpt_dir: Path, tag: str) -> None:
 def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:
     """Restore engine (weights, optimizer, scheduler) from the newest complete checkpoint.
 
-    Returns this rank's view of the client state ({"step", "rank_state", ...}) or None if there is none.
+    Returns the client state ({"step", "rank_states": every saving rank's state}) or None if there is none.
     """
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     _check_intact(ckpt_dir, tag)
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if engine.load_universal_checkpoint():  # built so when needs_universal_load
+        _universal_copy(ckpt_dir / tag)
+        path, client_state = engine.load_checkpoint(str(ckpt_dir / tag), tag=UNIVERSAL)
+    else:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete it to resume from an older one")
-    rank_states = client_state.pop("rank_states")
-    world = dist.get_world_size()
-    if len(rank_states) != world:
-        raise CheckpointError(f"checkpoint {ckpt_dir / tag} was written by {len(rank_states)} ranks but this job has "
-                           f"{world}: resume with the same world size (the data position is per rank)")
-    client_state["rank_state"] = rank_states[dist.get_rank()]
     return client_state

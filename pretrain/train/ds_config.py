@@ -61,3 +61,8 @@ def build_ds_config(name_or_path: str, schedule: ScheduleSection, world_size: in
 
 def zero_stage(config: dict) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def with_universal_load(config: dict) -> dict:
+    """The config for resuming from a universal checkpoint (saved by another number of ranks)."""
+    return {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}

@@ -54,10 +54,11 @@ def start_distributed(section: DistSection) -> None:
         raise
 
 
-def rank_seed(seed: int, rank: int) -> int:
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """A seed of its own for each rank, so the ranks' ITM negative draws and dropout masks are independent;
-    deterministic in (seed, rank), so the same job draws the same again."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    deterministic in (seed, rank), so the same job draws the same again (and in the step resumed from, when
+    a job continues on another number of ranks without the saved generator states)."""
+    return int(np.random.SeedSequence([seed, rank] + ([step] if step else [])).generate_state(1)[0])
 
 
 def build_engine(setup: Setup):

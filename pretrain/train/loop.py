@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -20,13 +20,14 @@ from pretrain.eval.picture import retrieval_picture
 from pretrain.eval.retrieval import evaluate_retrieval, format_table, non_finite_warning, save_eval_json
 from pretrain.train.checkpoint import (
     load_checkpoint,
+    needs_universal_load,
     newest_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from pretrain.train.ds_config import zero_stage
-from pretrain.train.engine import build_engine, share_cpu_cores, start_distributed
+from pretrain.train.ds_config import with_universal_load, zero_stage
+from pretrain.train.engine import build_engine, rank_seed, share_cpu_cores, start_distributed
 from pretrain.train.export import export_run
 from pretrain.train.flops import train_flops_per_sample
 from pretrain.train.metrics import (
@@ -123,14 +124,28 @@ def train(setup: Setup, resume: str) -> dict:
             raise lost_contact(err, rank, watchdog.where(), newest_checkpoint(ckpt_dir)) from None
 
 
-def restore(engine, loader, ckpt_dir: Path) -> int:
+def restore(engine, loader, ckpt_dir: Path, seed: int) -> int:
     """Weights, optimizer, schedule, this rank's data position and RNG from the newest complete checkpoint;
-    the step to continue from (0 without one)."""
+    the step to continue from (0 without one).
+
+    Saved by another number of ranks: the data continues from the same global sample position, and the
+    ranks' random draws start anew from (seed, rank, step)."""
     state = load_checkpoint(engine, ckpt_dir)
     if not state:
         return 0
-    loader.load_state_dict(state["rank_state"]["loader"])
-    set_rng_state(state["rank_state"]["rng"])
+    rank, saved = dist.get_rank(), state["rank_states"]
+    if len(saved) == dist.get_world_size():
+        loader.load_state_dict(saved[rank]["loader"])
+        set_rng_state(saved[rank]["rng"])
+        return state["step"]
+    loader.load_state_dict_from_ranks([s["loader"] for s in saved])
+    torch.manual_seed(rank_seed(seed, rank, state["step"]))
+    if rank == 0:
+        position = loader.state_dict()
+        print(f"[vlpretrain] resuming step {state['step']}, saved by {len(saved)} ranks, on {dist.get_world_size()}: "
+              f"weights and optimizer from its universal checkpoint; data at epoch {position['epoch']}, sample "
+              f"{position['samples_consumed'] * dist.get_world_size()} of the epoch (saved: "
+              f"{sum(s['loader']['samples_consumed'] for s in saved)})", flush=True)
     return state["step"]
 
 
@@ -140,10 +155,12 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
     run_path, ckpt_dir = recipe.run_path, recipe.run_path / "checkpoints"
     if rank == 0:
         write_run_files(setup)
+    if resume == "auto" and needs_universal_load(ckpt_dir, world):
+        setup = replace(setup, ds_config=with_universal_load(setup.ds_config))
     engine = build_engine(setup)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     loader, eval_data = build_data(setup, rank, world)
-    step = start_step = restore(engine, loader, ckpt_dir) if resume == "auto" else 0
+    step = start_step = restore(engine, loader, ckpt_dir, recipe.seed) if resume == "auto" else 0
 
     log = TrainLog(run_path, enabled=rank == 0, resume_step=start_step)
     log.text("config/recipe", "```\n" + yaml.safe_dump(asdict(recipe), sort_keys=False) + "\n```", step)

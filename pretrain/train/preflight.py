@@ -69,7 +69,7 @@ def prepare(args: argparse.Namespace) -> Setup:
                           "--name to start a new run")
     if resume == "auto":
         try:
-            check_resumable(ckpt_dir, world_size)
+            check_resumable(ckpt_dir)
         except CheckpointError as err:
             raise RecipeError(str(err)) from None
     return Setup(recipe, tokenizer, model_config, ds_config, world_size)

@@ -22,12 +22,14 @@ training ranks (launcher processes are left alone):
                              partition before and after it
     VLPRETRAIN_SHM_PROBE=<dir>  each rank writes <dir>/rank<r>.json as it releases DeepSpeed's /dev/shm
                              all-reduce buffer: the buffer's name (pretrain.compat's) and whether it existed
+    VLPRETRAIN_LOADED=<file>  after a resume, rank 0 saves every parameter's full fp32 weight and Adam moments
+                             as loaded ({name: {"fp32", "exp_avg", "exp_avg_sq"}}, torch.save)
 """
 
 import json
 import os
 
-PROBES = ("VLPRETRAIN_FAULT", "VLPRETRAIN_PROBE", "VLPRETRAIN_SHM_PROBE")
+PROBES = ("VLPRETRAIN_FAULT", "VLPRETRAIN_PROBE", "VLPRETRAIN_SHM_PROBE", "VLPRETRAIN_LOADED")
 if "LOCAL_RANK" in os.environ and any(name in os.environ for name in PROBES):
     import hashlib
     import resource
@@ -50,6 +52,7 @@ if "LOCAL_RANK" in os.environ and any(name in os.environ for name in PROBES):
     real_train_step, real_save = train_module.train_step, torch.save
     real_save_checkpoint, real_release = train_module.save_checkpoint, compat.release_deepspeed_shm_buffers
     real_init_process_group = torch.distributed.init_process_group
+    real_restore = train_module.restore
 
     def partition_digest(engine) -> str:
         """A digest of this rank's parameter partition: it changes whenever one element does (a sum can
@@ -110,12 +113,25 @@ if "LOCAL_RANK" in os.environ and any(name in os.environ for name in PROBES):
         if SHM_PROBE:
             (Path(SHM_PROBE) / f"rank{RANK}.json").write_text(json.dumps({"buffer": str(buffer), "existed": existed}))
 
+    def recording_restore(engine, *args, **kwargs):
+        step = real_restore(engine, *args, **kwargs)
+        if step and os.environ.get("VLPRETRAIN_LOADED"):
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            loaded = {name: {"fp32": safe_get_full_fp32_param(param),
+                             **{key: safe_get_full_optimizer_state(param, key) for key in ("exp_avg", "exp_avg_sq")}}
+                      for name, param in engine.module.named_parameters()}  # collectives: every rank calls them
+            if RANK == 0:
+                torch.save(loaded, os.environ["VLPRETRAIN_LOADED"])
+        return step
+
     def faulty_init_process_group(*args, **kwargs):
         real_init_process_group(*args, **kwargs)
         if HERE and KIND == "exit_init":
             os._exit(1)
 
     train_module.train_step = faulty_train_step
+    train_module.restore = recording_restore
     train_module.save_checkpoint = faulty_save_checkpoint
     compat.release_deepspeed_shm_buffers = recording_release
     torch.save = faulty_save
