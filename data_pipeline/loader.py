@@ -9,6 +9,9 @@ repeats its earliest samples, so no rank ever runs out early (a rank that stops 
 ZeRO-3). Batches never mix workers, so an epoch is exactly-once when every worker's sample count is a
 multiple of batch_size; otherwise up to batch_size - 1 samples per worker are dropped or repeated.
 
+Samples are images with one caption drawn per epoch, or with `pairs="every_caption"` each (image, caption)
+pair (ALBEF's epoch; its length counted from the shards' caption members, images never read for it).
+
 All randomness is derived from (seed, epoch, rank, worker, sample key), so a loader restored from
 state_dict() yields exactly the batches an uninterrupted one would have. Workers are assigned round
 robin by DataLoader (in order); a resumed loader rotates worker roles to continue that order.
@@ -30,7 +33,11 @@ from data_pipeline.epoch_plan import epoch_quotas, round_robin_position
 from data_pipeline.errors import DataError
 from data_pipeline.images import DEFAULT_MAX_PIXELS
 from data_pipeline.loader_worker import LoaderConfig, WorkerStream, WorkerTask, survive_scheduler_signals
+from data_pipeline.samples import count_pairs
 from data_pipeline.shards import ShardSet, check_shards
+from data_pipeline.transforms import RandAugment
+
+PAIR_MODES = ("random_caption", "every_caption")
 
 # Workers fork after the main process may have used the fast tokenizer's thread pool; without this
 # the tokenizers library warns and disables itself per fork, or can deadlock.
@@ -51,10 +58,15 @@ class TrainLoader:
     def __init__(self, shard_set: ShardSet, tokenizer, config: LoaderConfig, pin_memory: bool = False):
         self.shard_set, self.tokenizer, self.config, self.pin_memory = shard_set, tokenizer, config, pin_memory
         self.num_readers = max(1, config.num_workers)
-        self._len = shard_set.num_samples // (config.world_size * config.batch_size)
+        # what an epoch visits per shard: its images, or in every_caption mode its (image, caption) pairs
+        every_pair = config.pairs == "every_caption" and config.mode == "epoch"
+        self._sizes = {s.path: count_pairs(s.path, config.max_words) if every_pair else s.num_samples
+                       for s in shard_set.shards}
+        total = sum(self._sizes.values())
+        self._len = total // (config.world_size * config.batch_size)
         if self._len == 0:
             raise DataError(
-                f"{shard_set.num_samples} samples make no batch of {config.batch_size} on each of "
+                f"{total} samples make no batch of {config.batch_size} on each of "
                 f"{config.world_size} ranks; lower batch_size or add data"
             )
         self.epoch = 0
@@ -115,7 +127,7 @@ class TrainLoader:
         random.Random(f"shards-{config.seed}-{self.epoch}").shuffle(shards)
         per_rank = [shards[r :: config.world_size] for r in range(config.world_size)]
         layout = [[rank_shards[w::n] for w in range(n)] for rank_shards in per_rank]
-        counts = [[sum(s.num_samples for s in worker) for worker in rank] for rank in layout]
+        counts = [[sum(self._sizes[s.path] for s in worker) for worker in rank] for rank in layout]
         quotas = epoch_quotas(counts, config.batch_size, self._len)[config.rank]
         taken, next_worker = round_robin_position(quotas, self.position)
         roles = [(next_worker + k) % n for k in range(n)]  # DataLoader worker k plays role roles[k]
@@ -207,7 +219,9 @@ def make_train_loader(
     mode: str = "epoch",
     mlm_probability: float = 0.15,
     crop_scale: tuple[float, float] = (0.5, 1.0),
-    hflip: bool = False,  # off: synthetic (and many real) captions say "left"/"right"
+    hflip: bool = False,  # on: a flipped image's caption has "left" and "right" swapped
+    randaugment: tuple[int, int] | None = None,  # (ops, magnitude); ALBEF: (2, 7)
+    pairs: str = "random_caption",
     max_words: int = 30,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shuffle_buffer: int = 1000,
@@ -222,6 +236,10 @@ def make_train_loader(
         )
     if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
         raise DataError(f"crop_scale {crop_scale} must satisfy 0 < low <= high <= 1; fix it")
+    if pairs not in PAIR_MODES:
+        raise DataError(f"pairs {pairs!r} is unknown; use one of {', '.join(PAIR_MODES)}")
+    if randaugment is not None and not (randaugment[0] >= 0 and 0 <= randaugment[1] <= 10):
+        raise DataError(f"randaugment (ops, magnitude) {randaugment} needs ops >= 0 and 0 <= magnitude <= 10")
     shard_set = check_shards(spec, world_size=world_size, num_workers=num_workers, mode=mode)
     config = LoaderConfig(
         batch_size,
@@ -239,5 +257,7 @@ def make_train_loader(
         max_pixels,
         max(1, shuffle_buffer),
         max_bad_fraction,
+        RandAugment(*randaugment) if randaugment and randaugment[0] else None,
+        pairs,
     )
     return TrainLoader(shard_set, tokenizer, config, pin_memory)

@@ -20,8 +20,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data_pipeline.collate import collate_train
 from data_pipeline.errors import DataError
 from data_pipeline.images import ImageRejected
-from data_pipeline.samples import image_id_of, parse_sample, random_caption, read_samples
-from data_pipeline.transforms import train_image
+from data_pipeline.samples import caption_pairs, image_id_of, parse_sample, random_caption, read_samples
+from data_pipeline.text import mirror_caption
+from data_pipeline.transforms import RandAugment, train_image
 
 # below this many samples a skipped fraction says little; the bound is checked once past it
 MIN_SAMPLES_FOR_BAD_FRACTION = 100
@@ -46,6 +47,8 @@ class LoaderConfig:
     max_pixels: int
     shuffle_buffer: int
     max_bad_fraction: float | None
+    randaugment: RandAugment | None = None
+    pairs: str = "random_caption"  # or every_caption: each (image, caption) pair once per epoch
 
 
 @dataclass
@@ -99,6 +102,8 @@ class _WorkerRun:
             raw = read_samples(self.task.shards, self.skipped)
         else:
             raw = self._resampled(random.Random(f"resample-{self.tag}"))
+        if self.config.pairs == "every_caption":  # before the shuffle, so one image's pairs spread over batches
+            raw = caption_pairs(raw, self.config.max_words)
         return wds.filters.shuffle(self.config.shuffle_buffer, self.config.shuffle_buffer // 2, rng=rng)(raw)
 
     def _resampled(self, rng: random.Random) -> Iterator[dict]:
@@ -138,27 +143,31 @@ class _WorkerRun:
         self._check_bad_fraction(final=True)
 
     def _process(self, sample: dict) -> tuple[torch.Tensor, str, str] | None:
-        """Pixels, one cleaned caption and the key; None (reason counted) for an unusable sample."""
+        """Pixels, one cleaned caption and the key; None (reason counted) for an unusable sample.
+
+        A flipped image gets the mirrored caption ("left" and "right" swapped): pixels and words stay true."""
         config = self.config
         parsed = parse_sample(sample, self.skipped)
         if parsed is None:
             return None
-        # epoch mode: randomness keyed by (seed, epoch, sample), independent of reading order
+        pair = sample.get("__pair__")  # every_caption mode: (index, cleaned caption) of this pair
+        # epoch mode: randomness keyed by (seed, epoch, sample[, caption]), independent of reading order
         seed = f"{config.seed}-{self.epoch}-{parsed.key}" if config.mode == "epoch" else f"{self.tag}-{self.seen}"
-        rng = random.Random(seed)
-        caption = random_caption(parsed, rng, config.max_words)
+        rng = random.Random(seed if pair is None else f"{seed}-{pair[0]}")
+        caption = random_caption(parsed, rng, config.max_words) if pair is None else pair[1]
         if not caption:
             self.skipped["no_caption"] += 1
             return None
+        flip = config.hflip and rng.random() < 0.5
         try:
             pixels = train_image(
-                parsed.image, rng, size=config.image_size, scale=config.crop_scale, hflip=config.hflip,
-                max_pixels=config.max_pixels,
+                parsed.image, rng, size=config.image_size, scale=config.crop_scale, flip=flip,
+                augment=config.randaugment, max_pixels=config.max_pixels,
             )  # fmt: skip
         except ImageRejected as rejected:
             self.skipped[rejected.reason] += 1
             return None
-        return pixels, caption, parsed.key
+        return pixels, mirror_caption(caption) if flip else caption, parsed.key
 
     def _padded(self, samples: Iterator, needed: int) -> Iterator:
         """Exactly `needed` samples: the stream's first ones again if it falls short."""

@@ -7,6 +7,7 @@ member is ever unpickled or loaded. Images are decoded later, under a pixel limi
 import hashlib
 import json
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -110,3 +111,34 @@ def random_caption(sample: ParsedSample, rng: random.Random, max_words: int) -> 
         return caption
     remaining = cleaned_captions(sample, max_words)
     return rng.choice(remaining) if remaining else ""
+
+
+def caption_pairs(raw: Iterable[dict], max_words: int) -> Iterator[dict]:
+    """Each raw sample once per cleaned caption, tagged `__pair__` = (index, caption); a sample without one
+    passes untagged, so its processing counts the reason once. Copies share the member bytes."""
+    for sample in raw:
+        parsed = parse_sample(sample, Counter())  # counted where the sample is processed, not here
+        captions = cleaned_captions(parsed, max_words) if parsed is not None else []
+        if not captions:
+            yield sample
+        for index, caption in enumerate(captions):
+            yield {**sample, "__pair__": (index, caption)}
+
+
+def count_pairs(path: str, max_words: int) -> int:
+    """(image, caption) pairs in a local shard, as caption_pairs yields them (a sample with no caption
+    counts 1, as it is skipped once). Reads the tar headers and the caption members only, never an image."""
+    members: dict[str, dict] = {}
+    with tarfile.open(path, "r:") as tar:  # random access: image bytes are seeked over, not read
+        for member in tar:
+            key, extension = wds.tariterators.base_plus_ext(member.name)
+            if key is None or not member.isfile() or not _wanted(member.name):
+                continue
+            sample, extension = members.setdefault(key, {"__key__": key}), extension.lower()
+            if extension not in sample:  # the first one counts, as in read_samples
+                sample[extension] = tar.extractfile(member).read() if extension in ("json", "txt") else b""
+    total = 0
+    for sample in members.values():
+        parsed = parse_sample(sample, Counter())
+        total += max(1, len(cleaned_captions(parsed, max_words))) if parsed is not None else 1
+    return total

@@ -25,3 +25,13 @@ def caption_normalizer():
     from tokenizers import Regex, normalizers
 
     return normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(_PUNCTUATION_ONIGURUMA), " ")])
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the mirrored image: the words "left" and "right" swapped (whole words of a cleaned,
+    lowercase caption; "right" meaning "correct" is swapped too: rare, where a flip without the swap gets
+    every left and right wrong)."""
+    return _LEFT_RIGHT.sub(lambda word: "right" if word.group(1) == "left" else "left", caption)

@@ -48,8 +48,12 @@ class DataSection:
     mode: str = _help("epoch (exact epochs, split by rank and worker) | resampled (infinite)", "epoch")
     num_workers: int = _help("DataLoader worker processes per rank", 1)
     max_len: int = _help("caption length in tokens (padding/truncation)", 32)
-    crop_scale: tuple[float, float] = _help("random resized crop scale range", (0.5, 1.0))
-    hflip: bool = _help("random horizontal flip (off when captions say left/right)", False)
+    crop_scale: tuple[float, float] = _help("random resized crop scale range (ALBEF: [0.2, 1.0])", (0.2, 1.0))
+    hflip: bool = _help("random horizontal flip; a flipped image's caption has 'left' and 'right' swapped", True)
+    randaugment: tuple[int, int] = _help("RandAugment [ops, magnitude of 10] without colour-changing ops "
+                                         "(ALBEF: [2, 7]; ops 0: off)", (2, 7))
+    pairs: str = _help("random_caption: every image once per epoch with one random caption | every_caption: every "
+                       "(image, caption) pair once per epoch (ALBEF)", "random_caption")
     mlm_probability: float = _help("fraction of caption tokens masked for MLM", 0.15)
     max_bad_fraction: float = _help("stop with an error once more than this fraction of the samples a loader "
                                     "worker read were skipped as broken (1.0: never)", 0.1)
