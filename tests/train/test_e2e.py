@@ -154,7 +154,7 @@ def test_tensorboard_has_every_documented_tag(runs):
     assert lr[0] < lr[1] and lr[-1] < max(lr)  # warmup, then cosine decay
 
 
-def test_exported_weights_reproduce_the_training_time_metrics(runs, synthetic_shards):
+def test_exported_weights_reproduce_the_training_time_metrics(runs, synthetic_shards, tmp_path):
     run_dir = runs["root"] / "A"
     trained = json.loads((run_dir / "eval.json").read_text())
     assert trained["num_images"] == 12 and trained["num_texts"] == 60 and trained["itm_rerank_k"] == 4
@@ -164,11 +164,14 @@ def test_exported_weights_reproduce_the_training_time_metrics(runs, synthetic_sh
     again = json.loads(out.read_text())
     for direction in ("i2t", "t2i"):
         assert again[direction] == pytest.approx(trained[direction])
-    # the DeepSpeed checkpoint directory itself is accepted too (consolidated to fp32 on the fly)
-    check(run([sys.executable, "-m", "pretrain.evaluate", "--checkpoint", str(run_dir / "checkpoints"), "--data",
-               str(synthetic_shards["val"]), "--tokenizer", str(run_dir / "export" / "tokenizer"), "--batch-size",
-               "16", "--itm-rerank-k", "4", "--out", str(out)]))
-    assert json.loads(out.read_text())["t2i"] == pytest.approx(trained["t2i"])
+    # the DeepSpeed checkpoint directory itself is accepted too (consolidated to fp32 on the fly), and what the
+    # command line leaves out (val shards, tokenizer, batch size, re-ranking) comes from the run's recipe.yaml
+    copy = tmp_path / "A"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("eval.json"))
+    check(run([sys.executable, "-m", "pretrain.evaluate", "--checkpoint", str(copy / "checkpoints")]))
+    again = json.loads((copy / "eval.json").read_text())  # into the run directory
+    assert again["itm_rerank_k"] == 4 and again["t2i"] == pytest.approx(trained["t2i"])
+    assert not list(copy.glob("*/eval.json"))  # nothing written into export/ or checkpoints/
 
 
 def test_deepspeeds_own_zero_to_fp32_reads_our_checkpoints(runs, tmp_path):
