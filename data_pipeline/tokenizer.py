@@ -1,5 +1,8 @@
-"""Load a Hugging Face tokenizer by name or local path, with a clear error instead of a hub traceback."""
+"""Load a Hugging Face tokenizer by name or local path, with a clear error instead of a hub traceback, and
+measure how well it fits a sample of captions."""
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.errors import DataError
@@ -17,3 +20,33 @@ def load_tokenizer(name_or_path: str):
         if getattr(tokenizer, token) is None:
             raise DataError(f"tokenizer {name_or_path!r} has no {token}; use a BERT-style WordPiece tokenizer")
     return tokenizer
+
+
+@dataclass
+class TokenizerFit:
+    """How a tokenizer cuts a sample of cleaned captions: a tokenizer trained on other text cuts most words
+    into pieces (the 168-token synthetic one reads "young" as `y ##o ##u ##ng`) or reads them as [UNK]."""
+
+    words: int
+    split_words: int  # words cut into more than one token
+    tokens: int
+    unknown_tokens: int
+
+    @property
+    def split_fraction(self) -> float:
+        return self.split_words / max(self.words, 1)
+
+    @property
+    def unknown_fraction(self) -> float:
+        return self.unknown_tokens / max(self.tokens, 1)
+
+
+def tokenizer_fit(tokenizer, captions: Iterable[str]) -> TokenizerFit:
+    words = [word for caption in captions for word in caption.split()]
+    pieces = tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
+    return TokenizerFit(
+        words=len(words),
+        split_words=sum(len(ids) > 1 for ids in pieces),
+        tokens=sum(len(ids) for ids in pieces),
+        unknown_tokens=sum(ids.count(tokenizer.unk_token_id) for ids in pieces),
+    )

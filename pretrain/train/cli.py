@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for warning in setup.warnings:
+        print(warning, file=sys.stderr)
     if args.validate_only:
         print(f"[vlpretrain] recipe, data, tokenizer and DeepSpeed config are valid for world_size={setup.world_size}")
         return 0

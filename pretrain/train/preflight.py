@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from data_pipeline import check_shards, load_tokenizer
+from data_pipeline.tokenizer import tokenizer_fit
+from data_pipeline.train_tokenizer import shard_captions
 from pretrain.model import ModelConfig, model_preset
 from pretrain.train.checkpoint import CheckpointError, check_resumable
 from pretrain.train.ds_config import build_ds_config
@@ -27,6 +30,7 @@ class Setup:
     model_config: ModelConfig
     ds_config: dict
     world_size: int
+    warnings: list[str] = field(default_factory=list)  # printed by rank 0 (and --validate-only)
 
 
 def build_model_config(section: ModelSection, tokenizer) -> ModelConfig:
@@ -72,7 +76,28 @@ def prepare(args: argparse.Namespace) -> Setup:
             check_resumable(ckpt_dir)
         except CheckpointError as err:
             raise RecipeError(str(err)) from None
-    return Setup(recipe, tokenizer, model_config, ds_config, world_size)
+    warnings = [tokenizer_fit_warning(recipe, tokenizer)] if int(os.environ.get("RANK", "0")) == 0 else []
+    return Setup(recipe, tokenizer, model_config, ds_config, world_size, [w for w in warnings if w])
+
+
+# A tokenizer trained on the captions cuts few words and reads almost nothing as [UNK]; one trained on
+# other text (the bundled synthetic one) cuts most real words into characters.
+FIT_SAMPLE_CAPTIONS = 256
+MAX_SPLIT_WORDS = 0.25
+MAX_UNKNOWN_TOKENS = 0.01
+
+
+def tokenizer_fit_warning(recipe: Recipe, tokenizer) -> str | None:
+    """One line when the tokenizer does not fit the training captions (measured on the first few)."""
+    captions = list(islice(shard_captions(recipe.data.train), FIT_SAMPLE_CAPTIONS))
+    fit = tokenizer_fit(tokenizer, captions)
+    if fit.split_fraction <= MAX_SPLIT_WORDS and fit.unknown_fraction <= MAX_UNKNOWN_TOKENS:
+        return None
+    return (f"warning: the tokenizer {recipe.data.tokenizer} cuts {fit.split_fraction:.0%} of the words of "
+            f"{len(captions)} training captions into pieces and reads {fit.unknown_fraction:.1%} of their tokens "
+            f"as [UNK]: it was not trained on captions like these; train one on them (`make tokenizer "
+            f"TOKENIZER_SHARDS={recipe.data.train} TOKENIZER_DIR=data/tokenizer-NAME`, which `make shards` does for "
+            "a real source) and pass it with --data.tokenizer, or use --data.tokenizer bert-base-uncased")
 
 
 def check_fault_limits(recipe: Recipe) -> None:
