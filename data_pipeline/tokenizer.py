@@ -1,11 +1,14 @@
 """Load a Hugging Face tokenizer by name or local path, with a clear error instead of a hub traceback, and
 measure how well it fits a sample of captions."""
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from data_pipeline.samples import cleaned_captions, parse_sample, read_samples
+from data_pipeline.shards import resolve_shards
 
 
 def load_tokenizer(name_or_path: str):
@@ -50,3 +53,16 @@ def tokenizer_fit(tokenizer, captions: Iterable[str]) -> TokenizerFit:
         tokens=sum(len(ids) for ids in pieces),
         unknown_tokens=sum(ids.count(tokenizer.unk_token_id) for ids in pieces),
     )
+
+
+def caption_sample(spec: str, count: int, max_words: int = 30) -> list[str]:
+    """The first `count` cleaned captions of the shards, read as the loader reads them (a damaged shard or
+    sample is passed over, not fatal)."""
+    captions: list[str] = []
+    skipped: Counter = Counter()
+    for raw in read_samples((shard.path for shard in resolve_shards(spec).shards), skipped):
+        parsed = parse_sample(raw, skipped)
+        captions += cleaned_captions(parsed, max_words) if parsed is not None else []
+        if len(captions) >= count:
+            break
+    return captions[:count]

@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 from data_pipeline import check_shards, load_tokenizer
-from data_pipeline.tokenizer import tokenizer_fit
-from data_pipeline.train_tokenizer import shard_captions
+from data_pipeline.tokenizer import caption_sample, tokenizer_fit
 from pretrain.model import ModelConfig, model_preset
 from pretrain.train.checkpoint import CheckpointError, check_resumable
 from pretrain.train.ds_config import build_ds_config
@@ -89,7 +87,7 @@ MAX_UNKNOWN_TOKENS = 0.01
 
 def tokenizer_fit_warning(recipe: Recipe, tokenizer) -> str | None:
     """One line when the tokenizer does not fit the training captions (measured on the first few)."""
-    captions = list(islice(shard_captions(recipe.data.train), FIT_SAMPLE_CAPTIONS))
+    captions = caption_sample(recipe.data.train, FIT_SAMPLE_CAPTIONS)
     fit = tokenizer_fit(tokenizer, captions)
     if fit.split_fraction <= MAX_SPLIT_WORDS and fit.unknown_fraction <= MAX_UNKNOWN_TOKENS:
         return None

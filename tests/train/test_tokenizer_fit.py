@@ -1,12 +1,16 @@
 """Preflight measures how the tokenizer cuts a sample of the training captions and warns, in one line naming
 the fix, when it was trained on other text (the bundled synthetic tokenizer on real captions)."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from data_pipeline import clean_caption, resolve_shards
 from data_pipeline.make_shards import main as make_shards_main
-from data_pipeline.tokenizer import tokenizer_fit
+from data_pipeline.tokenizer import caption_sample, tokenizer_fit
 from data_pipeline.train_tokenizer import shard_captions, train_tokenizer
 from pretrain.train.cli import main as train_main
 from tests.helpers.data import image_bytes, write_coco
@@ -77,3 +81,16 @@ def test_the_synthetic_tokenizer_on_real_captions_is_one_warning_with_the_measur
     fitted = tmp_path / "tokenizer-real"
     train_tokenizer(shard_captions(str(real_shards)), str(fitted), vocab_size=500, min_frequency=1)
     assert validate(recipe_flags({"train": real_shards}, fitted, tmp_path), capsys) == []
+
+
+def test_a_damaged_shard_is_passed_over_as_the_loader_does(real_shards, tokenizer_dir, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(real_shards, damaged)
+    shards = resolve_shards(str(damaged)).shards
+    assert len(shards) == len(REAL_CAPTIONS)  # one image (one caption) a shard
+    intact = caption_sample(str(damaged), 256)
+    assert sorted(intact) == sorted(clean_caption(c) for c in REAL_CAPTIONS)
+    Path(shards[0].path).write_bytes(b"not a tar" * 100)  # e.g. cut short by a full disk
+    assert caption_sample(str(damaged), 256) == intact[1:]
+    warnings = validate(recipe_flags({"train": damaged}, tokenizer_dir, tmp_path), capsys)
+    assert len(warnings) == 1 and f"of the words of {len(REAL_CAPTIONS) - 1} training captions" in warnings[0]
