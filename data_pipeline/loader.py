@@ -63,7 +63,8 @@ class TrainLoader:
         self._sizes = {s.path: count_pairs(s.path, config.max_words) if every_pair else s.num_samples
                        for s in shard_set.shards}
         total = sum(self._sizes.values())
-        self._len = total // (config.world_size * config.batch_size)
+        counted = all(source.counted for source in shard_set.sources)  # resampled shards may have no manifest
+        self._len = total // (config.world_size * config.batch_size) if counted else None
         if self._len == 0:
             raise DataError(
                 f"{total} samples make no batch of {config.batch_size} on each of "
@@ -72,11 +73,13 @@ class TrainLoader:
         self.epoch = 0
         self.position = 0  # batches this rank has yielded in the current epoch (or in total, resampled)
         self._resume_tag = ""
-        self._finished_stats = {"seen": 0, "padded": 0, "skipped": Counter()}
+        self._finished_stats = {"seen": 0, "padded": 0, "read_retries": 0, "skipped": Counter()}
         self._live_stats: dict[int, dict] = {}
 
     def __len__(self) -> int:
-        """Batches per epoch on every rank (in resampled mode, the nominal epoch)."""
+        """Batches per epoch on every rank (in resampled mode, the nominal epoch, when manifests count the shards)."""
+        if self._len is None:
+            raise TypeError("a resampled stream of shards without manifest counts has no nominal epoch length")
         return self._len
 
     def set_epoch(self, epoch: int) -> None:
@@ -138,17 +141,20 @@ class TrainLoader:
         for stats in self._live_stats.values():
             self._finished_stats["seen"] += stats["seen"]
             self._finished_stats["padded"] += stats["padded"]
+            self._finished_stats["read_retries"] += stats["read_retries"]
             self._finished_stats["skipped"].update(stats["skipped"])
         self._live_stats = {}
 
     def stats(self) -> dict:
-        """Samples read, padded and skipped (by reason) on this rank since this loader was created."""
-        skipped = Counter(self._finished_stats["skipped"])
-        seen, padded = self._finished_stats["seen"], self._finished_stats["padded"]
+        """Samples read, padded and skipped (by reason), and transient read errors retried, on this rank since
+        this loader was created."""
+        finished = self._finished_stats
+        skipped = Counter(finished["skipped"])
+        seen, padded, retries = finished["seen"], finished["padded"], finished["read_retries"]
         for stats in self._live_stats.values():
             skipped.update(stats["skipped"])
-            seen, padded = seen + stats["seen"], padded + stats["padded"]
-        return {"seen": seen, "padded": padded, "skipped": dict(skipped)}
+            seen, padded, retries = seen + stats["seen"], padded + stats["padded"], retries + stats["read_retries"]
+        return {"seen": seen, "padded": padded, "skipped": dict(skipped), "read_retries": retries}
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples by reason on this rank, summed over its workers, for logging."""

@@ -78,6 +78,7 @@ class _WorkerRun:
     def __init__(self, config: LoaderConfig, tokenizer, epoch: int, task: WorkerTask):
         self.config, self.tokenizer, self.epoch, self.task = config, tokenizer, epoch, task
         self.skipped: Counter = Counter()
+        self.retries: Counter = Counter()  # transient read errors retried (shard_io.py): not skipped samples
         self.seen = 0
         self.padded = 0
         self.tag = f"{config.seed}-{epoch}-{config.rank}-{task.logical_worker}{task.stream_tag}"
@@ -93,13 +94,14 @@ class _WorkerRun:
                 continue
             if index == self.task.skip > 0:  # counts restart with the process, not with the epoch
                 self.skipped.clear()
+                self.retries.clear()
                 self.seen = self.padded = 0
             yield self._collate(chunk, index)
 
     def _raw_samples(self) -> Iterator[dict]:
         rng = random.Random(f"shuffle-{self.tag}")
         if self.config.mode == "epoch":
-            raw = read_samples(self.task.shards, self.skipped)
+            raw = read_samples(self.task.shards, self.skipped, self.retries)
         else:
             raw = self._resampled(random.Random(f"resample-{self.tag}"))
         if self.config.pairs == "every_caption":  # before the shuffle, so one image's pairs spread over batches
@@ -113,7 +115,7 @@ class _WorkerRun:
         while True:
             source = rng.choices(range(len(streams)), weights=self.task.weights)[0]
             if streams[source] is None:
-                streams[source] = read_samples([rng.choice(self.task.sources[source])], self.skipped)
+                streams[source] = read_samples([rng.choice(self.task.sources[source])], self.skipped, self.retries)
             sample = next(streams[source], None)
             if sample is None:
                 streams[source] = None
@@ -220,6 +222,7 @@ class _WorkerRun:
             "seen": self.seen,
             "padded": self.padded,
             "skipped": dict(self.skipped),
+            "read_retries": self.retries["read_retries"],
         }
         return batch
 

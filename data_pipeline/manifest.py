@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from data_pipeline.shard_io import is_remote, join, read_bytes
+
 MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"  # shards finished so far by an unfinished run; lets a rerun resume
 # per-caption (or per-line) reasons; every other reason counts one skipped image
@@ -29,6 +31,12 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
 
 
 def read_manifest(directory: str | Path) -> dict | None:
+    """The manifest of a local directory or of a remote one (any shard_io location), None when it has none."""
+    if isinstance(directory, str) and is_remote(directory):
+        try:
+            return json.loads(read_bytes(join(directory, MANIFEST)))
+        except FileNotFoundError:
+            return None
     path = Path(directory) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
 

@@ -4,6 +4,7 @@ Anything else in a tar (.pyd, .pkl, .pth, ...) is skipped by name before its byt
 member is ever unpickled or loaded. Images are decoded later, under a pixel limit (see images.py).
 """
 
+import contextlib
 import hashlib
 import json
 import random
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import webdataset as wds
 
+from data_pipeline.shard_io import ShardReader, is_remote
 from data_pipeline.text import clean_caption
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -32,8 +34,9 @@ def image_id_of(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
 
 
-def read_samples(paths: Iterable[str], skipped: Counter) -> Iterator[dict]:
-    """Raw samples (key + member bytes) from local shards; an unreadable shard is counted, not fatal.
+def read_samples(paths: Iterable[str], skipped: Counter, retries: Counter | None = None) -> Iterator[dict]:
+    """Raw samples (key + member bytes) from shards anywhere (shard_io.py); an unreadable shard is counted, not
+    fatal. Transient read errors are retried where the read stopped and counted in `retries` ("read_retries").
 
     webdataset's tar iterator reads the members; grouping them by key is done here rather than by
     `tarfile_samples`, whose generic stages (url opener, expander, group_by_keys with per-member
@@ -41,15 +44,16 @@ def read_samples(paths: Iterable[str], skipped: Counter) -> Iterator[dict]:
     tar header parsing. A member name is checked before its bytes are read, so unwanted members never
     become Python objects.
     """
+    retries = Counter() if retries is None else retries
     for path in paths:
-        yield from _shard_samples(path, skipped)
+        yield from _shard_samples(path, skipped, retries)
 
 
-def _shard_samples(path: str, skipped: Counter) -> Iterator[dict]:
+def _shard_samples(path: str, skipped: Counter, retries: Counter) -> Iterator[dict]:
     sample: dict = {}
     try:
-        with open(path, "rb") as stream:
-            for member in wds.tariterators.tar_file_iterator(stream, select_files=_wanted):
+        with ShardReader(path, retries) as stream:
+            for member in wds.tariterators.tar_file_iterator(stream, select_files=wanted_member):
                 key, extension = wds.tariterators.base_plus_ext(member["fname"])
                 if key is None:  # no key before the extension (".jpg"): not a sample member
                     continue
@@ -61,13 +65,13 @@ def _shard_samples(path: str, skipped: Counter) -> Iterator[dict]:
                     skipped["duplicate_member"] += 1  # the first one counts
                 else:
                     sample[extension.lower()] = member["data"]
-    except Exception:  # missing or damaged shard: counted once; the samples read before the damage stay valid
+    except Exception:  # missing, damaged or failing past its retries: counted once; earlier samples stay valid
         skipped["unreadable_shard"] += 1
     if sample:
         yield sample
 
 
-def _wanted(name: str) -> bool:
+def wanted_member(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in READ_EXTENSIONS
 
 
@@ -126,13 +130,19 @@ def caption_pairs(raw: Iterable[dict], max_words: int) -> Iterator[dict]:
 
 
 def count_pairs(path: str, max_words: int) -> int:
-    """(image, caption) pairs in a local shard, as caption_pairs yields them (a sample with no caption
-    counts 1, as it is skipped once). Reads the tar headers and the caption members only, never an image."""
+    """(image, caption) pairs in a shard, as caption_pairs yields them (a sample with no caption counts 1, as
+    it is skipped once). Reads the tar headers and the caption members only, never an image; a remote shard
+    is streamed through (shard_io.py), a local one seeked over."""
     members: dict[str, dict] = {}
-    with tarfile.open(path, "r:") as tar:  # random access: image bytes are seeked over, not read
+    with contextlib.ExitStack() as stack:
+        if is_remote(path):
+            reader = stack.enter_context(ShardReader(path, Counter()))
+            tar = stack.enter_context(tarfile.open(fileobj=reader, mode="r|"))
+        else:
+            tar = stack.enter_context(tarfile.open(path, "r:"))  # random access: image bytes are seeked over
         for member in tar:
             key, extension = wds.tariterators.base_plus_ext(member.name)
-            if key is None or not member.isfile() or not _wanted(member.name):
+            if key is None or not member.isfile() or not wanted_member(member.name):
                 continue
             sample, extension = members.setdefault(key, {"__key__": key}), extension.lower()
             if extension not in sample:  # the first one counts, as in read_samples

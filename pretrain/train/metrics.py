@@ -140,13 +140,15 @@ def mean_over_ranks(values: dict, device: torch.device) -> dict[str, float]:
 
 
 def skipped_over_ranks(loader) -> dict[str, float]:
-    """The loaders' skipped-sample counts summed over ranks, per reason and in total."""
+    """The loaders' skipped-sample counts summed over ranks, per reason and in total, and their retried reads."""
     counts = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, loader.skip_counts())
+    stats = loader.stats()
+    dist.all_gather_object(counts, (stats["skipped"], stats["read_retries"]))
     total: dict[str, float] = defaultdict(float)
-    for rank_counts in counts:
+    for rank_counts, retries in counts:
         for reason, n in rank_counts.items():
             total[f"data/skipped_{reason}"] += n
             total["data/skipped_total"] += n
+        total["data/read_retries"] += retries
     total.setdefault("data/skipped_total", 0.0)
     return dict(total)
