@@ -40,7 +40,7 @@ from pretrain.train.metrics import (
 )
 from pretrain.train.preflight import Setup
 from pretrain.train.reliability.faults import NonFiniteSteps, is_collective_failure, lost_contact
-from pretrain.train.reliability.preemption import StopSignals
+from pretrain.train.reliability.preemption import StopSignals, note_exit
 from pretrain.train.reliability.watchdog import Watchdog
 
 STEP_OUTPUTS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy", "itc_positive_sim", "itc_negative_sim")
@@ -213,8 +213,9 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
     if step < schedule.max_steps:
         if rank == 0:
             reason = f"on {stop_signal}" if stop_signal else "as asked (schedule.exit_at_step)"
-            print(f"[vlpretrain] exiting at step {step} {reason} with a checkpoint; continue with --resume auto",
-                  flush=True)
+            ended = f"exiting at step {step} {reason} with a checkpoint; continue with --resume auto"
+            print(f"[vlpretrain] {ended}", flush=True)
+            note_exit(ended)
         log.close()
         return {}
     watchdog.enter("evaluation")
@@ -242,6 +243,7 @@ def finish(setup: Setup, step: int, log: TrainLog) -> None:
     dist.barrier()
     if dist.get_rank() == 0:
         export_run(recipe.run_path / "checkpoints", setup.model_config, setup.tokenizer, recipe.run_path / "export")
+        note_exit(f"done at step {step}; exported to {recipe.run_path / 'export'}")
         print(f"[vlpretrain] done at step {step}; exported to {recipe.run_path / 'export'}\n"
               f"[vlpretrain] view the logs with: tensorboard --logdir {recipe.logging.run_dir}", flush=True)
     log.close()

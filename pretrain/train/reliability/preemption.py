@@ -7,12 +7,22 @@ stop after the same step even when the signal reaches them at different moments,
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_NOTE = "VLPRETRAIN_EXIT_NOTE"
+
+
+def note_exit(line: str) -> None:
+    """Rank 0 tells a scheduler script how the run ended, in the file $VLPRETRAIN_EXIT_NOTE names (if set):
+    DeepSpeed's launcher exits 1 on SIGTERM even when its ranks stopped cleanly with a checkpoint."""
+    if os.environ.get(EXIT_NOTE):
+        Path(os.environ[EXIT_NOTE]).write_text(line + "\n")
 
 
 class StopSignals:
