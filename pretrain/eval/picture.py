@@ -185,7 +185,7 @@ def curve_picture(curves: dict[str, list[tuple[float, float, float]]], title: st
     points, with a +-sd bar at each point and a legend below."""
     font = ImageFont.load_default(size=12)
     shots = sorted({x for points in curves.values() for x, _, _ in points})
-    plot = (2 * PAD + 32, TITLE + PAD, width - PAD, height - 2 * LINE)  # left, top, right, bottom
+    plot = (2 * PAD + 32, TITLE + PAD, width - 3 * PAD, height - 2 * LINE)  # left, top, right, bottom
     legend_rows = len(curves)
     canvas = Image.new("RGB", (width, height + legend_rows * LINE + PAD), BACKGROUND)
     draw = ImageDraw.Draw(canvas)

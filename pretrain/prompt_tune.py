@@ -1,0 +1,229 @@
+"""`python -m pretrain.prompt_tune`: few-shot prompt learning on a frozen model, each method against the others.
+
+For k shots per class (--shots) and each seed (--seeds), on the held-out --test set: hand prompts (the first
+template alone, and all templates ensembled: the zero-shot baseline), learned context before the label words
+(CoOp; shared by all classes, and one per class), learned label embeddings (initialised from the hand
+ensemble) and a linear probe on the image features. Writes prompt_tune.json (mean and sd over seeds),
+learning_curve.png, TensorBoard scalars and picture, and the learned contexts of the largest k and the first
+seed (context_shared.safetensors, context_class.safetensors) for `python -m pretrain.zeroshot --prompt`.
+
+    python -m pretrain.prompt_tune --checkpoint runs/tiny-synthetic/export --train data/zeroshot/shape/train \\
+        --test data/zeroshot/shape/test --templates data/zeroshot/shape/templates.txt \\
+        --verbalizer data/zeroshot/shape/verbalizer.yaml --out runs/prompting/shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from data_pipeline import DataError, clean_caption, load_tokenizer
+from data_pipeline.labelled_images import few_shot_rows, read_labelled_images
+from pretrain.eval.classification import encode_images
+from pretrain.eval.few_shot import (
+    ContextClassifier,
+    linear_probe,
+    logit_scale,
+    top1,
+    train_context,
+    train_label_embeddings,
+)
+from pretrain.eval.picture import curve_picture
+from pretrain.eval.prompts import BUILTIN_TEMPLATES, load_templates, load_verbalizer
+from pretrain.evaluate import load_model, run_max_len
+from pretrain.model import ALBEF
+from pretrain.model.prompting import LearnedContext, class_embeddings
+from pretrain.train.reliability.files import replace_text
+from pretrain.zeroshot import hand_prompts
+
+METHODS = {
+    "hand_single": "hand prompt (first template)",
+    "hand_ensemble": "hand prompts (ensemble)",
+    "context_shared": "learned context, shared",
+    "context_class": "learned context, per class",
+    "label_embeddings": "learned label embeddings",
+    "linear_probe": "linear probe",
+}
+
+
+def context_init(model: ALBEF, tokenizer, phrase: str, length: int, seed: int) -> torch.Tensor:
+    """[length, D]: the word embeddings of the phrase's last `length` tokens, right-aligned next to the label
+    words; slots the phrase does not fill drawn from N(0, the embedding table's sd)."""
+    table = model.text_encoder.embeddings.word_embeddings.weight.detach()
+    ids = tokenizer(clean_caption(phrase), add_special_tokens=False)["input_ids"][-length:] if phrase.strip() else []
+    random = torch.randn(length - len(ids), table.shape[1], generator=torch.Generator().manual_seed(seed))
+    return torch.cat([random * table.std(), table[ids]])
+
+
+def parse_ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of non-negative integers")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.prompt_tune", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="run export/ or checkpoints/ directory")
+    parser.add_argument("--train", required=True, help="the labelled pool the shots are drawn from (as --test)")
+    parser.add_argument("--test", required=True,
+                        help="held-out images: ImageFolder directory, or a `datasets` save_to_disk folder or hub name")
+    parser.add_argument("--train-split", default="train", help="split of a `datasets` --train")
+    parser.add_argument("--test-split", default="test", help="split of a `datasets` --test")
+    parser.add_argument("--image-column", default="image", help="image column of a `datasets` set")
+    parser.add_argument("--label-column", default="label", help="ClassLabel column of a `datasets` set")
+    parser.add_argument("--templates", default="photo",
+                        help=f"template file or built-in set ({', '.join(BUILTIN_TEMPLATES)})")
+    parser.add_argument("--verbalizer", type=Path, default=None, help="YAML/JSON mapping class -> label word(s)")
+    parser.add_argument("--shots", type=parse_ints, default=[1, 2, 4, 8, 16], help="shots per class, e.g. 1,2,4")
+    parser.add_argument("--seeds", type=parse_ints, default=[0, 1, 2], help="seeds: shot draws and context init")
+    parser.add_argument("--context-length", type=int, default=4, help="M learned context vectors")
+    parser.add_argument("--context-init", default=None,
+                        help="phrase the context starts from (default: the first template's words before '{}')")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per learned prompt")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the learned prompts")
+    parser.add_argument("--probe-l2", type=float, default=1e-3, help="L2 penalty of the linear probe's weights")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the export's tokenizer/)")
+    parser.add_argument("--max-len", type=int, default=None, help="prompt length in tokens (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per encoder batch")
+    parser.add_argument("--out", required=True, type=Path, help="directory for prompt_tune.json, the plot, prompts")
+    parser.add_argument("--run-dir", type=Path, default=None, help="TensorBoard directory (default: --out)")
+    args = parser.parse_args(argv)
+    max_len = args.max_len or run_max_len(args.checkpoint)
+    try:
+        columns = {"image_column": args.image_column, "label_column": args.label_column}
+        pool = read_labelled_images(args.train, split=args.train_split, **columns)
+        test = read_labelled_images(args.test, split=args.test_split, **columns)
+        if pool.classes != test.classes:
+            raise DataError(f"--train has classes {pool.classes}, --test {test.classes}; give sets of the same classes")
+        for shots in args.shots:
+            few_shot_rows(pool, shots, seed=0)  # too few images for some k: say so before any work
+        templates, verbalizer = load_templates(args.templates), load_verbalizer(args.verbalizer, pool.classes)
+        model = load_model(args.checkpoint).eval().requires_grad_(False)
+        tokenizer = load_tokenizer(args.tokenizer or str(args.checkpoint / "tokenizer"))
+    except (FileNotFoundError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    phrase = args.context_init if args.context_init is not None else templates[0].split("{}")[0]
+    results = run(args, model, tokenizer, pool, test, templates, verbalizer, phrase, max_len)
+    write_outputs(args, results)
+    return 0
+
+
+def run(args, model, tokenizer, pool, test, templates, verbalizer, phrase, max_len) -> dict:
+    device = torch.device("cpu")
+    pool_images = encode_images(model, pool, args.batch_size, device, desc="train images")
+    test_images = encode_images(model, test, args.batch_size, device, desc="test images")
+    scale = logit_scale(model)
+    with single_thread():
+        return few_shot_runs(args, model, tokenizer, pool, pool_images, test_images, templates, verbalizer, phrase,
+                             max_len, scale)
+
+
+@contextmanager
+def single_thread():
+    """Many tiny ops: one thread skips the threads' hand-off (a step ran 10x faster so, measured on a loaded
+    2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def few_shot_runs(args, model, tokenizer, pool, pool_images, test_images, templates, verbalizer, phrase, max_len,
+                  scale) -> dict:
+    classes, device = pool.classes, torch.device("cpu")
+    single = hand_prompts(model, tokenizer, templates[:1], verbalizer, classes, max_len, device)
+    ensemble = hand_prompts(model, tokenizer, templates, verbalizer, classes, max_len, device)
+    ensemble_classes = class_embeddings(ensemble.feats, ensemble.owner, len(classes))
+    zero_shot = {"hand_single": top1(test_images.feats @ class_embeddings(single.feats, single.owner,
+                                                                            len(classes)).T, test_images.labels),
+                 "hand_ensemble": top1(test_images.feats @ ensemble_classes.T, test_images.labels)}
+    runs: dict[str, dict[int, list[float]]] = {method: {k: [] for k in args.shots} for method in METHODS}
+    losses: dict[str, dict[int, list[list[float]]]] = {m: {k: [] for k in args.shots} for m in METHODS}
+    saved = {}
+    for k in args.shots:
+        for seed in args.seeds:
+            rows = few_shot_rows(pool, k, seed)
+            feats, labels = pool_images.feats[rows], pool_images.labels[rows]
+            for method, accuracy in zero_shot.items():
+                runs[method][k].append(accuracy)
+            for method, per_class in (("context_shared", None), ("context_class", len(classes))):
+                torch.manual_seed(seed)
+                context = LearnedContext(context_init(model, tokenizer, phrase, args.context_length, seed), per_class)
+                classifier = ContextClassifier(model, tokenizer, context, verbalizer, classes, max_len)
+                losses[method][k].append(train_context(classifier, feats, labels, scale, args.steps, args.lr))
+                with torch.no_grad():
+                    runs[method][k].append(top1(test_images.feats @ classifier.class_embeddings().T,
+                                                test_images.labels))
+                if k == max(args.shots) and seed == args.seeds[0]:
+                    saved[method] = (context, runs[method][k][-1])
+            tuned, loss = train_label_embeddings(ensemble_classes, feats, labels, scale, args.steps, args.lr)
+            losses["label_embeddings"][k].append(loss)
+            runs["label_embeddings"][k].append(top1(test_images.feats @ tuned.T, test_images.labels))
+            probe = linear_probe(feats, labels, len(classes), args.probe_l2)
+            runs["linear_probe"][k].append(top1(probe(test_images.feats), test_images.labels))
+            print(f"k={k} seed={seed}: " + "  ".join(f"{m} {runs[m][k][-1]:.3f}" for m in METHODS), flush=True)
+    return {"classes": classes, "label_words": verbalizer, "templates": templates, "context_init": phrase,
+            "num_train_pool": len(pool), "num_test": len(test_images.labels), "shots": args.shots, "seeds": args.seeds,
+            "settings": {"context_length": args.context_length, "steps": args.steps, "lr": args.lr,
+                         "probe_l2": args.probe_l2, "logit_scale": scale},
+            "chance": 1 / len(classes),
+            "methods": {m: {str(k): summary(v) for k, v in per_k.items()} for m, per_k in runs.items()},
+            "final_train_loss": {m: {str(k): statistics.fmean(run[-1] for run in v) for k, v in per_k.items() if v}
+                                 for m, per_k in losses.items() if any(per_k.values())},
+            "_saved": saved}
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "runs": values}
+
+
+def write_outputs(args: argparse.Namespace, results: dict) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = results.pop("_saved")
+    results["prompt_files"] = {}
+    for method, (context, accuracy) in saved.items():
+        path = args.out / f"{method}.safetensors"
+        context.save(path, {"classes": results["classes"], "label_words": results["label_words"],
+                            "method": method, "shots": max(args.shots), "seed": args.seeds[0],
+                            "checkpoint": str(args.checkpoint), "test_top1": accuracy})
+        results["prompt_files"][method] = str(path)
+    replace_text(args.out / "prompt_tune.json", json.dumps(results, indent=2))
+    curves = {METHODS[m]: [(int(k), s["mean"], s["sd"]) for k, s in per_k.items()]
+              for m, per_k in results["methods"].items()}
+    picture = curve_picture(curves, f"top-1 on {results['num_test']} test images, {len(results['classes'])} "
+                                    f"classes (mean +- sd over {len(args.seeds)} seeds)")
+    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(args.out / "learning_curve.png")
+    with SummaryWriter(str(args.run_dir or args.out)) as writer:
+        for method, per_k in results["methods"].items():
+            for k, stats in per_k.items():
+                writer.add_scalar(f"prompt_tune/{method}/top1", stats["mean"], int(k))
+        writer.add_image("prompt_tune/learning_curve", picture)
+    print(format_table(results))
+    print(f"wrote {args.out / 'prompt_tune.json'}, {args.out / 'learning_curve.png'} and "
+          f"{', '.join(results['prompt_files'].values())}")
+
+
+def format_table(results: dict) -> str:
+    """Methods as rows, shots as columns, mean +- sd of top-1."""
+    shots = [str(k) for k in results["shots"]]
+    lines = [f"{'top-1 (mean +- sd)':28}" + "".join(f"{'k=' + k:>14}" for k in shots)]
+    for method, per_k in results["methods"].items():
+        lines.append(f"{method:28}" + "".join(f"{per_k[k]['mean']:>8.3f} +-{per_k[k]['sd']:.3f}" for k in shots))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
