@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 comma := ,
 
-.PHONY: env test lint shards tokenizer pretrain bench-data bench-model zeroshot-data clean
+.PHONY: env test lint shards tokenizer pretrain bench-data bench-model zeroshot-data prompting clean
 
 env: $(VENV)/.installed
 
@@ -113,6 +113,20 @@ ZEROSHOT_TEST ?= 100
 zeroshot-data: env
 	$(PY) -m data_pipeline.zeroshot_data --out $(ZEROSHOT_DIR) --train-per-class $(ZEROSHOT_TRAIN) \
 		--test-per-class $(ZEROSHOT_TEST) --image-size $(SYNTH_SIZE) --workers $(SHARD_WORKERS)
+
+EXPORT ?= runs/tiny-synthetic/export
+PROMPT_DIR ?= runs/prompting
+ZEROSHOT_TASKS ?= shape color count background
+
+prompting: env
+	@test -f $(ZEROSHOT_DIR)/background/verbalizer.yaml || $(MAKE) --no-print-directory zeroshot-data
+	@for t in $(ZEROSHOT_TASKS); do \
+		prompts="--templates $(ZEROSHOT_DIR)/$$t/templates.txt --verbalizer $(ZEROSHOT_DIR)/$$t/verbalizer.yaml"; \
+		$(PY) -m pretrain.zeroshot --checkpoint $(EXPORT) --data $(ZEROSHOT_DIR)/$$t/test $$prompts \
+			--out $(PROMPT_DIR)/$$t/zeroshot --run-dir $(PROMPT_DIR) --tag $$t || exit 1; \
+		$(PY) -m pretrain.prompt_tune --checkpoint $(EXPORT) --train $(ZEROSHOT_DIR)/$$t/train \
+			--test $(ZEROSHOT_DIR)/$$t/test $$prompts --out $(PROMPT_DIR)/$$t || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
