@@ -1,0 +1,244 @@
+"""A multimodal causal LM in the LLaVA / BLIP-2 shape: our pretrained image encoder, a projector into the
+LM's embedding space, and any Hugging Face `AutoModelForCausalLM`.
+
+The text carries one `<image>` token per image embedding (the data side expands the placeholder to
+`image_tokens` copies); `embed` puts the projected image states exactly there and the LM runs on
+`inputs_embeds`, so training, beam search and sampling are the LM's own (`generate()`).
+
+A saved model is a directory: `lm/` (the LM and its tokenizer, save_pretrained), `encoder_config.json` +
+`image_encoder.safetensors` (our ViT), `projector.safetensors` + `multimodal_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from .attention import check_backend
+from .config import ModelConfig
+from .vit import VisionTransformer
+
+IMAGE_TOKEN = "<image>"
+PROJECTORS = ("mlp", "resampler")
+ENCODER_CONFIG, ENCODER_WEIGHTS = "encoder_config.json", "image_encoder.safetensors"
+PROJECTOR_CONFIG, PROJECTOR_WEIGHTS = "multimodal_config.json", "projector.safetensors"
+
+
+class MultimodalLMError(ValueError):
+    """An image encoder, LM, tokenizer or input that does not fit the multimodal model."""
+
+
+@dataclass
+class ProjectorConfig:
+    vision_hidden: int
+    lm_hidden: int
+    image_tokens: int = 0  # 0: every token state of the encoder ([CLS] + patches); N: N tokens per image
+    kind: str = "mlp"  # mlp: N pooled patch states (N a square) | resampler: N learned queries attend to all states
+    resampler_heads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROJECTORS:
+            raise MultimodalLMError(f"projector {self.kind!r} is unknown; use one of {', '.join(PROJECTORS)}")
+        if self.kind == "resampler" and self.image_tokens < 1:
+            raise MultimodalLMError("the resampler needs image_tokens >= 1 (its number of learned queries)")
+        if self.kind == "mlp" and self.image_tokens and int(self.image_tokens**0.5) ** 2 != self.image_tokens:
+            raise MultimodalLMError(f"image_tokens {self.image_tokens} pooled from the patch grid must be a square "
+                                    "(1, 4, 9, 16, ...), or 0 for every token state")
+
+    def tokens_per_image(self, encoder: ModelConfig) -> int:
+        return self.image_tokens or encoder.num_patches + 1
+
+
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's projector: Linear, GELU, Linear; optionally on the patch grid average-pooled to k x k."""
+
+    def __init__(self, config: ProjectorConfig):
+        super().__init__()
+        self.side = int(config.image_tokens**0.5)
+        self.fc1 = nn.Linear(config.vision_hidden, config.lm_hidden)
+        self.fc2 = nn.Linear(config.lm_hidden, config.lm_hidden)
+
+    def forward(self, states: Tensor) -> Tensor:
+        if self.side:  # pool the patches (not [CLS]) on their 2D grid
+            patches = states[:, 1:]
+            grid = int(patches.shape[1] ** 0.5)
+            patches = patches.transpose(1, 2).unflatten(2, (grid, grid))
+            states = F.adaptive_avg_pool2d(patches, self.side).flatten(2).transpose(1, 2)
+        return self.fc2(F.gelu(self.fc1(states)))
+
+
+class QueryResampler(nn.Module):
+    """A small Perceiver resampler (Flamingo / BLIP-2's Q-Former idea): N learned queries cross-attend to
+    every encoder state once, then the MLP maps them to the LM's width."""
+
+    def __init__(self, config: ProjectorConfig):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(config.image_tokens, config.vision_hidden) * 0.02)
+        self.norm_queries = nn.LayerNorm(config.vision_hidden)
+        self.norm_states = nn.LayerNorm(config.vision_hidden)
+        self.attn = nn.MultiheadAttention(config.vision_hidden, config.resampler_heads, batch_first=True)
+        self.mlp = MLPProjector(ProjectorConfig(config.vision_hidden, config.lm_hidden))
+
+    def forward(self, states: Tensor) -> Tensor:
+        queries = self.queries.expand(len(states), -1, -1)
+        context = self.norm_states(states)
+        attended, _ = self.attn(self.norm_queries(queries), context, context, need_weights=False)
+        return self.mlp(queries + attended)
+
+
+def build_projector(config: ProjectorConfig) -> nn.Module:
+    return QueryResampler(config) if config.kind == "resampler" else MLPProjector(config)
+
+
+class MultimodalLMOutput(NamedTuple):
+    """Scalars for the training loop (a NamedTuple: ZeRO-3 finds the tensors in it)."""
+
+    loss: Tensor
+    token_accuracy: Tensor  # next-token accuracy on the labelled (assistant) tokens
+    labelled_tokens: Tensor
+
+
+def load_image_encoder(export_dir: str | Path) -> tuple[VisionTransformer, ModelConfig]:
+    """Our ViT with its weights from a pretraining export (model_config.json + model.safetensors) or a saved
+    multimodal model (encoder_config.json + image_encoder.safetensors)."""
+    export_dir = Path(export_dir)
+    layouts = [("model_config.json", "model.safetensors", "image_encoder."), (ENCODER_CONFIG, ENCODER_WEIGHTS, "")]
+    found = [layout for layout in layouts if all((export_dir / name).is_file() for name in layout[:2])]
+    if not found:
+        raise MultimodalLMError(f"{export_dir} is not a pretraining export (model_config.json + model.safetensors): "
+                                "pass a run's export/ directory")
+    config_name, weights_name, prefix = found[0]
+    config = ModelConfig(**json.loads((export_dir / config_name).read_text()))
+    encoder = VisionTransformer(config, check_backend(config.attention))
+    with safe_open(str(export_dir / weights_name), framework="pt") as weights:
+        names = [k for k in weights.keys() if k.startswith(prefix)]  # noqa: SIM118 (safe_open is no mapping)
+        state = {k[len(prefix):]: weights.get_tensor(k) for k in names}
+    encoder.load_state_dict(state, strict=True)
+    return encoder, config
+
+
+def load_causal_lm(name_or_dir: str):
+    """`AutoModelForCausalLM` and its tokenizer from a Hub name or a local directory, `<image>` added to the
+    tokenizer as a special token (the LM never embeds it: `embed` replaces those positions)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(name_or_dir)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as error:
+        raise MultimodalLMError(f"cannot load causal LM {name_or_dir!r}: {str(error).splitlines()[0]}") from None
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer
+
+
+def check_lm_fits(lm, tokenizer, projector: ProjectorConfig) -> None:
+    """The LM's width must be the projector's output and every token of the tokenizer but `<image>` must
+    have an embedding row; anything else trains on garbage, so it is one error naming the mismatch."""
+    hidden = lm.get_input_embeddings().embedding_dim
+    if hidden != projector.lm_hidden:
+        raise MultimodalLMError(f"the LM's hidden size is {hidden} but the projector maps to {projector.lm_hidden}: "
+                                "use the LM this projector was trained with, or train a new projector (stage 1)")
+    rows = lm.get_input_embeddings().num_embeddings
+    text_ids = [i for t, i in tokenizer.get_vocab().items() if t != IMAGE_TOKEN]
+    if max(text_ids) >= rows:
+        raise MultimodalLMError(f"the tokenizer has ids up to {max(text_ids)} but the LM embeds only {rows} tokens: "
+                                "use the tokenizer saved with this LM")
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, image_encoder: VisionTransformer, encoder_config: ModelConfig, projector: ProjectorConfig,
+                 lm, tokenizer):
+        super().__init__()
+        check_lm_fits(lm, tokenizer, projector)
+        if projector.vision_hidden != encoder_config.vision_hidden:
+            raise MultimodalLMError(f"the projector takes width {projector.vision_hidden} but the image encoder "
+                                    f"gives {encoder_config.vision_hidden}: train a new projector for this encoder")
+        self.image_encoder, self.encoder_config = image_encoder, encoder_config
+        self.projector_config, self.projector = projector, build_projector(projector)
+        self.lm, self.tokenizer = lm, tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_tokens = projector.tokens_per_image(encoder_config)
+
+    @classmethod
+    def build(cls, encoder_export: str | Path, lm_name_or_dir: str, image_tokens: int = 0,
+              projector: str = "mlp") -> MultimodalLM:
+        """A new model: a pretrained encoder, a pretrained LM and a freshly initialised projector."""
+        encoder, encoder_config = load_image_encoder(encoder_export)
+        lm, tokenizer = load_causal_lm(lm_name_or_dir)
+        config = ProjectorConfig(encoder_config.vision_hidden, lm.get_input_embeddings().embedding_dim,
+                                 image_tokens, projector)
+        return cls(encoder, encoder_config, config, lm, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, lm_name_or_dir: str | None = None) -> MultimodalLM:
+        """A saved model; `lm_name_or_dir` swaps in another LM, which must fit the projector."""
+        directory = Path(directory)
+        if not (directory / PROJECTOR_CONFIG).is_file():
+            raise MultimodalLMError(f"{directory} has no {PROJECTOR_CONFIG}: pass a saved multimodal model directory")
+        encoder, encoder_config = load_image_encoder(directory)
+        lm, tokenizer = load_causal_lm(lm_name_or_dir or str(directory / "lm"))
+        config = ProjectorConfig(**json.loads((directory / PROJECTOR_CONFIG).read_text()))
+        model = cls(encoder, encoder_config, config, lm, tokenizer)
+        load_model(model.projector, str(directory / PROJECTOR_WEIGHTS))
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(directory / "lm")
+        self.tokenizer.save_pretrained(directory / "lm")
+        save_model(self.image_encoder, str(directory / ENCODER_WEIGHTS))
+        (directory / ENCODER_CONFIG).write_text(json.dumps(asdict(self.encoder_config), indent=2))
+        save_model(self.projector, str(directory / PROJECTOR_WEIGHTS))
+        (directory / PROJECTOR_CONFIG).write_text(json.dumps(asdict(self.projector_config), indent=2))
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """[B, 3, H, W] -> [B, image_tokens, lm_hidden] in the LM's dtype."""
+        states = self.image_encoder(pixel_values)
+        return self.projector(states).to(self.lm.get_input_embeddings().weight.dtype)
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor) -> Tensor:
+        """The LM's token embeddings with row b's `<image>` positions replaced, in order, by image b's tokens."""
+        is_image = input_ids == self.image_token_id
+        counts = is_image.sum(dim=1)
+        if (counts != self.image_tokens).any():
+            raise MultimodalLMError(f"every sequence needs exactly {self.image_tokens} {IMAGE_TOKEN} tokens (one "
+                                    f"image, expanded); got {sorted(set(counts.tolist()))}")
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        image = self.encode_images(pixel_values)
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image)
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                **_) -> MultimodalLMOutput:
+        """Next-token cross-entropy on the positions whose labels are not -100 (the assistant's tokens)."""
+        logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask).logits
+        logits, targets = logits[:, :-1].float(), labels[:, 1:]
+        labelled = targets != -100
+        count = labelled.sum()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        loss = loss / count.clamp(min=1)
+        accuracy = ((logits.argmax(-1) == targets) & labelled).sum() / count.clamp(min=1)
+        return MultimodalLMOutput(loss, accuracy.detach(), count.float())
+
+    @torch.no_grad()
+    def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, **generate_kwargs) -> Tensor:
+        """The LM's `generate()` on the prompt with the image in place: greedy by default, `num_beams` for
+        beam search, `do_sample` (+ temperature/top_p) for sampling. Returns only the new tokens [B, T]."""
+        context = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
+        if context is not None and input_ids.shape[1] >= context:
+            raise MultimodalLMError(f"the prompt is {input_ids.shape[1]} tokens with the image, but the LM's context "
+                                    f"is {context}: shorten the prompt or use fewer image tokens")
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        return self.lm.generate(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
+                                **generate_kwargs)

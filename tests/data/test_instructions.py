@@ -1,0 +1,108 @@
+"""Instruction conversations: the label mask, the plain format and chat templates, make_instructions' shards."""
+
+import json
+
+import pytest
+import webdataset as wds
+
+from data_pipeline import resolve_shards
+from data_pipeline.instructions import (
+    CAPTION_TEMPLATES,
+    IGNORE,
+    IMAGE_TOKEN,
+    InstructionError,
+    caption_conversation,
+    check_instruction_set,
+    tokenize_conversation,
+    tokenize_prompt,
+)
+from data_pipeline.lm_tokenizer import train_lm_tokenizer
+from data_pipeline.make_instructions import main as make_instructions
+from tests.helpers.multimodal import TEXTS
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def lm_tokenizer():
+    return train_lm_tokenizer(TEXTS * 4, vocab_size=300)
+
+
+def conversation():
+    return caption_conversation(["A red circle.", "One circle, red."], "Describe the image briefly.", "Say it again.")
+
+
+def labelled_ids(out) -> list[int]:
+    return out["input_ids"][out["labels"] != IGNORE].tolist()
+
+
+def test_plain_format_labels_exactly_the_assistant_tokens(lm_tokenizer):
+    tok = lm_tokenizer
+    out = tokenize_conversation(conversation(), tok, image_tokens=5, max_len=96)
+    answers = [tok(f" {a}{tok.eos_token}", add_special_tokens=False)["input_ids"]
+               for a in ("A red circle.", "One circle, red.")]
+    assert labelled_ids(out) == answers[0] + answers[1]
+    real = int(out["attention_mask"].sum())
+    text = tok.decode(out["input_ids"][:real].tolist())
+    assert text == (f"<s>USER: {IMAGE_TOKEN * 5}\nDescribe the image briefly.\nASSISTANT: A red circle.</s>\n"
+                    "USER: Say it again.\nASSISTANT: One circle, red.</s>")
+    # the labelled tokens are contiguous runs ending in </s>, and labels equal the ids where set
+    labelled = (out["labels"] != IGNORE).nonzero().flatten().tolist()
+    assert out["input_ids"][labelled[-1]] == tok.eos_token_id and (out["labels"][real:] == IGNORE).all()
+    image = out["input_ids"] == tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert image.sum() == 5 and (out["labels"][image] == IGNORE).all()
+
+
+def test_chat_template_labels_exactly_the_assistant_tokens():
+    tok = train_lm_tokenizer(TEXTS * 4, vocab_size=300)
+    tok.chat_template = CHAT_TEMPLATE
+    out = tokenize_conversation(conversation(), tok, image_tokens=2, max_len=256)
+    answers = [tok(f"{a}</s>\n", add_special_tokens=False)["input_ids"] for a in ("A red circle.", "One circle, red.")]
+    assert labelled_ids(out) == answers[0] + answers[1]
+    prompt = tokenize_prompt(conversation()[:1], tok, image_tokens=2)
+    assert tok.decode(prompt).endswith("Describe the image briefly.</s>\n<s>assistant\n")
+    assert out["input_ids"][: len(prompt)].tolist() == prompt
+
+
+def test_a_conversation_without_assistant_turns_is_one_error(lm_tokenizer):
+    with pytest.raises(InstructionError, match="the conversation has no assistant turn"):
+        tokenize_conversation(conversation()[:1], lm_tokenizer, image_tokens=1, max_len=64)
+
+
+def test_a_conversation_longer_than_max_len_is_skipped(lm_tokenizer):
+    assert tokenize_conversation(conversation(), lm_tokenizer, image_tokens=5, max_len=20) is None
+
+
+def test_make_instructions_writes_held_out_templates_only_to_val(synthetic_shards, tmp_path):
+    captions = synthetic_shards["train"].parent
+    assert make_instructions(["--captions", str(captions), "--out", str(tmp_path), "--quiet", "--min-shards", "4"]) == 0
+    for split, templates in (("train", CAPTION_TEMPLATES["train"]), ("val", CAPTION_TEMPLATES["held_out"])):
+        manifest = json.loads((tmp_path / split / "manifest.json").read_text())
+        source = json.loads((captions / split / "manifest.json").read_text())
+        assert manifest["num_samples"] == source["num_samples"] == resolve_shards(str(tmp_path / split)).num_samples
+        used = set()
+        for shard in manifest["shards"]:
+            for sample in wds.tariterators.tarfile_samples([{"url": str(tmp_path / split / shard["name"])}]):
+                meta = json.loads(sample["json"])
+                assert set(sample) >= {"jpg", "txt", "json"} and meta["held_out"] == (split == "val")
+                assert meta["conversations"][0]["content"].startswith(IMAGE_TOKEN)
+                assert meta["conversations"][1]["content"] in meta["captions"]
+                used.add(meta["template"])
+        assert used <= set(templates) and len(used) > 1
+        assert manifest["num_shards"] == 4  # 40 and 12 samples cut to fill --min-shards, as make shards does
+        check_instruction_set([str(tmp_path / split / manifest["shards"][0]["name"])])
+
+
+def test_single_template_set_and_a_set_without_assistant_turns(synthetic_shards, tmp_path):
+    captions = synthetic_shards["train"].parent
+    make_instructions(["--captions", str(captions), "--out", str(tmp_path), "--splits", "train", "--quiet",
+                       "--train-templates", "1"])
+    manifest = json.loads((tmp_path / "train" / "manifest.json").read_text())
+    assert manifest["options"]["templates"] == [CAPTION_TEMPLATES["train"][0]]
+    bad = tmp_path / "bad.tar"
+    with wds.TarWriter(str(bad)) as writer:
+        writer.write({"__key__": "a", "jpg": b"x", "json": json.dumps(
+            {"conversations": [{"role": "user", "content": "<image>\nhi"}]}).encode()})
+    with pytest.raises(InstructionError, match="none of its first 1 samples has a conversation with an assistant"):
+        check_instruction_set([str(bad)])

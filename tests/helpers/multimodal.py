@@ -1,0 +1,47 @@
+"""Tiny pieces for the multimodal LM tests: a pretraining export of the tiny preset (untrained weights, seeded)
+and a small Llama-architecture causal LM with a byte-level BPE tokenizer, both written to disk as the real ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from data_pipeline.lm_tokenizer import train_lm_tokenizer
+from pretrain.caption_lm import build_lm
+from pretrain.model import ALBEF
+from tests.helpers.model import tiny_config
+
+TEXTS = [
+    "A large red circle in the top left on a white background.",
+    "Two small blue squares at the bottom and a green triangle on a gray background.",
+    "There is a big purple diamond in the middle against a black backdrop.",
+    "USER: ASSISTANT: Describe the image briefly. What is in this picture?",
+]
+
+
+def write_export(out: Path, seed: int = 0) -> Path:
+    """model.safetensors + model_config.json as `make pretrain` writes them (the part the LM path reads)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ALBEF(tiny_config())
+    save_model(model, str(out / "model.safetensors"))
+    (out / "model_config.json").write_text(json.dumps(asdict(model.config)))
+    return out
+
+
+def write_lm(out: Path, hidden: int = 64, extra_tokens: int = 0, seed: int = 0) -> Path:
+    """A 2-layer Llama LM (random weights) and its tokenizer, saved with save_pretrained. `extra_tokens` adds
+    tokens to the tokenizer after the LM was built (a tokenizer that does not fit its LM)."""
+    tokenizer = train_lm_tokenizer(TEXTS * 4, vocab_size=300)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lm = build_lm(len(tokenizer), hidden, layers=2, heads=4, context=128, tokenizer=tokenizer)
+    tokenizer.add_tokens([f"<extra{i}>" for i in range(extra_tokens)])
+    lm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,126 @@
+"""The multimodal LM: image embeddings at the placeholders, generation through the LM's generate(), saving,
+and the LM / tokenizer mismatches that are one clear error."""
+
+import pytest
+import torch
+
+from pretrain.model.multimodal_lm import IMAGE_TOKEN, MultimodalLM, MultimodalLMError
+from tests.helpers.model import _images, tiny_config
+from tests.helpers.multimodal import write_export, write_lm
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multimodal")
+    return {"export": write_export(root / "export"), "lm": write_lm(root / "lm"),
+            "narrow_lm": write_lm(root / "narrow", hidden=32), "grown": write_lm(root / "grown", extra_tokens=40)}
+
+
+def build(parts, **kwargs) -> MultimodalLM:
+    torch.manual_seed(0)
+    return MultimodalLM.build(parts["export"], str(parts["lm"]), **kwargs).eval()
+
+
+def prompt(model: MultimodalLM, before: str, after: str, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = model.tokenizer
+    ids = tok(before, add_special_tokens=False)["input_ids"] + [model.image_token_id] * model.image_tokens + \
+        tok(after, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ids] * batch)
+    return ids, torch.ones_like(ids)
+
+
+def pixels(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return _images(n, tiny_config().image_size, torch.Generator().manual_seed(seed))
+
+
+def test_image_embeddings_land_exactly_at_the_placeholder_positions(parts):
+    model = build(parts, image_tokens=4)
+    tok = model.tokenizer
+    first = tok("USER:", add_special_tokens=False)["input_ids"]
+    # row 0: the image after 'USER:'; row 1: the image 3 tokens later (other text first)
+    rows = [first + [model.image_token_id] * 4 + first * 2, first * 2 + [model.image_token_id] * 4 + first]
+    input_ids, images = torch.tensor(rows), pixels()
+    with torch.no_grad():
+        embeds, image = model.embed(input_ids, images), model.encode_images(images)
+        text = model.lm.get_input_embeddings()(input_ids.masked_fill(input_ids == model.image_token_id, 0))
+    start = [len(first), 2 * len(first)]
+    for b in range(2):
+        is_image = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+        is_image[start[b]:start[b] + 4] = True
+        assert torch.equal(embeds[b, is_image], image[b])  # image b's tokens, in order, at row b's placeholders
+        assert torch.equal(embeds[b, ~is_image], text[b, ~is_image])
+    assert not torch.equal(image[0], image[1])
+    with pytest.raises(MultimodalLMError, match=f"exactly 4 {IMAGE_TOKEN} tokens"):
+        model.embed(input_ids[:, :-3].clone().fill_(model.image_token_id), images)
+
+
+@pytest.mark.parametrize("image_tokens, projector", [(0, "mlp"), (4, "mlp"), (3, "resampler")])
+def test_every_projector_gives_its_number_of_lm_width_tokens(parts, image_tokens, projector):
+    model = build(parts, image_tokens=image_tokens, projector=projector)
+    expected = image_tokens or tiny_config().num_patches + 1
+    assert model.image_tokens == expected
+    assert model.encode_images(pixels()).shape == (2, expected, 64)
+
+
+def test_loss_only_on_labelled_tokens_and_gradients_reach_the_projector(parts):
+    model = build(parts, image_tokens=4)
+    input_ids, mask = prompt(model, "USER:", "ASSISTANT: A red circle.")
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -3:] = input_ids[:, -3:]
+    out = model(pixels(), input_ids, mask, labels)
+    logits = model.lm(inputs_embeds=model.embed(input_ids, pixels()), attention_mask=mask).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, -4:-1].flatten(0, 1).double(), input_ids[:, -3:].flatten())
+    assert out.labelled_tokens.item() == 6
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    assert model.projector.fc1.weight.grad.abs().sum() > 0
+
+
+def test_greedy_generation_is_deterministic_and_is_the_argmax_of_the_forward(parts):
+    model = build(parts, image_tokens=4)
+    input_ids, mask = prompt(model, "USER:", "ASSISTANT:")
+    images = pixels()
+    first = model.generate(images, input_ids, mask, max_new_tokens=6, do_sample=False)
+    again = model.generate(images, input_ids, mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(first, again) and first.shape[1] >= 1
+    with torch.no_grad():
+        logits = model.lm(inputs_embeds=model.embed(input_ids, images), attention_mask=mask).logits
+    assert torch.equal(first[:, 0], logits[:, -1].argmax(-1))
+    beams = model.generate(images, input_ids, mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    torch.manual_seed(1)
+    sampled = model.generate(images, input_ids, mask, max_new_tokens=6, do_sample=True, top_k=0, temperature=1.5)
+    assert beams.shape[0] == sampled.shape[0] == 2
+
+
+def test_a_prompt_longer_than_the_context_is_one_error(parts):
+    model = build(parts, image_tokens=0)  # 65 image tokens of a 128-token context
+    input_ids, mask = prompt(model, "USER: " * 30, "ASSISTANT:")
+    with pytest.raises(MultimodalLMError, match="the LM's context is 128"):
+        model.generate(pixels(), input_ids, mask, max_new_tokens=2)
+
+
+def test_save_and_load_give_the_same_model(parts, tmp_path):
+    model = build(parts, image_tokens=3, projector="resampler")
+    model.save_pretrained(tmp_path / "saved")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "saved").eval()
+    input_ids, mask = prompt(model, "USER:", "ASSISTANT:")
+    labels = input_ids.clone()
+    assert torch.equal(model(pixels(), input_ids, mask, labels).loss, loaded(pixels(), input_ids, mask, labels).loss)
+
+
+def test_an_lm_whose_hidden_size_does_not_fit_the_projector_is_one_error(parts, tmp_path):
+    build(parts, image_tokens=4).save_pretrained(tmp_path / "saved")
+    expected = r"^the LM's hidden size is 32 but the projector maps to 64: use the LM"
+    with pytest.raises(MultimodalLMError, match=expected):
+        MultimodalLM.from_pretrained(tmp_path / "saved", lm_name_or_dir=str(parts["narrow_lm"]))
+
+
+def test_a_tokenizer_that_does_not_fit_the_lm_is_one_error(parts):
+    with pytest.raises(MultimodalLMError, match=r"the tokenizer has ids up to \d+ but the LM embeds only \d+ tokens: "
+                                                r"use the tokenizer saved with this LM"):
+        MultimodalLM.build(parts["export"], str(parts["grown"]))
+
+
+def test_a_directory_that_is_not_an_export_is_one_error(parts, tmp_path):
+    with pytest.raises(MultimodalLMError, match="is not a pretraining export"):
+        MultimodalLM.build(tmp_path, str(parts["lm"]))
