@@ -12,7 +12,7 @@ from PIL import Image
 from data_pipeline import DataError, clean_caption
 from data_pipeline.collate import tokenize
 from data_pipeline.labelled_images import few_shot_rows, read_labelled_images
-from pretrain.eval.classification import classification_metrics, encode_images
+from pretrain.eval.classification import class_scores, classification_metrics, encode_images, itm_rerank
 from pretrain.eval.prompts import load_templates, load_verbalizer
 from pretrain.model import ALBEF
 from pretrain.model.prompting import class_embeddings
@@ -191,3 +191,31 @@ def test_fewer_images_than_shots_is_one_error(image_folder):
         few_shot_rows(data, 3, seed=0)
     assert str(err.value) == ("class 'blue_thing' has 2 training images, fewer than the 3 shots asked for; add images "
                               "or lower --shots to at most 2")
+
+
+def test_itm_rerank_orders_the_top_k_by_the_mean_margin_of_each_class_prompts(image_folder, tokenizer):
+    model = tiny_model(tokenizer)
+    data = read_labelled_images(str(image_folder))
+    images = encode_images(model, data, 4, CPU, keep_tokens=True)
+    verbalizer = {"blue_thing": ["blue thing", "blue"], "green": ["green"], "red": ["red"]}
+    prompts = hand_prompts(model, tokenizer, ["a {}.", "a photo of a {}"], verbalizer, data.classes, 16, CPU)
+    scores = class_scores(images, prompts, 3)
+    reranked = itm_rerank(model, images, prompts, scores, 3, 3, CPU)
+    swapped = 0
+    for row in range(len(data)):
+        margins = []
+        for label in range(3):  # by hand: every prompt of the class against this image, one at a time
+            mine = (prompts.owner == label).nonzero().flatten().tolist()
+            with torch.no_grad():
+                logits = torch.cat([model.itm_logits(images.embeds[row : row + 1], prompts.embeds[p : p + 1],
+                                                     prompts.mask[p : p + 1]) for p in mine])
+            margins.append((logits[:, 1] - logits[:, 0]).double().mean())
+        order = torch.stack(margins).argsort(descending=True).tolist()
+        assert reranked[row].argsort(descending=True).tolist() == order
+        swapped += order != scores[row].argsort(descending=True).tolist()
+    assert swapped > 0  # the ITM head re-orders some images' classes: the check above could fail
+    # k=1 keeps the ITC top class first and leaves the other classes' scores as they were
+    top1 = itm_rerank(model, images, prompts, scores, 1, 3, CPU)
+    assert torch.equal(top1.argmax(dim=1), scores.argmax(dim=1))
+    others = scores.argsort(dim=1, descending=True)[:, 1:]
+    assert torch.equal(top1.gather(1, others), scores.double().gather(1, others))
