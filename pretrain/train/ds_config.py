@@ -45,6 +45,11 @@ def build_ds_config(name_or_path: str, schedule: ScheduleSection, world_size: in
     if auto_key:
         raise RecipeError(f"DeepSpeed config {path} sets {auto_key} to \"auto\", which plain DeepSpeed ignores "
                           "(bf16 \"auto\" silently means fp32): write an explicit value")
+    hpz = config.get("zero_optimization", {}).get("zero_hpz_partition_size", 1)
+    if hpz > 1 and world_size % hpz:
+        raise RecipeError(f"DeepSpeed config {path} sets zero_hpz_partition_size={hpz} (ZeRO++: GPUs per node) but "
+                          f"the job has {world_size} ranks, not a multiple: set it to the ranks per node in a copy of "
+                          "the JSON")
     wanted = {
         "train_micro_batch_size_per_gpu": schedule.micro_batch_size,
         "gradient_accumulation_steps": schedule.grad_accum,
