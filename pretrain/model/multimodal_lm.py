@@ -28,6 +28,8 @@ from .vit import VisionTransformer
 
 IMAGE_TOKEN = "<image>"
 PROJECTORS = ("mlp", "resampler")
+STAGES = ("align", "instruct")  # 1: the projector alone on captioning; 2: projector + LM (full or LoRA)
+LM_TRAINING = ("full", "lora")
 ENCODER_CONFIG, ENCODER_WEIGHTS = "encoder_config.json", "image_encoder.safetensors"
 PROJECTOR_CONFIG, PROJECTOR_WEIGHTS = "multimodal_config.json", "projector.safetensors"
 
@@ -201,6 +203,27 @@ class MultimodalLM(nn.Module):
         (directory / ENCODER_CONFIG).write_text(json.dumps(asdict(self.encoder_config), indent=2))
         save_model(self.projector, str(directory / PROJECTOR_WEIGHTS))
         (directory / PROJECTOR_CONFIG).write_text(json.dumps(asdict(self.projector_config), indent=2))
+
+    def set_training_stage(self, stage: str, lm_training: str = "full", train_encoder: bool = False,
+                           lora_rank: int = 8, lora_alpha: int = 16) -> None:
+        """Which weights train: `align` the projector only (encoder and LM frozen, as LLaVA's stage 1);
+        `instruct` the projector and the LM, fully or through LoRA adapters (HF peft, the LM's attention and
+        MLP projections, peft's defaults for the architecture), and the image encoder with `train_encoder`."""
+        if stage not in STAGES or lm_training not in LM_TRAINING:
+            raise MultimodalLMError(f"training stage {stage!r} / LM training {lm_training!r} is unknown; use a stage "
+                                    f"of {', '.join(STAGES)} and LM training of {', '.join(LM_TRAINING)}")
+        if stage == "instruct" and lm_training == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            self.lm = get_peft_model(self.lm, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, task_type="CAUSAL_LM"))
+        self.requires_grad_(False)
+        self.projector.requires_grad_(True)
+        self.image_encoder.requires_grad_(stage == "instruct" and train_encoder)
+        if stage == "instruct" and lm_training == "full":
+            self.lm.requires_grad_(True)
+        elif stage == "instruct":
+            for name, param in self.lm.named_parameters():
+                param.requires_grad_("lora_" in name)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """[B, 3, H, W] -> [B, image_tokens, lm_hidden] in the LM's dtype."""

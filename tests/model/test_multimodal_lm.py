@@ -124,3 +124,33 @@ def test_a_tokenizer_that_does_not_fit_the_lm_is_one_error(parts):
 def test_a_directory_that_is_not_an_export_is_one_error(parts, tmp_path):
     with pytest.raises(MultimodalLMError, match="is not a pretraining export"):
         MultimodalLM.build(tmp_path, str(parts["lm"]))
+
+
+def digests(model: MultimodalLM) -> dict[str, str]:
+    import hashlib
+
+    return {n: hashlib.sha256(p.detach().double().numpy().tobytes()).hexdigest() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("stage, lm_training, trained", [
+    ("align", "full", ("projector.",)),
+    ("instruct", "lora", ("projector.", "lm.base_model.model.model.layers.")),
+    ("instruct", "full", ("projector.", "lm.")),
+])  # fmt: skip
+def test_a_training_stage_changes_exactly_its_weights(parts, stage, lm_training, trained):
+    model = build(parts, image_tokens=4)
+    model.train()
+    model.set_training_stage(stage, lm_training)
+    input_ids, mask = prompt(model, "USER:", "ASSISTANT: A red circle.")
+    labels = input_ids.masked_fill(input_ids == model.image_token_id, -100)
+    before = digests(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(pixels(), input_ids, mask, labels).loss.backward()
+    optimizer.step()
+    changed = {n for n, d in digests(model).items() if d != before[n]}
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed == expected and all(n.startswith(trained) for n in changed)
+    assert any(n.startswith("projector.") for n in changed) and not any(n.startswith("image_encoder.") for n in changed)
+    if lm_training == "lora":
+        assert changed - {n for n in changed if n.startswith("projector.")} == {n for n in changed if "lora_" in n}
+        assert any("lora_B" in n for n in changed)

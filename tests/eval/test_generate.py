@@ -1,0 +1,51 @@
+"""python -m pretrain.generate: one image, a shard set to JSONL + instruct_eval.json, and bad images."""
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.make_instructions import main as make_instructions
+from pretrain.generate import main as generate
+from pretrain.model.multimodal_lm import MultimodalLM
+from tests.helpers.multimodal import write_export, write_lm
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(0)
+    model = MultimodalLM.build(write_export(root / "export"), str(write_lm(root / "lm")), image_tokens=4)
+    model.save_pretrained(root / "saved")
+    return root / "saved"
+
+
+def test_one_image_and_a_broken_one(saved, tmp_path, capsys):
+    image = tmp_path / "scene.jpg"
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 80), (200, 30, 30)).save(buffer, format="JPEG")
+    image.write_bytes(buffer.getvalue())
+    args = ["--checkpoint", str(saved), "--image", str(image), "--max-new-tokens", "5"]
+    assert generate(args) == 0 and generate(args) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert first == second  # greedy
+    image.write_bytes(buffer.getvalue()[:40])
+    assert generate(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot decode image {image} (truncated_image)")
+
+
+def test_a_shard_set_gives_one_answer_per_sample_and_caption_metrics(saved, synthetic_shards, tmp_path):
+    make_instructions(["--captions", str(synthetic_shards["train"].parent), "--out", str(tmp_path / "set"),
+                       "--splits", "val", "--quiet", "--min-shards", "2"])
+    out = tmp_path / "answers.jsonl"
+    args = ["--checkpoint", str(saved), "--data", str(tmp_path / "set" / "val"), "--out", str(out),
+            "--max-new-tokens", "4", "--batch-size", "5", "--limit", "7", "--num-beams", "2"]
+    assert generate(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 7 and len({r["key"] for r in rows}) == 7 and all(len(r["references"]) == 5 for r in rows)
+    assert all(r["prompt"].startswith("<image>\n") for r in rows)
+    metrics = json.loads((tmp_path / "instruct_eval.json").read_text())
+    assert metrics["samples"] == 7 and metrics["captioning"]["captions"] == 7
+    assert 0 <= metrics["captioning"]["bleu4"] <= 1
