@@ -22,6 +22,8 @@ from pretrain.train.reliability.files import replace_text
 RECALL_KS = (1, 5, 10)
 # Re-ranked pairs are placed above every ITC-only pair: cosine similarities lie in [-1, 1].
 RERANK_OFFSET = 2.0
+# Held-out ITM triples draw their hard negatives from blocks of this many images, as from a training batch.
+ITM_BLOCK = 128
 
 
 def finite_or_last(scores: torch.Tensor) -> torch.Tensor:
@@ -175,6 +177,7 @@ def evaluate_retrieval(model, data, batch_size: int, itm_rerank_k: int, device: 
                           batch_size, image_queries=True)
         t2i = _itm_rerank(model, enc["text_embeds"], enc["image_embeds"], enc["text_mask"], sim.T, itm_rerank_k,
                           batch_size, image_queries=False)
+        itm_accuracy = itm_triple_accuracy(model, enc, sim, batch_size)
     model.train(was_training)
     image_ids, text_image_ids = enc["image_ids"].cpu(), enc["text_ids"].cpu()
     i2t, t2i = i2t.cpu(), t2i.cpu()
@@ -187,7 +190,39 @@ def evaluate_retrieval(model, data, batch_size: int, itm_rerank_k: int, device: 
         # queries with any non-finite score (ranked last, so mostly misses): non-zero means a broken model
         "non_finite_queries": {"i2t": _rows_not_finite(i2t), "t2i": _rows_not_finite(t2i)},
     }
+    if itm_rerank_k > 0:  # what re-ranking bought: the ITC-only recalls beside the re-ranked ones
+        metrics["itc"] = {"i2t": recall_of_queries(sim.cpu(), image_ids, text_image_ids),
+                          "t2i": recall_of_queries(sim.T.cpu(), text_image_ids, image_ids)}
+        metrics["itm_accuracy"] = itm_accuracy
     return metrics, retrieval_examples(i2t, t2i, image_ids, text_image_ids)
+
+
+@torch.no_grad()
+def itm_triple_accuracy(model, enc: dict, sim: torch.Tensor, batch_size: int) -> float:
+    """ITM accuracy on held-out triples: each image with its first caption (a match), and two non-matches a
+    training batch would offer as hard negatives, the hardest in its block of ITM_BLOCK images by ITC: the
+    other image's caption ITC ranks highest for the image, and the other image it ranks highest for the
+    caption. Always answering "no match" scores 2/3. Every rank computes all of it (the same passes)."""
+    first = {}
+    for index, image_id in enumerate(enc["text_ids"].tolist()):
+        first.setdefault(image_id, index)
+    captions = torch.tensor([first[i] for i in enc["image_ids"].tolist()], device=sim.device)
+    if len(captions) < 2:
+        return float("nan")
+    rows = torch.arange(len(captions), device=sim.device)
+    block = (rows // ITM_BLOCK).clamp(max=(len(rows) - 2) // ITM_BLOCK)  # a last block of one joins the previous
+    block_sim = finite_or_last(sim[:, captions]).masked_fill(block[:, None] != block, float("-inf"))
+    block_sim = block_sim.fill_diagonal_(float("-inf"))
+    negative_caption, negative_image = captions[block_sim.argmax(dim=1)], block_sim.argmax(dim=0)
+    image_embeds, text_embeds, mask = enc["image_embeds"], enc["text_embeds"], enc["text_mask"]
+    correct = 0
+    for chunk in rows.split(batch_size):
+        triples = ((chunk, captions[chunk], 1), (chunk, negative_caption[chunk], 0),
+                   (negative_image[chunk], captions[chunk], 0))
+        for images, texts, label in triples:
+            logits = model.itm_logits(image_embeds[images], text_embeds[texts], mask[texts])
+            correct += int((logits.argmax(dim=1) == label).sum())
+    return correct / (3 * len(rows))
 
 
 def _rows_not_finite(scores: torch.Tensor) -> int:
@@ -213,7 +248,11 @@ def format_table(metrics: dict) -> str:
     ks = [f"R@{k}" for k in RECALL_KS]
     lines = [f"retrieval on {metrics['num_images']} images / {metrics['num_texts']} texts"
              f" (ITM re-rank k={metrics['itm_rerank_k']})",
-             f"{'':14}" + "".join(f"{k:>8}" for k in ks)]
-    for name, label in (("i2t", "image->text"), ("t2i", "text->image")):
-        lines.append(f"{label:14}" + "".join(f"{metrics[name][f'r{k}']:>8.3f}" for k in RECALL_KS))
+             f"{'':30}" + "".join(f"{k:>8}" for k in ks)]
+    rows = [("ITC", metrics.get("itc")), (f"ITC + ITM top {metrics['itm_rerank_k']}", metrics)]
+    for method, recalls in rows if "itc" in metrics else [("ITC", metrics)]:
+        for name, label in (("i2t", "image->text"), ("t2i", "text->image")):
+            lines.append(f"{label + ' ' + method:30}" + "".join(f"{recalls[name][f'r{k}']:>8.3f}" for k in RECALL_KS))
+    if "itm_accuracy" in metrics:
+        lines.append(f"ITM accuracy on held-out hard triples {metrics['itm_accuracy']:.3f} (always 'no match': 0.667)")
     return "\n".join(lines)

@@ -57,4 +57,4 @@ def test_the_cli_warns_about_a_nan_model_and_prints_no_perfect_table(synthetic_s
     assert len(warnings) == 1
     assert "12 of 12 image queries" in warnings[0] and "60 of 60 text queries" in warnings[0]
     table = [line.split() for line in printed.out.splitlines() if line.startswith(("image->text", "text->image"))]
-    assert [row[1:] for row in table] == [["0.000"] * 3] * 2
+    assert [row[1:] for row in table] == [["ITC"] + ["0.000"] * 3] * 2

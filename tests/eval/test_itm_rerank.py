@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.eval.retrieval import evaluate_retrieval
+from pretrain.eval.retrieval import evaluate_retrieval, format_table
 
 CPU = torch.device("cpu")
 
@@ -130,3 +130,29 @@ def test_a_nan_similarity_takes_no_re_ranking_slot():
     metrics, _ = evaluate_retrieval(TableModel(sim, margins_to_logits(margin)), IndexData([0, 1, 2], 3), 4, 2, CPU)
     assert metrics["i2t"]["r1"] == pytest.approx(2 / 3)
     assert metrics["non_finite_queries"] == {"i2t": 3, "t2i": 1}  # every image row holds the NaN; one caption
+
+
+def test_itm_accuracy_on_held_out_hard_triples_and_both_tables():
+    """6 images, caption t of image t; ITC ranks caption i+1 first among image i's negatives (so image j-1 first for
+    caption j). ITM says match for pairs (0..3, same) and for (0, 1): 4 of 6 positives right, and the pair (0, 1)
+    is wrong both as image 0's hard caption and as caption 1's hard image: (4 + 5 + 5) / 18."""
+    n = 6
+    sim, margin = torch.eye(n) * 0.5, torch.full((n, n), -3.0)
+    for i in range(n):
+        sim[i, (i + 1) % n] = 0.9
+    margin[range(4), range(4)] = 3.0
+    margin[0, 1] = 3.0
+    metrics, _ = evaluate_retrieval(TableModel(sim, margins_to_logits(margin)), IndexData(list(range(n)), n), 4, 2, CPU)
+    assert metrics["itm_accuracy"] == pytest.approx(14 / 18)
+    assert metrics["itc"] == {"i2t": {"r1": 0.0, "r5": 1.0, "r10": 1.0}, "t2i": {"r1": 0.0, "r5": 1.0, "r10": 1.0}}
+    # re-ranked top 2: captions 0, 2, 3 find their image; 1 ties with image 0, 4 and 5 tie at -3 (ties count against)
+    assert metrics["t2i"]["r1"] == 0.5
+    table = format_table(metrics).splitlines()
+    assert [line.split()[:4] for line in table[2:6]] == [
+        ["image->text", "ITC", "0.000", "1.000"], ["text->image", "ITC", "0.000", "1.000"],
+        ["image->text", "ITC", "+", "ITM"], ["text->image", "ITC", "+", "ITM"]]
+    assert table[5].split()[-3:] == ["0.500", "1.000", "1.000"]
+    assert table[-1] == "ITM accuracy on held-out hard triples 0.778 (always 'no match': 0.667)"
+    itc_only, _ = evaluate_retrieval(TableModel(sim, margins_to_logits(margin)), IndexData(list(range(n)), n), 4, 0,
+                                     CPU)
+    assert "itc" not in itc_only and "itm_accuracy" not in itc_only and len(format_table(itc_only).splitlines()) == 4
