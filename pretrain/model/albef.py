@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.distributed import gather_no_grad, gather_with_grad
+from pretrain.distributed import fetch_rows
 
 from .attention import check_backend
 from .bert import FusionEncoder, TextEncoder, stack_streams
@@ -136,12 +136,12 @@ class ALBEF(nn.Module):
 
         negative_texts, negative_images = sample_itm_negatives(itc)
         # Fusion pass 1: each image with its caption, a hard-negative caption and its masked caption.
-        streams = ImageStreams(text_embeds, gather_with_grad(text_embeds)[negative_texts], masked_text_embeds)
-        padding = ImageStreams(mask, gather_no_grad(mask)[negative_texts], mask)
+        streams = ImageStreams(text_embeds, fetch_rows(text_embeds, negative_texts), masked_text_embeds)
+        padding = ImageStreams(mask, fetch_rows(mask, negative_texts), mask)
         fused = self.fusion_encoder(stack_streams(*streams), KeyPadding(stack_streams(*padding).bool()), image_embeds)
         fused = ImageStreams(*fused.unflatten(0, (len(mask), len(streams))).unbind(1))
         # Fusion pass 2: each caption with a hard-negative image.
-        negative_image_embeds = gather_with_grad(image_embeds)[negative_images]
+        negative_image_embeds = fetch_rows(image_embeds, negative_images)
         fused_negative_image = self.fusion_encoder(text_embeds, KeyPadding(mask.bool()), negative_image_embeds)
 
         loss_itm, itm_accuracy = itm_loss(self.itm_head, fused.positive, fused.negative_text, fused_negative_image)
