@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.jobs import PORT, TINY_JOB, check, losses, recipe_flags, run
+from tests.helpers.jobs import DEEPSPEED, PORT, TINY_JOB, check, losses, recipe_flags, run
 
 pytestmark = pytest.mark.slow
 INJECTOR = str(Path(__file__).parent / "fault_injection")
@@ -39,6 +39,20 @@ def test_a_taken_master_port_is_one_error_line_before_any_rank(synthetic_shards,
         "pick a free port, or set a free one"]
     assert "spawned" not in proc.stdout + proc.stderr
     assert not (tmp_path / "tiny-synthetic").exists()
+
+
+def test_a_port_taken_after_the_launcher_checked_it_is_the_same_line_from_rank_0(synthetic_shards, tokenizer_dir,
+                                                                                tmp_path):
+    """DeepSpeed's launcher started directly (no check of ours before it): rank 0's store cannot bind."""
+    with taken_port() as listener:
+        port = listener.getsockname()[1]
+        proc = run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "launch/pretrain.sh",
+                    *recipe_flags(synthetic_shards, tokenizer_dir, tmp_path, ONE_STEP)], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.findall(r"error: .*", proc.stderr) == [
+        f"error: MASTER_PORT={port} is taken on this machine (another job?): unset MASTER_PORT on one node to "
+        "pick a free port, or set a free one"]
+    assert not shm_buffers(port)
 
 
 def test_one_node_without_master_port_picks_a_free_one(synthetic_shards, tokenizer_dir, tmp_path, monkeypatch):
