@@ -1,8 +1,9 @@
-"""ALBEF: ViT image encoder, BERT text encoder, cross-attention fusion encoder; ITC + ITM + MLM.
+"""ALBEF: ViT image encoder, BERT text encoder, cross- or co-attention fusion encoder; ITC + ITM + MLM,
+optionally with momentum distillation (momentum.py).
 
 One forward runs every module the same number of times on every rank (ZeRO-3 requires it): the ViT
 once, the text encoder once on clean + masked text together, the fusion encoder twice (the image's
-own streams, then each caption with a hard-negative image).
+own streams, then each caption with a hard-negative image); with momentum distillation the teacher once.
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ from torch import Tensor, nn
 from pretrain.distributed import fetch_rows
 
 from .attention import check_backend
-from .bert import FusionEncoder, TextEncoder, stack_streams
+from .bert import TextEncoder, stack_streams
 from .config import ModelConfig
+from .fusion import build_fusion_encoder
 from .heads import MLMHead
-from .objectives import at_least_fp32, itc_loss, itm_loss, mlm_loss, sample_itm_negatives
+from .momentum import MomentumTeacher, Teacher
+from .objectives import (
+    ITCResult,
+    QueuedFeatures,
+    at_least_fp32,
+    itc_distill_loss,
+    itc_loss,
+    itm_loss,
+    mlm_loss,
+    sample_itm_negatives,
+)
 from .padding import KeyPadding
 from .vit import VisionTransformer
 
@@ -32,6 +44,7 @@ class ALBEFOutput(NamedTuple):
     loss_itm: Tensor
     loss_mlm: Tensor
     itm_accuracy: Tensor
+    mlm_accuracy: Tensor  # fraction of this rank's masked tokens predicted right
     temperature: Tensor
     itc_positive_sim: Tensor  # mean cosine similarity of matching pairs
     itc_negative_sim: Tensor  # mean cosine similarity of the other pairs in the global batch
@@ -72,13 +85,15 @@ class ALBEF(nn.Module):
         backend = check_backend(config.attention)
         self.image_encoder = VisionTransformer(config, backend)
         self.text_encoder = TextEncoder(config, backend)
-        self.fusion_encoder = FusionEncoder(config, backend)
+        self.fusion_encoder = build_fusion_encoder(config, backend)
         self.vision_proj = nn.Linear(config.vision_hidden, config.embed_dim)
         self.text_proj = nn.Linear(config.text_hidden, config.embed_dim)
         self.itm_head = nn.Linear(config.text_hidden, 2)
         self.mlm_head = MLMHead(config, self.text_encoder.embeddings.word_embeddings)
         self.temp = nn.Parameter(torch.full([1], config.temperature_init))  # shape [1]: ZeRO-3 needs it
+        self.momentum = MomentumTeacher(config, backend) if config.momentum_distillation else None
         self.apply(self.init_weights)
+        self.start_momentum_teacher()
 
     def init_weights(self, module: nn.Module) -> None:
         """Initialise `module`'s own parameters (not its children's).
@@ -99,6 +114,12 @@ class ALBEF(nn.Module):
             nn.init.trunc_normal_(module.pos_embed, std=std)
         if module is self:
             nn.init.constant_(self.temp, self.config.temperature_init)
+
+    def start_momentum_teacher(self) -> None:
+        """Make the teacher a copy of the online model; the trainer calls it again once the weights are final
+        (under ZeRO-3 they are initialised and loaded after construction)."""
+        if self.momentum is not None:
+            self.momentum.copy_from(self)
 
     def encode_image(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """Image token states [B, N, D_v] and the L2-normalised fp32 ITC feature [B, E]."""
@@ -124,6 +145,22 @@ class ALBEF(nn.Module):
         # in-place clamp of the module's copy would not stick), with a gradient that can bring it back.
         return _ClampBackInside.apply(self.temp, self.config.temperature_min, self.config.temperature_max)
 
+    def contrast(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, temperature: Tensor,
+                 teacher: Teacher | None) -> ITCResult:
+        """ITC: over the global batch, or distilled from the teacher against its batch and queued keys."""
+        if teacher is None:
+            return itc_loss(image_feat, text_feat, image_ids, temperature)
+        queue = self.momentum.queue
+        queued = QueuedFeatures(queue.image_feat, queue.text_feat, queue.image_ids)
+        return itc_distill_loss(image_feat, text_feat, image_ids, temperature, teacher.image_feat, teacher.text_feat,
+                                queued, teacher.alpha)
+
+    def masked_lm(self, masked_text: Tensor, mlm_labels: Tensor, teacher: Teacher | None) -> tuple[Tensor, Tensor]:
+        """MLM loss and masked-token accuracy, the targets mixed with the teacher's distribution if there is one."""
+        if teacher is None:
+            return mlm_loss(self.mlm_head, masked_text, mlm_labels)
+        return mlm_loss(self.mlm_head, masked_text, mlm_labels, teacher.mlm_probs, teacher.alpha)
+
     def forward(self, batch: dict) -> ALBEFOutput:
         mask = batch["attention_mask"]
         image_embeds, image_feat = self.encode_image(batch["pixel_values"])
@@ -132,7 +169,8 @@ class ALBEF(nn.Module):
         )
         text_embeds, masked_text_embeds = both.chunk(2)
         temperature = self.temperature()
-        itc = itc_loss(image_feat, self.text_feature(text_embeds), batch["image_ids"], temperature)
+        teacher = self.momentum.teach(batch) if self.momentum is not None else None
+        itc = self.contrast(image_feat, self.text_feature(text_embeds), batch["image_ids"], temperature, teacher)
 
         negative_texts, negative_images = sample_itm_negatives(itc)
         # Fusion pass 1: each image with its caption, a hard-negative caption and its masked caption.
@@ -145,7 +183,9 @@ class ALBEF(nn.Module):
         fused_negative_image = self.fusion_encoder(text_embeds, KeyPadding(mask.bool()), negative_image_embeds)
 
         loss_itm, itm_accuracy = itm_loss(self.itm_head, fused.positive, fused.negative_text, fused_negative_image)
-        loss_mlm = mlm_loss(self.mlm_head, fused.masked_text, batch["mlm_labels"])
+        loss_mlm, mlm_accuracy = self.masked_lm(fused.masked_text, batch["mlm_labels"], teacher)
+        if self.momentum is not None and self.training:
+            self.momentum.update(self, teacher, batch["image_ids"])  # queue the batch, one EMA step
         c = self.config
         return ALBEFOutput(
             loss=c.weight_itc * itc.loss + c.weight_itm * loss_itm + c.weight_mlm * loss_mlm,
@@ -153,6 +193,7 @@ class ALBEF(nn.Module):
             loss_itm=loss_itm,
             loss_mlm=loss_mlm,
             itm_accuracy=itm_accuracy,
+            mlm_accuracy=mlm_accuracy,
             temperature=temperature.detach().squeeze(),
             itc_positive_sim=itc.positive_sim,
             itc_negative_sim=itc.negative_sim,

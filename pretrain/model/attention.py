@@ -6,9 +6,10 @@ on CPU), `eager` (the plain reference). `auto` decides per input device and dtyp
 fp16/bf16 CUDA inputs when the package is installed, sdpa for other CUDA inputs and fp32 on CPU, eager
 for bf16 on CPU. `flash_attn` itself falls back to sdpa for inputs flash-attn cannot take (CPU, fp32).
 
-`attention` takes padded [B, L, H, Dh] tensors (the ViT's, and the reference); `packed_self_attention`
-and `packed_cross_attention` take text as its real tokens only (see padding.py), which flash-attn's
-varlen kernels attend as they are and the padded kernels get re-padded (one copy per call).
+`attention` takes padded [B, L, H, Dh] tensors (the ViT's, and the reference); `packed_self_attention`,
+`packed_cross_attention` and `packed_key_attention` take text as its real tokens only (see padding.py),
+which flash-attn's varlen kernels attend as they are and the padded kernels get re-padded (one copy per
+call).
 """
 
 from __future__ import annotations
@@ -118,6 +119,25 @@ def packed_cross_attention(
     return queries.unpad(attention(queries.pad(q), k, v, backend=backend, dropout_p=dropout_p))
 
 
+def packed_key_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, backend: str, keys: KeyPadding, dropout_p: float = 0.0
+) -> Tensor:
+    """Attention from dense queries q [S, N, H, Dh] to keys and values given as real-token rows k, v
+    [T, H, Dh] (the padded layout `keys`, S sequences), sequence i attending to its own; returns [S, N, H, Dh].
+    The image stream of co-attention fusion attending to the text."""
+    backend = _resolve(backend, q)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        sequences, query_len = q.shape[:2]
+        cu_queries = torch.arange(0, (sequences + 1) * query_len, query_len, dtype=torch.int32, device=q.device)
+        out = flash_attn_varlen_func(
+            q.flatten(0, 1), k, v, cu_queries, keys.cu_seqlens, query_len, keys.max_seqlen, dropout_p=dropout_p
+        )
+        return out.unflatten(0, (sequences, query_len))
+    return attention(q, keys.pad(k), keys.pad(v), backend=backend, key_padding=keys, dropout_p=dropout_p)
+
+
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, key_padding: KeyPadding | None, dropout_p: float) -> Tensor:
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     if key_padding is not None:
@@ -162,4 +182,23 @@ class CrossAttention(nn.Module):
         k, v = self.key_value(context).unflatten(-1, (2, self.heads, -1)).unbind(dim=2)
         dropout_p = self.dropout if self.training else 0.0
         out = packed_cross_attention(q, k, v, backend=self.backend, queries=packed, dropout_p=dropout_p)
+        return self.out(out.flatten(-2))
+
+
+class TextCrossAttention(nn.Module):
+    """Multi-head attention from dense image queries to packed text keys / values (fused key-value projection)."""
+
+    def __init__(self, hidden: int, context_hidden: int, heads: int, backend: str, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.backend, self.dropout = heads, backend, dropout
+        self.query = nn.Linear(hidden, hidden)
+        self.key_value = nn.Linear(context_hidden, 2 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, text: Tensor, keys: KeyPadding) -> Tensor:
+        """x: [S, N, D]; text: the real tokens [T, D_context] of `keys`'s S sequences."""
+        q = self.query(x).unflatten(-1, (self.heads, -1))
+        k, v = self.key_value(text).unflatten(-1, (2, self.heads, -1)).unbind(dim=1)
+        dropout_p = self.dropout if self.training else 0.0
+        out = packed_key_attention(q, k, v, backend=self.backend, keys=keys, dropout_p=dropout_p)
         return self.out(out.flatten(-2))

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
+FUSIONS = ("cross_attention", "co_attention")
 
 
 class ModelConfigError(ValueError):
@@ -32,7 +33,10 @@ class ModelConfig:
     max_position: int = 512
     type_vocab_size: int = 2
     text_layer_norm_eps: float = 1e-12
-    dropout: float = 0.0
+    dropout: float = 0.0  # BERT's hidden and attention dropout in the text and fusion encoders (BERT: 0.1)
+    # fusion: cross_attention (ALBEF: text attends to the image) or co_attention (ViLBERT: two streams,
+    # text attends to the image and the image to the text in the same layer)
+    fusion: str = "cross_attention"
     # heads and losses
     embed_dim: int = 256
     temperature_init: float = 0.07
@@ -41,6 +45,12 @@ class ModelConfig:
     weight_itc: float = 1.0
     weight_itm: float = 1.0
     weight_mlm: float = 1.0
+    # momentum distillation (ALBEF): EMA teachers for ITC and MLM, and a queue of their ITC features
+    momentum_distillation: bool = False
+    momentum: float = 0.995  # EMA decay per training forward
+    distill_alpha: float = 0.4  # weight of the teacher's distribution in the ITC and MLM targets
+    distill_alpha_ramp_steps: int = 0  # training forwards over which alpha ramps up from 0 (ALBEF: one epoch; 0: none)
+    queue_size: int = 0  # queued teacher features (ALBEF: 65,536); 0: the batch's own only
     # execution
     attention: str = "auto"
     grad_checkpointing: bool = False
@@ -51,6 +61,16 @@ class ModelConfig:
             raise ModelConfigError(
                 f"attention backend {self.attention!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}"
             )
+        if self.fusion not in FUSIONS:
+            raise ModelConfigError(f"fusion {self.fusion!r} is unknown; use one of {', '.join(FUSIONS)}")
+        if self.queue_size and not self.momentum_distillation:
+            raise ModelConfigError(f"queue_size {self.queue_size} needs momentum_distillation: the queue holds the "
+                                   "momentum encoders' features; turn it on or set queue_size 0")
+        if not (0 <= self.momentum < 1 and 0 <= self.distill_alpha <= 1 and self.queue_size >= 0
+                and self.distill_alpha_ramp_steps >= 0):
+            raise ModelConfigError(f"momentum {self.momentum} must be in [0, 1), distill_alpha {self.distill_alpha} "
+                                   f"in [0, 1], queue_size {self.queue_size} and distill_alpha_ramp_steps "
+                                   f"{self.distill_alpha_ramp_steps} at least 0: fix the value")
         if self.image_size % self.patch_size:
             raise ModelConfigError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; change one"

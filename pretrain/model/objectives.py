@@ -42,11 +42,62 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, temperatu
     targets = positives.to(sim_i2t.dtype) / positives.sum(dim=1, keepdim=True)
     loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(dim=1).mean()
     loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets).sum(dim=1).mean()
-    with torch.no_grad():
-        cosine = sim_i2t * temperature
-        positive_sim = (cosine * positives).sum() / positives.sum()
-        negative_sim = (cosine * ~positives).sum() / (~positives).sum().clamp(min=1)
-    return ITCResult((loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i, positives, positive_sim, negative_sim)
+    return ITCResult((loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i, positives,
+                     *_similarity_statistics(sim_i2t, temperature, positives))
+
+
+@torch.no_grad()
+def _similarity_statistics(sim_i2t: Tensor, temperature: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cosine similarity of the positive pairs and of the others."""
+    cosine = sim_i2t * temperature
+    positive_sim = (cosine * positives).sum() / positives.sum()
+    negative_sim = (cosine * ~positives).sum() / (~positives).sum().clamp(min=1)
+    return positive_sim, negative_sim
+
+
+class QueuedFeatures(NamedTuple):
+    """Keys from past batches: ITC features [Q, E] and their image ids [Q] (-1: an empty slot)."""
+
+    image_feat: Tensor
+    text_feat: Tensor
+    image_ids: Tensor
+
+
+def itc_distill_loss(image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, temperature: Tensor,
+                     teacher_image_feat: Tensor, teacher_text_feat: Tensor, queue: QueuedFeatures,
+                     alpha: Tensor | float) -> ITCResult:
+    """ITC with momentum distillation (ALBEF): each rank's online features against the teacher's keys, the
+    global batch's then the queue's (no gradient through the keys). Positives are the keys of the same image
+    id, queued ones included (image ids are non-negative; empty slots take no part). The target is
+    (1 - alpha) * the ground truth (spread evenly over the positives) + alpha * the teacher's own softmax
+    similarities over the same keys. The result's similarities and positives cover the global batch's keys
+    only (what ITM draws its negatives from)."""
+    batch_ids = gather_no_grad(image_ids)
+    key_ids = torch.cat([batch_ids, queue.image_ids])
+    with torch.autocast(image_feat.device.type, enabled=False):
+        image_feat, text_feat, temperature = map(at_least_fp32, (image_feat, text_feat, temperature))
+        dtype = image_feat.dtype
+        image_keys = torch.cat([gather_no_grad(teacher_image_feat), queue.image_feat]).to(dtype)
+        text_keys = torch.cat([gather_no_grad(teacher_text_feat), queue.text_feat]).to(dtype)
+        sim_i2t = image_feat @ text_keys.T / temperature
+        sim_t2i = text_feat @ image_keys.T / temperature
+        with torch.no_grad():
+            teacher_i2t = teacher_image_feat.to(dtype) @ text_keys.T / temperature
+            teacher_t2i = teacher_text_feat.to(dtype) @ image_keys.T / temperature
+    empty = (key_ids < 0)[None, :]
+    positives = image_ids[:, None] == key_ids[None, :]
+    truth = positives.to(sim_i2t.dtype) / positives.sum(dim=1, keepdim=True)
+
+    def distilled(sim: Tensor, teacher_sim: Tensor) -> Tensor:
+        lowest = torch.finfo(sim.dtype).min  # not -inf: 0 * log(0) must be 0 at an empty slot, not NaN
+        with torch.no_grad():
+            targets = alpha * teacher_sim.masked_fill(empty, lowest).softmax(dim=1) + (1 - alpha) * truth
+        return -(F.log_softmax(sim.masked_fill(empty, lowest), dim=1) * targets).sum(dim=1).mean()
+
+    loss = (distilled(sim_i2t, teacher_i2t) + distilled(sim_t2i, teacher_t2i)) / 2
+    in_batch = len(batch_ids)
+    sim_i2t, sim_t2i, positives = sim_i2t[:, :in_batch], sim_t2i[:, :in_batch], positives[:, :in_batch]
+    return ITCResult(loss, sim_i2t, sim_t2i, positives, *_similarity_statistics(sim_i2t, temperature, positives))
 
 
 @torch.no_grad()
@@ -80,11 +131,20 @@ def itm_loss(itm_head: nn.Module, positive: Tensor, negative_text: Tensor, negat
     return F.cross_entropy(logits, labels), accuracy
 
 
-def mlm_loss(mlm_head: nn.Module, masked_text: Tensor, mlm_labels: Tensor) -> Tensor:
+def mlm_loss(mlm_head: nn.Module, masked_text: Tensor, mlm_labels: Tensor, teacher_probs: Tensor | None = None,
+             alpha: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
     """Masked language modelling: the head on the fused states [B, L, D] of the masked positions only
     (labels other than -100), cross-entropy against the original tokens; 0 when nothing is masked.
-    The mean is over this rank's masked tokens."""
+    With `teacher_probs` (the momentum model's token distribution at the masked positions, [masked, V]) the
+    target is (1 - alpha) * the original token + alpha * that distribution (ALBEF's MLM distillation).
+    The means are over this rank's masked tokens. Returns the loss and the masked-token accuracy (no gradient)."""
     masked = mlm_labels != -100
+    labels = mlm_labels[masked]
     logits = at_least_fp32(mlm_head(masked_text[masked]))
-    total = F.cross_entropy(logits, mlm_labels[masked], reduction="sum")
-    return total / masked.sum().clamp(min=1)
+    total = F.cross_entropy(logits, labels, reduction="sum")
+    if teacher_probs is not None:
+        distilled = -(F.log_softmax(logits, dim=1) * teacher_probs).sum()
+        total = (1 - alpha) * total + alpha * distilled
+    count = masked.sum().clamp(min=1)
+    accuracy = (logits.detach().argmax(dim=1) == labels).sum() / count
+    return total / count, accuracy

@@ -74,6 +74,7 @@ def build_engine(setup: Setup):
     if stage == 3:
         initialise_partitioned(model)
     load_pretrained(model, vit=recipe.model.vit, bert=recipe.model.bert)
+    model.start_momentum_teacher()  # from the final weights (a no-op without momentum distillation)
     offload = setup.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     optimizer = build_optimizer(model, recipe.optim, offload_to_cpu=offload)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=setup.ds_config,

@@ -13,7 +13,7 @@ from safetensors.torch import load_model, save_model
 
 from data_pipeline.text import caption_normalizer
 from data_pipeline.transforms import MEAN, STD
-from pretrain.model import ALBEF, ModelConfig, export_hf
+from pretrain.model import ALBEF, ModelConfig, export_hf, online_config, online_state_dict
 from pretrain.train.checkpoint import latest_tag
 
 WEIGHTS_FILE = "model.safetensors"
@@ -75,8 +75,8 @@ def model_from_zero_checkpoint(ckpt_dir: Path, config: ModelConfig) -> ALBEF:
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}: train first or point at a run's checkpoints/")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    model = ALBEF(config)
-    model.load_state_dict(state, strict=True)
+    model = ALBEF(online_config(config))  # the export is the online model: no momentum teacher, no queue
+    model.load_state_dict(online_state_dict(state), strict=True)
     return model
 
 

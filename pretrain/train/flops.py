@@ -3,8 +3,11 @@ forward (the input and the weight gradient) except for the ViT patch embedding, 
 needs no gradient: its backward is the weight gradient alone, 1x forward. Counts what `ALBEF.forward`
 runs: the ViT once, the text encoder on clean and masked text, the fusion encoder on four text streams
 (positive, hard-negative text, masked text, hard-negative image) with the cross-attention keys/values
-projected once per image (own image and hard-negative image), the MLM head on the masked tokens. Leaves
-out the ITC similarity matrix (O(global batch x embed_dim)).
+projected once per image (own image and hard-negative image), the MLM head on the masked tokens. With
+co-attention fusion every text stream carries an image stream of its own (keys/values projected per stream,
+plus fusion_layers - 1 image-stream layers); with momentum distillation the teacher's forward (ViT, text
+encoder on both texts, fusion of the masked text, ITC and MLM heads) counts once, with no backward. Leaves
+out the ITC similarity matrices (O((global batch + queue) x embed_dim) per sample).
 
 Text is counted on its real tokens: the text and fusion encoders run on the non-padding tokens only,
 so `text_tokens` is the mean number of real tokens per caption (the padded length gives an upper
@@ -20,7 +23,7 @@ from __future__ import annotations
 from pretrain.model.config import ModelConfig
 
 # Backward / forward FLOPs of a component; the others take 2 (input and weight gradients).
-_BACKWARD_RATIO = {"vision.patch_embed": 1.0}
+_BACKWARD_RATIO = {"vision.patch_embed": 1.0, "momentum.teacher": 0.0}  # the teacher takes no gradient
 
 
 def _linear(tokens: float, d_in: int, d_out: int) -> float:
@@ -37,15 +40,24 @@ def _bert_projections(c: ModelConfig, length: float) -> float:
     return _linear(length, d, 4 * d) + 2 * _linear(length, d, c.text_intermediate)
 
 
-def forward_flops_by_component(
-    config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15
-) -> dict[str, float]:
-    """Forward FLOPs of one sample per component: `*.projections` are an encoder's linear layers,
-    `*_attention` the attention products (scores and weighted sum of values) of its layers."""
-    c, length = config, text_tokens
-    image_tokens = c.num_patches + 1
-    streams = 4  # fusion text streams per sample: positive, hard-negative text, masked text, hard-negative image
+def _image_stream_layer(c: ModelConfig, image_tokens: float, length: float) -> dict[str, float]:
+    """One co-attention image-stream layer on one stream: self-attention, cross-attention to the text, FFN."""
+    d = c.vision_hidden
     return {
+        "fusion.image_projections": _linear(image_tokens, d, 4 * d) + 2 * _linear(image_tokens, d, c.vision_mlp)
+        + _linear(image_tokens, d, 2 * d) + _linear(length, c.text_hidden, 2 * d),  # + cross query, out; keys, values
+        "fusion.image_attention": _attention(image_tokens, image_tokens, d) + _attention(image_tokens, length, d),
+    }  # fmt: skip
+
+
+def _encoders_and_heads(
+    c: ModelConfig, length: float, mlm_probability: float, streams: int, images: int
+) -> dict[str, float]:
+    """One sample's forward through the ViT, the text encoder (clean and masked text), the fusion encoder on
+    `streams` text streams over `images` images, and the heads."""
+    image_tokens = c.num_patches + 1
+    co_attention = c.fusion == "co_attention"
+    terms = {
         "vision.patch_embed": _linear(c.num_patches, 3 * c.patch_size**2, c.vision_hidden),
         "vision.projections": c.vision_layers * (
             _linear(image_tokens, c.vision_hidden, 4 * c.vision_hidden)
@@ -58,13 +70,31 @@ def forward_flops_by_component(
             _bert_projections(c, length) + _linear(length, c.text_hidden, 2 * c.text_hidden)  # + cross query, out
         ),
         "fusion.self_attention": c.fusion_layers * streams * _attention(length, length, c.text_hidden),
-        # keys and values projected once per image: the sample's own and its hard-negative image
-        "fusion.cross_key_value": c.fusion_layers * 2 * _linear(image_tokens, c.vision_hidden, 2 * c.text_hidden),
+        # keys and values projected once per image; co-attention's image stream differs per text stream
+        "fusion.cross_key_value": c.fusion_layers * (streams if co_attention else images)
+        * _linear(image_tokens, c.vision_hidden, 2 * c.text_hidden),
         "fusion.cross_attention": c.fusion_layers * streams * _attention(length, image_tokens, c.text_hidden),
         "heads.itc": _linear(1, c.vision_hidden, c.embed_dim) + _linear(1, c.text_hidden, c.embed_dim),
-        "heads.itm": _linear(3, c.text_hidden, 2),  # the positive and the two hard negatives
         "heads.mlm": _linear(mlm_probability * length, c.text_hidden, c.text_hidden + c.vocab_size),
     }  # fmt: skip
+    if co_attention:
+        for name, flops in _image_stream_layer(c, image_tokens, length).items():
+            terms[name] = (c.fusion_layers - 1) * streams * flops
+    return terms
+
+
+def forward_flops_by_component(
+    config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15
+) -> dict[str, float]:
+    """Forward FLOPs of one sample per component: `*.projections` are an encoder's linear layers,
+    `*_attention` the attention products (scores and weighted sum of values) of its layers; co-attention adds
+    its image stream's (`fusion.image_*`), momentum distillation its teacher's forward (`momentum.teacher`)."""
+    # fusion text streams per sample: positive, hard-negative text, masked text (own image), hard-negative image
+    terms = _encoders_and_heads(config, text_tokens, mlm_probability, streams=4, images=2)
+    terms["heads.itm"] = _linear(3, config.text_hidden, 2)  # the positive and the two hard negatives
+    if config.momentum_distillation:  # the teacher fuses the masked text with its own image only
+        terms["momentum.teacher"] = sum(_encoders_and_heads(config, text_tokens, mlm_probability, 1, 1).values())
+    return terms
 
 
 def train_flops_by_component(

@@ -43,7 +43,8 @@ from pretrain.train.reliability.faults import NonFiniteSteps, is_collective_fail
 from pretrain.train.reliability.preemption import StopSignals, note_exit
 from pretrain.train.reliability.watchdog import Watchdog
 
-STEP_OUTPUTS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy", "itc_positive_sim", "itc_negative_sim")
+STEP_OUTPUTS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy", "mlm_accuracy", "itc_positive_sim",
+                "itc_negative_sim")
 
 
 def batches_forever(loader):

@@ -112,7 +112,7 @@ def _logged_step(line: str) -> float:
 
 
 def console_line(step: int, max_steps: int, values: dict[str, float]) -> str:
-    keys = ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/itm_accuracy", "train/lr",
+    keys = ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/itm_accuracy", "train/mlm_accuracy", "train/lr",
             "train/grad_norm", "perf/samples_per_s", "perf/mfu", "perf/data_wait_fraction")
     parts = [f"step {step}/{max_steps}"]
     for key in keys:
@@ -126,6 +126,7 @@ def step_scalars(values: dict[str, float], lr: float, grad_norm) -> dict[str, fl
     return {
         "loss/total": values["loss"], "loss/itc": values["loss_itc"], "loss/itm": values["loss_itm"],
         "loss/mlm": values["loss_mlm"], "train/itm_accuracy": values["itm_accuracy"],
+        "train/mlm_accuracy": values["mlm_accuracy"],
         "train/itc_positive_sim": values["itc_positive_sim"], "train/itc_negative_sim": values["itc_negative_sim"],
         "train/temperature": values["temperature"], "train/lr": lr, "train/grad_norm": float(grad_norm or 0.0),
     }  # fmt: skip

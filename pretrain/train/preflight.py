@@ -8,6 +8,7 @@ instead of a traceback from inside a collective.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,14 @@ class Setup:
     warnings: list[str] = field(default_factory=list)  # printed by rank 0 (and --validate-only)
 
 
-def build_model_config(section: ModelSection, tokenizer) -> ModelConfig:
-    overrides = {"vocab_size": len(tokenizer), **section.overrides}
+def build_model_config(section: ModelSection, tokenizer, steps_per_epoch: int = 0) -> ModelConfig:
+    """The preset with the section's fields and overrides; distillation's alpha ramps over `steps_per_epoch`
+    training forwards (ALBEF: the first epoch) unless the overrides say otherwise."""
+    fields = {"fusion": section.fusion, "dropout": section.dropout, "queue_size": section.queue_size,
+              "momentum_distillation": section.momentum_distillation}
+    overrides = {"vocab_size": len(tokenizer), **fields, **section.overrides}
+    if overrides["momentum_distillation"]:
+        overrides.setdefault("distill_alpha_ramp_steps", steps_per_epoch)
     try:
         config = model_preset(section.preset, **overrides)
     except (TypeError, ValueError) as err:
@@ -56,10 +63,11 @@ def prepare(args: argparse.Namespace) -> Setup:
     recipe = load_recipe(args.recipe, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    model_config = build_model_config(recipe.model, tokenizer)
+    train_set = check_shards(recipe.data.train, world_size=world_size, num_workers=recipe.data.num_workers,
+                             mode=recipe.data.mode)
+    forwards_per_epoch = math.ceil(train_set.num_samples / (recipe.schedule.micro_batch_size * world_size))
+    model_config = build_model_config(recipe.model, tokenizer, forwards_per_epoch)
     check_text_length(recipe, model_config)
-    check_shards(recipe.data.train, world_size=world_size, num_workers=recipe.data.num_workers,
-                 mode=recipe.data.mode)
     if recipe.data.val:
         check_shards(recipe.data.val, world_size=1, num_workers=1)
     check_fault_limits(recipe)

@@ -36,6 +36,12 @@ class ModelSection:
     overrides: dict = _help("ModelConfig fields to override, e.g. {attention: sdpa}", factory=dict)
     vit: str | None = _help("HF name or local dir of a ViTModel to initialise the image encoder", None)
     bert: str | None = _help("HF name or local dir of a BertModel to initialise text + fusion encoders", None)
+    fusion: str = _help("cross_attention (ALBEF) | co_attention (ViLBERT's two streams)", "cross_attention")
+    dropout: float = _help("BERT dropout in the text and fusion encoders (BERT, ALBEF: 0.1)", 0.0)
+    momentum_distillation: bool = _help("ALBEF's momentum distillation for ITC and MLM (EMA teacher, "
+                                        "distill_alpha ramped over the first epoch)", False)
+    queue_size: int = _help("ITC keys queued from past batches' teacher features (ALBEF: 65536; needs "
+                            "momentum_distillation)", 0)
 
 
 @dataclass

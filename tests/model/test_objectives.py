@@ -184,11 +184,11 @@ def test_mlm_loss_ignores_unmasked_positions():
     labels = torch.full((2, 5), -100)
     labels[0, 1], labels[1, 3] = 4, 7
     head = torch.nn.Identity()
-    loss = mlm_loss(head, states, labels)
+    loss, _ = mlm_loss(head, states, labels)
     changed = states.clone()
     changed[0, 0] += 100
     changed[1, 4] -= 50
-    assert mlm_loss(head, changed, labels).item() == loss.item()
+    assert mlm_loss(head, changed, labels)[0].item() == loss.item()
     expected = (F.cross_entropy(states[0, 1], torch.tensor(4)) + F.cross_entropy(states[1, 3], torch.tensor(7))) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
 
@@ -197,10 +197,37 @@ def test_mlm_loss_perfect_logits_and_no_masked_tokens():
     labels = torch.tensor([[-100, 3, -100, 9]])
     perfect = torch.full((1, 4, 12), -30.0)
     perfect[0, 1, 3] = perfect[0, 3, 9] = 30.0
-    assert mlm_loss(torch.nn.Identity(), perfect, labels).item() < 1e-6
+    loss, accuracy = mlm_loss(torch.nn.Identity(), perfect, labels)
+    assert loss.item() < 1e-6 and accuracy.item() == 1.0
     states = torch.randn(1, 4, 12, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    empty = mlm_loss(torch.nn.Identity(), states, torch.full((1, 4), -100))
-    assert empty.item() == 0.0
+    empty, empty_accuracy = mlm_loss(torch.nn.Identity(), states, torch.full((1, 4), -100))
+    assert empty.item() == 0.0 and empty_accuracy.item() == 0.0
+
+
+def test_mlm_accuracy_counts_the_masked_tokens_predicted_right():
+    labels = torch.tensor([[-100, 3, 5, 9], [2, -100, -100, 7]])
+    logits = torch.zeros(2, 4, 12)
+    for (row, col), token in {(0, 1): 3, (0, 2): 6, (0, 3): 9, (1, 0): 1, (1, 3): 7, (0, 0): 4}.items():
+        logits[row, col, token] = 5.0  # right at (0,1), (0,3), (1,3); wrong at (0,2), (1,0); (0,0) is not masked
+    _, accuracy = mlm_loss(torch.nn.Identity(), logits, labels)
+    assert accuracy.item() == pytest.approx(3 / 5)
+
+
+def test_mlm_distillation_mixes_the_teacher_distribution_into_the_target():
+    """(1 - alpha) * cross-entropy with the token + alpha * cross-entropy with the teacher's distribution,
+    averaged over the masked tokens (ALBEF's MLM distillation); alpha 0 is plain MLM exactly."""
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
+    labels = torch.full((2, 5), -100)
+    labels[0, 1], labels[1, 3], labels[1, 4] = 4, 7, 2
+    teacher = torch.randn(3, 11, generator=g, dtype=torch.float64).softmax(dim=1)
+    plain, _ = mlm_loss(torch.nn.Identity(), states, labels)
+    assert mlm_loss(torch.nn.Identity(), states, labels, teacher, 0.0)[0].item() == plain.item()
+    masked = states[labels != -100]
+    soft = -(masked.log_softmax(dim=1) * teacher).sum(dim=1).mean()
+    distilled, _ = mlm_loss(torch.nn.Identity(), states, labels, teacher, 0.4)
+    assert distilled.item() == pytest.approx((0.6 * plain + 0.4 * soft).item(), rel=1e-12)
+    assert abs(soft.item() - plain.item()) > 0.1  # so the mix is seen
 
 
 # ---- ITC across 2 ranks over gloo equals 1 process on the whole batch --------------------------------
