@@ -169,7 +169,7 @@ class ALBEF(nn.Module):
         )
         text_embeds, masked_text_embeds = both.chunk(2)
         temperature = self.temperature()
-        teacher = self.momentum.teach(batch) if self.momentum is not None else None
+        teacher = self.momentum(batch) if self.momentum is not None else None
         itc = self.contrast(image_feat, self.text_feature(text_embeds), batch["image_ids"], temperature, teacher)
 
         negative_texts, negative_images = sample_itm_negatives(itc)

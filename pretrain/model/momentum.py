@@ -71,21 +71,23 @@ class FeatureQueue(nn.Module):
         size = len(self.image_ids)
         if not size:
             return
-        image_feat, text_feat, image_ids = image_feat[-size:], text_feat[-size:], image_ids[-size:]  # newest win
-        slots = (self.position + torch.arange(len(image_ids), device=image_ids.device)) % size
-        self.image_feat.index_copy_(0, slots, image_feat.to(self.image_feat.dtype))
-        self.text_feat.index_copy_(0, slots, text_feat.to(self.text_feat.dtype))
-        self.image_ids.index_copy_(0, slots, image_ids)
-        self.position.copy_((self.position + len(image_ids)) % size)
+        rows = len(image_ids)
+        # as if written one by one: with more rows than slots only the newest `size` remain
+        slots = ((self.position + torch.arange(rows, device=image_ids.device)) % size)[-size:]
+        self.image_feat.index_copy_(0, slots, image_feat[-size:].to(self.image_feat.dtype))
+        self.text_feat.index_copy_(0, slots, text_feat[-size:].to(self.text_feat.dtype))
+        self.image_ids.index_copy_(0, slots, image_ids[-size:])
+        self.position.copy_((self.position + rows) % size)
 
 
 def _held_pairs(teacher: nn.Parameter, student: nn.Parameter) -> Iterator[tuple[Tensor, Tensor]]:
     """The pieces of a teacher parameter and its student this rank holds, in the same layout: under ZeRO-3
-    its partition (the same slice of both, equal shapes) and, for a parameter ZeRO-3 keeps whole on every
-    rank (persistent: small), the whole as well; otherwise the whole tensor."""
+    its partition (the same slice of both) and, while ZeRO-3 holds the teacher's whole tensor too, the
+    whole; otherwise the whole tensor. (ZeRO-3 releases a teacher parameter after each use, small
+    "persistent" ones included, as the optimizer does not hold them: the next use gathers the partitions.)"""
     if hasattr(teacher, "ds_tensor"):
         yield teacher.ds_tensor, student.ds_tensor
-        if not teacher.ds_persist:
+        if not teacher.data.numel():
             return
     yield teacher.data, student.data
 
@@ -114,7 +116,7 @@ class MomentumTeacher(nn.Module):
         return c.distill_alpha * torch.as_tensor(ramp, dtype=torch.float32, device=self.steps.device)
 
     @torch.no_grad()
-    def teach(self, batch: dict) -> Teacher:
+    def forward(self, batch: dict) -> Teacher:
         """ITC features of the batch's images and captions, and the token distribution at its masked positions
         from the fused masked captions (as the online model computes its own)."""
         mask = batch["attention_mask"]
@@ -147,5 +149,7 @@ class MomentumTeacher(nn.Module):
         momentum = self.config.momentum
         for name, mine in self.named_parameters():
             for held, theirs in _held_pairs(mine, online.get_parameter(name)):
-                held.mul_(momentum).add_(theirs, alpha=1 - momentum)
+                # two rounded products and a rounded sum: add_(alpha=) may fuse them in vectorised loops
+                # but not in their tails, and a partition's tail is not the whole tensor's
+                held.mul_(momentum).add_(theirs * (1 - momentum))
         self.steps += 1

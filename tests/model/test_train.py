@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.model import ALBEF
-from pretrain.model.attention import CrossAttention, SelfAttention
+from pretrain.model.attention import CrossAttention, SelfAttention, TextCrossAttention
 from pretrain.model.vit import VisionTransformer
 from pretrain.train.flops import forward_flops_by_component, train_flops_by_component, train_flops_per_sample
 from tests.helpers.model import make_batch, tiny_config
@@ -164,34 +164,44 @@ def _forward_flops_by_component(model: ALBEF, batch: dict) -> tuple[dict[str, fl
     components: dict[str, float] = defaultdict(float)
     for name, module in model.named_modules():
         top, flops = name.split(".")[0], counts.get(name, 0.0)
-        if top in _HEADS:
+        own = flops - sum(counts.get(f"{name}.{child}", 0.0) for child, _ in module.named_children())
+        if top == "momentum":  # the teacher's whole forward
+            components["momentum.teacher"] += flops if name == top else 0.0
+        elif top in _HEADS:
             components[_HEADS[top]] += flops if name == top else 0.0
         elif isinstance(module, nn.Conv2d):
             components["vision.patch_embed"] += flops
+        elif ".image_layers." in name:  # co-attention's image stream
+            if isinstance(module, nn.Linear):
+                components["fusion.image_projections"] += flops
+            elif isinstance(module, (SelfAttention, TextCrossAttention)):
+                components["fusion.image_attention"] += own
         elif isinstance(module, nn.Linear):
             kind = "cross_key_value" if name.endswith("cross_attn.key_value") else "projections"
             components[f"{_ENCODERS[top]}.{kind}"] += flops
         elif isinstance(module, (SelfAttention, CrossAttention)):
-            own = flops - sum(counts.get(f"{name}.{child}", 0.0) for child, _ in module.named_children())
             kind = "cross_attention" if isinstance(module, CrossAttention) else "self_attention"
             components[f"{_ENCODERS[top]}.{kind}"] += own
     assert counts["ALBEF"] == counts["Global"]
     return dict(components), counts["ALBEF"] - sum(counts.get(child, 0.0) for child, _ in model.named_children())
 
 
-def test_train_flops_match_the_flop_counter_term_by_term():
+@pytest.mark.parametrize("variant", [{}, {"fusion": "co_attention"}, {"momentum_distillation": True}],
+                         ids=["cross_attention", "co_attention", "momentum_distillation"])
+def test_train_flops_match_the_flop_counter_term_by_term(variant):
     """Every term of the formula equals what the counter sees the modules run, exactly (integers in floats):
-    dropping any term (the cross-attention products, the patch embedding, a head...) or miscounting its
-    backward fails."""
+    dropping any term (the cross-attention products, the patch embedding, a head, co-attention's image
+    stream, the teacher...) or miscounting its backward fails."""
     torch.manual_seed(0)
-    config = tiny_config(attention="eager")  # the counter sees eager attention's matmuls
+    config = tiny_config(attention="eager", **variant)  # the counter sees eager attention's matmuls
     model = ALBEF(config)
     batch = make_batch(config, batch_size=4, length=12)
     batch["attention_mask"].fill_(1)  # no padding: the padded kernels then do exactly the counted work
     masked_fraction = (batch["mlm_labels"] != -100).float().mean().item()
     size, rel = len(batch["input_ids"]), 1e-9
-    # ITC's similarity matrices, which the formula leaves out: 2 directions of [B, E] x [E, B] per batch.
-    itc_similarities = 2 * 2 * size * config.embed_dim
+    # ITC's similarity matrices, which the formula leaves out: 2 directions of [B, E] x [E, B] per batch, and
+    # as many for the teacher's targets (no queue here).
+    itc_similarities = 2 * 2 * size * config.embed_dim * (2 if config.momentum_distillation else 1)
 
     counted, outside_modules = _forward_flops_by_component(model, batch)
     formula = forward_flops_by_component(config, 12, masked_fraction)
@@ -202,8 +212,11 @@ def test_train_flops_match_the_flop_counter_term_by_term():
     total = sum(formula.values())
     assert min(formula.values()) > 1000 * rel * total  # so leaving out any one term fails
 
-    # Forward + backward: twice the forward, except the patch embedding (the pixels need no gradient).
-    counted_train = sum(_counted_flops(model, batch).values()) - 3 * itc_similarities
+    # Forward + backward: twice the forward, except the patch embedding (the pixels need no gradient) and the
+    # teacher (no gradient at all). The similarities' backward: to both sides, or with distillation to the
+    # online side only (the keys are the teacher's), and none for the teacher's own.
+    backward_similarities = itc_similarities / 2 if config.momentum_distillation else 2 * itc_similarities
+    counted_train = sum(_counted_flops(model, batch).values()) - itc_similarities - backward_similarities
     predicted = train_flops_per_sample(config, 12, masked_fraction)
     assert counted_train == pytest.approx(predicted, rel=rel)
     assert sum(train_flops_by_component(config, 12, masked_fraction).values()) == predicted

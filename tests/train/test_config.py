@@ -182,3 +182,21 @@ def test_a_fresh_start_over_existing_checkpoints_is_refused(base_flags, tmp_path
         f"run {ckpt.parent} already has checkpoints: pass --resume auto to continue it, or --name to start a new run")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert prepare(parse_args(base_flags + ["--name", "earlier", "--resume", "auto"])).recipe.run_path == ckpt.parent
+
+
+def test_model_section_fields_reach_the_model_config_and_alpha_ramps_over_one_epoch(base_flags, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    flags = base_flags + ["--schedule.micro_batch_size", "8", "--model.fusion", "co_attention", "--model.dropout",
+                          "0.1", "--model.momentum_distillation", "true", "--model.queue_size", "64"]
+    config = prepare(parse_args(flags)).model_config
+    assert (config.fusion, config.dropout, config.momentum_distillation, config.queue_size) == (
+        "co_attention", 0.1, True, 64)
+    assert config.distill_alpha_ramp_steps == 3  # 40 training pairs / (8 per rank x 2 ranks), rounded up
+    ramp = prepare(parse_args(flags + ["--model.overrides", "{distill_alpha_ramp_steps: 7}"])).model_config
+    assert ramp.distill_alpha_ramp_steps == 7
+    assert prepare(parse_args(base_flags)).model_config.distill_alpha_ramp_steps == 0  # no distillation
+    assert prepare_error(base_flags + ["--model.queue_size", "64"]) == (
+        "model: queue_size 64 needs momentum_distillation: the queue holds the momentum encoders' features; turn "
+        "it on or set queue_size 0")
+    assert prepare_error(base_flags + ["--model.fusion", "merged"]) == (
+        "model: fusion 'merged' is unknown; use one of cross_attention, co_attention")
