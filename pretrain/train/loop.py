@@ -141,6 +141,9 @@ def restore(engine, loader, ckpt_dir: Path, seed: int) -> int:
         set_rng_state(saved[rank]["rng"])
         return state["step"]
     loader.load_state_dict_from_ranks([s["loader"] for s in saved])
+    # a universal checkpoint carries no frozen weights or buffers: a momentum teacher starts again from the
+    # loaded weights, with an empty queue and alpha's ramp from 0
+    engine.module.start_momentum_teacher()
     torch.manual_seed(rank_seed(seed, rank, state["step"]))
     if rank == 0:
         position = loader.state_dict()

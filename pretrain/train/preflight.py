@@ -72,6 +72,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         check_shards(recipe.data.val, world_size=1, num_workers=1)
     check_fault_limits(recipe)
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
+    check_teacher_precision(model_config, ds_config, recipe.dist.ds_config)
     check_writable(recipe.run_path)
     ckpt_dir = recipe.run_path / "checkpoints"
     if resume == "none" and (ckpt_dir / "latest").is_file():
@@ -104,6 +105,16 @@ def tokenizer_fit_warning(recipe: Recipe, tokenizer) -> str | None:
             f"as [UNK]: it was not trained on captions like these; train one on them (`make tokenizer "
             f"TOKENIZER_SHARDS={recipe.data.train} TOKENIZER_DIR=data/tokenizer-NAME`, which `make shards` does for "
             "a real source) and pass it with --data.tokenizer, or use --data.tokenizer bert-base-uncased")
+
+
+def check_teacher_precision(config: ModelConfig, ds_config: dict, name: str) -> None:
+    """A momentum teacher is held in the engine's weight dtype and has no fp32 master copy (no optimizer holds
+    it): in bf16 or fp16 an EMA step of 1 - 0.995 is below the weights' resolution, and it would not follow."""
+    half = [key for key in ("bf16", "fp16") if ds_config.get(key, {}).get("enabled")]
+    if config.momentum_distillation and half:
+        raise RecipeError(f"model.momentum_distillation needs fp32 weights but DeepSpeed config {name} enables "
+                          f"{half[0]} (the teacher's EMA steps would round away): use an fp32 config such as "
+                          "cpu_zero3.json, or turn momentum distillation off")
 
 
 def check_fault_limits(recipe: Recipe) -> None:

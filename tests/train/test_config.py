@@ -200,3 +200,6 @@ def test_model_section_fields_reach_the_model_config_and_alpha_ramps_over_one_ep
         "it on or set queue_size 0")
     assert prepare_error(base_flags + ["--model.fusion", "merged"]) == (
         "model: fusion 'merged' is unknown; use one of cross_attention, co_attention")
+    assert prepare_error(base_flags + ["--model.momentum_distillation", "true", "--dist.ds_config", "zero3"]) == (
+        "model.momentum_distillation needs fp32 weights but DeepSpeed config zero3 enables bf16 (the teacher's EMA "
+        "steps would round away): use an fp32 config such as cpu_zero3.json, or turn momentum distillation off")

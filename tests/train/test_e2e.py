@@ -37,6 +37,9 @@ from tests.helpers.jobs import (
 pytestmark = pytest.mark.slow
 STEPS = TINY_JOB["schedule.max_steps"]
 LEARN = {"optim.lr": "1e-3", "eval.batch_size": 16, "eval.itm_rerank_k": 4}  # the tiny job, learning visibly
+# ALBEF's momentum distillation with a queue that wraps around within the 8 steps of 16 pairs, so checkpoints,
+# resume and export carry (or drop) a teacher and a queue
+DISTILL = {"model.momentum_distillation": "true", "model.queue_size": 24}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,8 @@ def runs(synthetic_shards, tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
 
     def flags(name: str, val: bool = False, **more) -> list[str]:
-        return recipe_flags(synthetic_shards, tokenizer_dir, root, TINY_JOB, LEARN, {"name": name}, more, val=val)
+        return recipe_flags(synthetic_shards, tokenizer_dir, root, TINY_JOB, LEARN, DISTILL, {"name": name}, more,
+                            val=val)
 
     out = {"root": root}
     out["A"] = check(run(DEEPSPEED + ["--num_gpus", "2", "--master_port", PORT, "launch/pretrain.sh",
@@ -106,6 +110,25 @@ def test_resume_reproduces_the_uninterrupted_run(runs):
     for step in range(1, STEPS + 1):
         for key in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
             assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-4, abs=1e-5), (step, key)
+    # the teacher's partitions and the queue at the end: bit for bit, with the queue wrapped around
+    final = {run: teacher_and_queue(runs["root"] / run / "checkpoints" / f"step{STEPS:08d}") for run in "AB"}
+    assert final["A"].keys() == final["B"].keys() and len(final["A"]) > 100
+    for name, tensor in final["A"].items():
+        assert torch.equal(final["B"][name], tensor), name
+    assert final["A"]["0:momentum.queue.position"].item() == STEPS * 16 % 24
+    assert (final["A"]["0:momentum.queue.image_ids"] >= 0).all()  # filled
+    assert final["A"]["0:momentum.steps"].item() == STEPS
+
+
+def teacher_and_queue(tag_dir) -> dict[str, torch.Tensor]:
+    """Each rank's saved teacher fragments and momentum buffers, keyed '<rank>:<name>'."""
+    out = {}
+    for rank in (0, 1):
+        states = torch.load(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)
+        frozen = {k: v for k, v in states["frozen_param_fragments"].items() if k.startswith("momentum.")}
+        buffers = {k: v for k, v in states["module"].items() if k.startswith("momentum.") and v.numel()}
+        out |= {f"{rank}:{k}": v for k, v in {**frozen, **buffers}.items()}
+    return out
 
 
 def test_two_nodes_on_localhost_train_like_one(runs):
@@ -183,8 +206,11 @@ def test_deepspeeds_own_zero_to_fp32_reads_our_checkpoints(runs, tmp_path):
     config = ModelConfig(**json.loads((runs["root"] / "A" / "model_config.json").read_text()))
     fresh = ALBEF(config)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"mlm_head.decoder.weight"}  # tied to the word embeddings
+    # tied to the word embeddings, the online model's and the teacher's
+    assert not unexpected and set(missing) <= {"mlm_head.decoder.weight", "momentum.mlm_head.decoder.weight"}
+    assert any(name.startswith("momentum.") for name in state)  # the checkpoint carries the teacher
     exported = load_exported(runs["root"] / "A" / "export")
+    assert exported.momentum is None  # the export is the online model alone
     for name, tensor in exported.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
 
@@ -226,7 +252,7 @@ def test_rerunning_a_finished_run_only_evaluates_it_again(runs, synthetic_shards
     shutil.copytree(root / "A", run_dir)  # a finished run, as `make pretrain` finds it when run again
     (run_dir / "eval.json").unlink()
     checkpoint = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in (run_dir / "checkpoints").rglob("*")}
-    flags = recipe_flags(synthetic_shards, tokenizer_dir, root, TINY_JOB, LEARN, {"name": "A-again"}, val=True)
+    flags = recipe_flags(synthetic_shards, tokenizer_dir, root, TINY_JOB, LEARN, DISTILL, {"name": "A-again"}, val=True)
     proc = check(run(["bash", "launch/pretrain.sh", *flags, "--resume", "auto"],
                      env={"GPUS_PER_NODE": "2", "MASTER_PORT": PORT}))
     assert f"resume_step={STEPS} run={run_dir}" in proc.stdout
