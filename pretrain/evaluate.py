@@ -61,11 +61,13 @@ def from_run(value: str, origin: Path | None) -> str:
 
 
 def run_tokenizer(checkpoint: Path, given: str | None, recipe: Recipe | None):
-    """--tokenizer, else the export's own, else the one the run's recipe names."""
+    """--tokenizer, else the export's own, else the run's copy, else the one the run's recipe names (runs
+    written before the run directory kept a copy; its folder may have been remade since)."""
     if given:
         return load_tokenizer(given)
-    if (checkpoint / "tokenizer").is_dir():
-        return load_tokenizer(str(checkpoint / "tokenizer"))
+    for own in (checkpoint / "tokenizer", checkpoint.parent / "tokenizer"):
+        if own.is_dir():
+            return load_tokenizer(str(own))
     if recipe is None:
         raise DataError(f"{checkpoint} has no tokenizer/ and no {RUN_RECIPE} beside it: pass --tokenizer with the "
                         "name or directory the model was trained with")

@@ -108,6 +108,7 @@ def write_run_files(setup: Setup) -> None:
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "recipe.yaml").write_text(yaml.safe_dump(asdict(setup.recipe), sort_keys=False))
     (run_path / "model_config.json").write_text(json.dumps(asdict(setup.model_config), indent=2))
+    setup.tokenizer.save_pretrained(str(run_path / "tokenizer"))  # data.tokenizer's folder may be remade later
 
 
 def train(setup: Setup, resume: str) -> dict:

@@ -14,9 +14,13 @@ from data_pipeline import DataError, load_eval_data
 from data_pipeline.train_tokenizer import train_tokenizer
 from pretrain.eval.retrieval import evaluate_retrieval
 from pretrain.evaluate import main, run_recipe, run_tokenizer
+from pretrain.train.cli import parse_args
 from pretrain.train.export import save_export
+from pretrain.train.loop import write_run_files
+from pretrain.train.preflight import prepare
 from pretrain.train.recipe import load_recipe
 from tests.eval.test_evaluate_retrieval import CPU, tiny_model
+from tests.helpers.jobs import recipe_flags
 
 
 def write_run(run_dir, **fields) -> None:
@@ -119,3 +123,18 @@ def test_a_tokenizer_of_another_size_is_one_error(tokenizer, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: the tokenizer has 40 tokens but the model's vocabulary has {len(tokenizer)}: pass --tokenizer "
         "with the one the model was trained with\n")
+
+
+def test_the_run_keeps_the_tokenizer_it_trained_with_and_evaluate_prefers_it(synthetic_shards, tokenizer,
+                                                                             tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    setup = prepare(parse_args(recipe_flags(synthetic_shards, tokenizer_dir, tmp_path / "runs")))
+    write_run_files(setup)
+    run_dir = setup.recipe.run_path
+    # the recipe's tokenizer folder is remade afterwards (make shards / make tokenizer again): other ids
+    remade = tmp_path / "remade"
+    train_tokenizer(iter(["a red circle", "a blue square"] * 3), str(remade), vocab_size=40, min_frequency=1)
+    recipe = run_recipe(run_dir / "checkpoints")
+    recipe.data.tokenizer = str(remade)  # as if data.tokenizer's folder now held the remade one
+    found = run_tokenizer(run_dir / "checkpoints", None, recipe)
+    assert found.get_vocab() == tokenizer.get_vocab()  # the run's own copy, not the remade folder
