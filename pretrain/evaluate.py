@@ -3,7 +3,7 @@
 --checkpoint takes a run's export directory (model.safetensors + model_config.json), or a DeepSpeed
 checkpoint directory (the run's checkpoints/, consolidated to fp32 on the fly; the model config is read
 from the run directory beside it). What is not given on the command line comes from the run directory's
-recipe.yaml, as the run evaluated: validation shards, tokenizer (an export's own tokenizer/ first),
+recipe.yaml, as the run evaluated: validation shards, tokenizer (an export's or the run's own first),
 caption length, ITM re-ranking and batch size. eval.json goes into the run directory (the current one
 when the checkpoint has no run beside it), never into the exported model.
 """
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="validation shards (directory with manifest.json or pattern; "
                         "default: data.val of the run's recipe.yaml)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or directory (default: the export's "
-                        "tokenizer/, else data.tokenizer of the run's recipe.yaml)")
+                        "tokenizer/, else the run's tokenizer/, else data.tokenizer of the run's recipe.yaml)")
     parser.add_argument("--max-len", type=int, default=None,
                         help="caption length in tokens (default: data.max_len of the run's recipe.yaml, else 32)")
     parser.add_argument("--batch-size", type=int, default=None,
