@@ -7,7 +7,18 @@ shard format wins mostly by storing and decoding fewer pixels and by sequential 
 Both do decode + random resized crop + normalize + tokenize + MLM-mask + collate to the same batch
 contract with the same number of DataLoader workers; the baseline reads one JPEG file per sample from
 the COCO-layout folder with PIL (Image.open(path).convert("RGB"), crop then resize, per-image float
-tensor and normalization), as ALBEF/LAVIS datasets do. Prints one JSON object.
+tensor and normalization), as ALBEF/LAVIS datasets do.
+
+Two more rows: our loader with libjpeg-turbo switched off (PIL's draft decode: what jpeg.py adds), and
+OpenCLIP's webdataset training pipeline. OpenCLIP's own `get_wds_dataset` cannot run here: importing
+`open_clip_train.data` imports `torchvision.datasets` at module level, and the preprocess it is given comes
+from `open_clip.image_transform`, built from torchvision transforms; torchvision does not import beside
+this torch. `openclip_wds_equivalent` is therefore that function's pipeline rebuilt stage by stage from
+webdataset's own stages (see openclip_wds_loader), with torchvision's RandomResizedCrop/ToTensor/Normalize
+done by the same PIL and tensor operations. It tokenizes (our fast tokenizer, per sample, as OpenCLIP calls
+its tokenizer) but does not MLM-mask or build our batch dict: it does less work than ours.
+Every row crops with scale 0.5-1.0 (OpenCLIP's default is 0.9-1.0) to the same output size, with the same
+DataLoader workers. Prints one JSON object.
 
     python -m benchmarks.bench_data --shards data/shards/synthetic/train --coco-root data/synthetic_coco
 """
@@ -21,11 +32,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data_pipeline import load_tokenizer, make_train_loader
+from data_pipeline import jpeg, load_tokenizer, make_train_loader
 from data_pipeline.collate import collate_train
 from data_pipeline.sources.coco import read_coco
 from data_pipeline.text import clean_caption
@@ -77,43 +89,119 @@ def baseline_loader(root: str, tokenizer, batch_size: int, workers: int, image_s
     )
 
 
+class OpenClipTrainTransform:
+    """open_clip.image_transform(is_train=True) without torchvision: RandomResizedCrop (bicubic; on a PIL image
+    torchvision crops, then resizes with PIL), then ToTensor (float / 255) and Normalize (a new tensor)."""
+
+    def __init__(self, size: int, scale: tuple[float, float]):
+        self.size, self.scale = size, scale
+        self.mean, self.std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        box = random_crop_box(*image.size, random, self.scale)
+        image = image.crop(box).resize((self.size, self.size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+        return (pixels.float().div(255) - self.mean) / self.std
+
+
+def openclip_wds_loader(shard_dir: str, tokenizer, batch_size: int, workers: int, image_size: int, max_len: int,
+                        batches: int):  # fmt: skip
+    """open_clip_train.data.get_wds_dataset(is_train=True), not resampled, from webdataset's stages: shard
+    list, seeded shard shuffle (2000/500), split by node and worker, tar to samples (errors skipped),
+    sample shuffle (5000/1000), keep samples with caption and image, decode "pilrgb", rename, preprocess
+    image and tokenize text per sample, tuples, batches, with_epoch; then WebLoader(batch_size=None)."""
+    import webdataset as wds
+
+    from data_pipeline.shards import resolve_shards
+
+    def tokenize(text: str) -> torch.Tensor:
+        return tokenizer(text, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")[
+            "input_ids"][0]  # fmt: skip
+
+    def has_caption_and_image(sample: dict) -> bool:
+        return "txt" in sample and any(ext in sample for ext in ("png", "jpg", "jpeg", "webp"))
+
+    shards = [shard.path for shard in resolve_shards(shard_dir).shards]
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.detshuffle(bufsize=2000, initial=500, seed=0),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(5000, 1000),
+        wds.select(has_caption_and_image),
+        wds.decode("pilrgb", handler=wds.warn_and_continue),
+        wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+        wds.map_dict(image=OpenClipTrainTransform(image_size, (0.5, 1.0)), text=tokenize),
+        wds.to_tuple("image", "text"),
+        wds.batched(batch_size, partial=False),
+    ).with_epoch(batches + 1)
+    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                         persistent_workers=workers > 0)  # fmt: skip
+
+
+@contextlib.contextmanager
+def pil_jpeg_decoding():
+    """Our loader with libjpeg-turbo off (workers fork inside, so they inherit the switch)."""
+    saved, jpeg.simplejpeg = jpeg.simplejpeg, None
+    try:
+        yield
+    finally:
+        jpeg.simplejpeg = saved
+
+
 def throughput(batches, max_batches: int) -> float:
-    """Samples/s after the first batch (worker start-up and shuffle-buffer filling excluded for both)."""
+    """Samples/s after the first batch (worker start-up and shuffle-buffer filling excluded for all)."""
     iterator = iter(batches)
     first = next(iterator)
     start, samples, count = time.perf_counter(), 0, 1
     for batch in iterator:
-        samples += batch["pixel_values"].shape[0]
+        samples += _pixels(batch).shape[0]
         count += 1
         if count >= max_batches:
             break
     elapsed = time.perf_counter() - start
-    assert first["pixel_values"].dtype == torch.float32
+    assert _pixels(first).dtype == torch.float32
     del iterator  # shuts the workers down before the other loader is timed
     return samples / elapsed
 
 
+def _pixels(batch) -> torch.Tensor:
+    return batch["pixel_values"] if isinstance(batch, dict) else batch[0]  # OpenCLIP's batches are tuples
+
+
+LOADERS = ("baseline_pil_folder", "openclip_wds_equivalent", "shards_pil_decode", "shards")
+
+
 def compare(shards: str, coco_root: str, tokenizer, args) -> dict:
-    """The two loaders alternate `repeats` times (who goes first alternates too), because a shared machine
-    slows whichever runs at that moment; the median and every run are reported, so the noise shows."""
-    runs: dict[str, list[float]] = {"baseline_pil_folder": [], "shards": []}
+    """The loaders take turns `repeats` times (the order rotates), because a shared machine slows whichever
+    runs at that moment; the median and every run are reported, so the noise shows, and each ratio is taken
+    between runs of the same round."""
+    runs: dict[str, list[float]] = {name: [] for name in LOADERS}
     for repeat in range(args.repeats):
-        order = ["baseline_pil_folder", "shards"][:: 1 if repeat % 2 == 0 else -1]
-        for name in order:
-            if name == "shards":
+        for name in LOADERS[repeat % len(LOADERS) :] + LOADERS[: repeat % len(LOADERS)]:
+            if name.startswith("shards"):
                 loader = make_train_loader(
                     shards, tokenizer, batch_size=args.batch_size, rank=0, world_size=1, num_workers=args.workers,
                     seed=repeat, image_size=args.image_size, max_len=args.max_len,
                 )  # fmt: skip
+            elif name == "openclip_wds_equivalent":
+                loader = openclip_wds_loader(
+                    shards, tokenizer, args.batch_size, args.workers, args.image_size, args.max_len, args.batches
+                )
             else:
                 loader = baseline_loader(
                     coco_root, tokenizer, args.batch_size, args.workers, args.image_size, args.max_len
                 )
-            runs[name].append(throughput(loader, args.batches))
-    speedups = [ours / base for ours, base in zip(runs["shards"], runs["baseline_pil_folder"])]
+            with pil_jpeg_decoding() if name == "shards_pil_decode" else contextlib.nullcontext():
+                runs[name].append(throughput(loader, args.batches))
     results = {name: _spread(values) for name, values in runs.items()}
-    results["shards_per_worker_samples_per_s"] = round(results["shards"]["median"] / max(1, args.workers), 1)
-    results["speedup"] = _spread(speedups, digits=2)
+    results["per_worker_samples_per_s"] = {
+        name: round(results[name]["median"] / max(1, args.workers), 1) for name in LOADERS
+    }
+    for label, other in [("speedup", "baseline_pil_folder"), ("vs_openclip", "openclip_wds_equivalent"),
+                         ("turbo_gain", "shards_pil_decode")]:  # fmt: skip
+        results[label] = _spread([ours / base for ours, base in zip(runs["shards"], runs[other])], digits=2)
     return results
 
 
@@ -144,7 +232,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=32)
     parser.add_argument("--batches", type=int, default=60, help="batches timed per loader and run")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each loader")
+    parser.add_argument("--repeats", type=int, default=4, help="rounds in which every loader runs once")
     parser.add_argument("--large-images", type=int, default=2000, help="also compare on this many 480px images")
     parser.add_argument("--large-dir", default="data/bench_large", help="where the 480px set is built (once)")
     args = parser.parse_args()
