@@ -30,6 +30,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,28 @@ def compare(shards: str, coco_root: str, tokenizer, args) -> dict:
     return results
 
 
+def decode_cpu_cost(shard_dir: str, repeats: int, count: int = 300) -> dict:
+    """CPU microseconds of train_image (decode, crop, resize) per image with libjpeg-turbo and with PIL, in this
+    process alternately: process time does not count the other programs sharing the machine."""
+    from data_pipeline.samples import parse_sample, read_samples
+    from data_pipeline.shards import resolve_shards
+    from data_pipeline.transforms import train_image
+
+    paths = [shard.path for shard in resolve_shards(shard_dir).shards]
+    images = [parse_sample(raw, Counter()).image for raw, _ in zip(read_samples(paths, Counter()), range(count))]
+    runs: dict[str, list[float]] = {"pil": [], "turbo": []}
+    for repeat in range(max(2, repeats)):
+        for name in ("pil", "turbo")[:: 1 if repeat % 2 == 0 else -1]:
+            with pil_jpeg_decoding() if name == "pil" else contextlib.nullcontext():
+                start = time.process_time()
+                for index, data in enumerate(images):
+                    train_image(data, random.Random(index), size=64, scale=(0.5, 1.0))
+                runs[name].append((time.process_time() - start) / len(images) * 1e6)
+    result = {f"{name}_us": _spread(values, digits=0) for name, values in runs.items()}
+    result["turbo_gain"] = round(statistics.median(runs["pil"]) / statistics.median(runs["turbo"]), 2)
+    return result
+
+
 def _spread(values: list[float], digits: int = 1) -> dict:
     return {"median": round(statistics.median(values), digits), "runs": [round(v, digits) for v in values]}
 
@@ -244,9 +267,11 @@ def main() -> None:
         "repeats": args.repeats,
         "synthetic_96px": compare(args.shards, args.coco_root, tokenizer, args),
     }
+    report["synthetic_96px"]["train_image_cpu"] = decode_cpu_cost(args.shards, args.repeats)
     if args.large_images:
         shards, root = large_image_set(Path(args.large_dir), args.large_images)
         report["coco_sized_480px"] = compare(shards, root, tokenizer, args)
+        report["coco_sized_480px"]["train_image_cpu"] = decode_cpu_cost(shards, args.repeats)
     print(json.dumps(report))
 
 
