@@ -106,11 +106,6 @@ def run_defaults(recipe: Recipe | None, origin: Path | None) -> dict:
             "batch_size": recipe.eval.batch_size, "itm_rerank_k": recipe.eval.itm_rerank_k}
 
 
-def run_max_len(checkpoint: Path) -> int:
-    """The text length the run trained with (data.max_len of its recipe.yaml beside the checkpoint), else 32."""
-    return run_defaults(run_recipe(checkpoint), None)["max_len"]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from data_pipeline import DataError, clean_caption, load_tokenizer
+from data_pipeline import DataError, clean_caption
 from data_pipeline.labelled_images import few_shot_rows, read_labelled_images
 from pretrain.eval.classification import encode_images
 from pretrain.eval.few_shot import (
@@ -38,11 +38,11 @@ from pretrain.eval.few_shot import (
 )
 from pretrain.eval.picture import curve_picture
 from pretrain.eval.prompts import BUILTIN_TEMPLATES, load_templates, load_verbalizer
-from pretrain.evaluate import load_model, run_max_len
 from pretrain.model import ALBEF
 from pretrain.model.prompting import LearnedContext, class_embeddings
+from pretrain.train.recipe import RecipeError
 from pretrain.train.reliability.files import replace_text
-from pretrain.zeroshot import hand_prompts
+from pretrain.zeroshot import hand_prompts, load_run
 
 METHODS = {
     "hand_single": "hand prompt (first template)",
@@ -91,13 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per learned prompt")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the learned prompts")
     parser.add_argument("--probe-l2", type=float, default=1e-3, help="L2 penalty of the linear probe's weights")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the export's tokenizer/)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: as pretrain.evaluate finds it)")
     parser.add_argument("--max-len", type=int, default=None, help="prompt length in tokens (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per encoder batch")
     parser.add_argument("--out", required=True, type=Path, help="directory for prompt_tune.json, the plot, prompts")
     parser.add_argument("--run-dir", type=Path, default=None, help="TensorBoard directory (default: --out)")
     args = parser.parse_args(argv)
-    max_len = args.max_len or run_max_len(args.checkpoint)
     try:
         columns = {"image_column": args.image_column, "label_column": args.label_column}
         pool = read_labelled_images(args.train, split=args.train_split, **columns)
@@ -107,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         for shots in args.shots:
             few_shot_rows(pool, shots, seed=0)  # too few images for some k: say so before any work
         templates, verbalizer = load_templates(args.templates), load_verbalizer(args.verbalizer, pool.classes)
-        model = load_model(args.checkpoint).eval().requires_grad_(False)
-        tokenizer = load_tokenizer(args.tokenizer or str(args.checkpoint / "tokenizer"))
-    except (FileNotFoundError, DataError) as err:
+        model, tokenizer, max_len = load_run(args.checkpoint, args.tokenizer, args.max_len)
+        model.requires_grad_(False)
+    except (FileNotFoundError, DataError, RecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     phrase = args.context_init if args.context_init is not None else templates[0].split("{}")[0]

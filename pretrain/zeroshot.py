@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from data_pipeline import DataError, load_tokenizer
+from data_pipeline import DataError
 from data_pipeline.labelled_images import LabelledImages, read_labelled_images
 from pretrain.eval.classification import (
     ImageFeatures,
@@ -34,10 +34,22 @@ from pretrain.eval.classification import (
 )
 from pretrain.eval.picture import confusion_picture
 from pretrain.eval.prompts import BUILTIN_TEMPLATES, class_prompts, load_templates, load_verbalizer
-from pretrain.evaluate import load_model, run_max_len
+from pretrain.evaluate import load_model, run_recipe, run_tokenizer
 from pretrain.model import ALBEF
 from pretrain.model.prompting import LearnedContext
+from pretrain.train.recipe import RecipeError
 from pretrain.train.reliability.files import replace_text
+
+
+def load_run(checkpoint: Path, tokenizer: str | None, max_len: int | None) -> tuple[ALBEF, object, int]:
+    """The model, its tokenizer and the prompt length, found as `pretrain.evaluate` finds them."""
+    recipe = run_recipe(checkpoint)
+    model = load_model(checkpoint).eval()
+    tokenizer = run_tokenizer(checkpoint, tokenizer, recipe)
+    if len(tokenizer) != model.config.vocab_size:
+        raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+                        f"{model.config.vocab_size}: pass --tokenizer with the one the model was trained with")
+    return model, tokenizer, max_len or (recipe.data.max_len if recipe is not None else 32)
 
 
 def hand_prompts(model: ALBEF, tokenizer, templates: list[str], verbalizer: dict[str, list[str]],
@@ -91,14 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=Path, default=None,
                         help="learned context file from `python -m pretrain.prompt_tune` (replaces --templates)")
     parser.add_argument("--itm-rerank-k", type=int, default=0, help="re-rank each image's top k classes by ITM")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the export's tokenizer/)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: as pretrain.evaluate finds it)")
     parser.add_argument("--max-len", type=int, default=None, help="prompt length in tokens (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", required=True, type=Path, help="directory for zeroshot.json and confusion.png")
     parser.add_argument("--run-dir", type=Path, default=None, help="also log to this TensorBoard directory")
     parser.add_argument("--tag", default=None, help="TensorBoard tag (default: the data's last two path parts)")
     args = parser.parse_args(argv)
-    max_len = args.max_len or run_max_len(args.checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         data = read_labelled_images(args.data, split=args.split, image_column=args.image_column,
@@ -108,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             templates = None
         else:
             templates, verbalizer = load_templates(args.templates), load_verbalizer(args.verbalizer, data.classes)
-        model = load_model(args.checkpoint).eval().to(device)
-        tokenizer = load_tokenizer(args.tokenizer or str(args.checkpoint / "tokenizer"))
-    except (FileNotFoundError, DataError) as err:
+        model, tokenizer, max_len = load_run(args.checkpoint, args.tokenizer, args.max_len)
+        model.to(device)
+    except (FileNotFoundError, DataError, RecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     images = encode_images(model, data, args.batch_size, device, keep_tokens=args.itm_rerank_k > 0)
