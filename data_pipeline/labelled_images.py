@@ -117,12 +117,13 @@ def _checked(classes: list[str], rows: list[tuple[bytes, int]], max_pixels: int)
     return LabelledImages(classes, list(images), torch.tensor(labels, dtype=torch.long), dict(skipped))
 
 
-def few_shot_rows(data: LabelledImages, shots: int, seed: int) -> list[int]:
-    """`shots` rows per class drawn without replacement by `seed` (the same draw for a seed, whatever else ran)."""
+def few_shot_rows(labels: torch.Tensor, classes: list[str], shots: int, seed: int) -> list[int]:
+    """`shots` rows per class of `labels` drawn without replacement by `seed` (the same draw for a seed,
+    whatever else ran)."""
     rng = random.Random(seed)
     rows = []
-    for label, name in enumerate(data.classes):
-        members = (data.labels == label).nonzero().flatten().tolist()
+    for label, name in enumerate(classes):
+        members = (labels == label).nonzero().flatten().tolist()
         if len(members) < shots:
             raise DataError(f"class {name!r} has {len(members)} training images, fewer than the {shots} shots asked "
                             f"for; add images or lower --shots to at most {len(members)}")

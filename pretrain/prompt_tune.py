@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from data_pipeline import DataError, clean_caption
 from data_pipeline.labelled_images import few_shot_rows, read_labelled_images
-from pretrain.eval.classification import encode_images
+from pretrain.eval.classification import ImageFeatures, encode_images
 from pretrain.eval.few_shot import (
     ContextClassifier,
     linear_probe,
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if pool.classes != test.classes:
             raise DataError(f"--train has classes {pool.classes}, --test {test.classes}; give sets of the same classes")
         for shots in args.shots:
-            few_shot_rows(pool, shots, seed=0)  # too few images for some k: say so before any work
+            few_shot_rows(pool.labels, pool.classes, shots, seed=0)  # too few images for some k: say so before any work
         templates, verbalizer = load_templates(args.templates), load_verbalizer(args.verbalizer, pool.classes)
         model, tokenizer, max_len = load_run(args.checkpoint, args.tokenizer, args.max_len)
         model.requires_grad_(False)
@@ -112,19 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     phrase = args.context_init if args.context_init is not None else templates[0].split("{}")[0]
-    results = run(args, model, tokenizer, pool, test, templates, verbalizer, phrase, max_len)
+    device = torch.device("cpu")
+    bench = FewShot(args, model, tokenizer, pool.classes, verbalizer, max_len, phrase, logit_scale(model),
+                    encode_images(model, pool, args.batch_size, device, desc="train images"),
+                    encode_images(model, test, args.batch_size, device, desc="test images"))
+    with single_thread():
+        results = bench.run(templates)
     write_outputs(args, results)
     return 0
-
-
-def run(args, model, tokenizer, pool, test, templates, verbalizer, phrase, max_len) -> dict:
-    device = torch.device("cpu")
-    pool_images = encode_images(model, pool, args.batch_size, device, desc="train images")
-    test_images = encode_images(model, test, args.batch_size, device, desc="test images")
-    scale = logit_scale(model)
-    with single_thread():
-        return few_shot_runs(args, model, tokenizer, pool, pool_images, test_images, templates, verbalizer, phrase,
-                             max_len, scale)
 
 
 @contextmanager
@@ -139,49 +135,76 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def few_shot_runs(args, model, tokenizer, pool, pool_images, test_images, templates, verbalizer, phrase, max_len,
-                  scale) -> dict:
-    classes, device = pool.classes, torch.device("cpu")
-    single = hand_prompts(model, tokenizer, templates[:1], verbalizer, classes, max_len, device)
-    ensemble = hand_prompts(model, tokenizer, templates, verbalizer, classes, max_len, device)
-    ensemble_classes = class_embeddings(ensemble.feats, ensemble.owner, len(classes))
-    zero_shot = {"hand_single": top1(test_images.feats @ class_embeddings(single.feats, single.owner,
-                                                                            len(classes)).T, test_images.labels),
-                 "hand_ensemble": top1(test_images.feats @ ensemble_classes.T, test_images.labels)}
-    runs: dict[str, dict[int, list[float]]] = {method: {k: [] for k in args.shots} for method in METHODS}
-    losses: dict[str, dict[int, list[list[float]]]] = {m: {k: [] for k in args.shots} for m in METHODS}
-    saved = {}
-    for k in args.shots:
-        for seed in args.seeds:
-            rows = few_shot_rows(pool, k, seed)
-            feats, labels = pool_images.feats[rows], pool_images.labels[rows]
-            for method, accuracy in zero_shot.items():
-                runs[method][k].append(accuracy)
-            for method, per_class in (("context_shared", None), ("context_class", len(classes))):
-                torch.manual_seed(seed)
-                context = LearnedContext(context_init(model, tokenizer, phrase, args.context_length, seed), per_class)
-                classifier = ContextClassifier(model, tokenizer, context, verbalizer, classes, max_len)
-                losses[method][k].append(train_context(classifier, feats, labels, scale, args.steps, args.lr))
-                with torch.no_grad():
-                    runs[method][k].append(top1(test_images.feats @ classifier.class_embeddings().T,
-                                                test_images.labels))
-                if k == max(args.shots) and seed == args.seeds[0]:
-                    saved[method] = (context, runs[method][k][-1])
-            tuned, loss = train_label_embeddings(ensemble_classes, feats, labels, scale, args.steps, args.lr)
-            losses["label_embeddings"][k].append(loss)
-            runs["label_embeddings"][k].append(top1(test_images.feats @ tuned.T, test_images.labels))
-            probe = linear_probe(feats, labels, len(classes), args.probe_l2)
-            runs["linear_probe"][k].append(top1(probe(test_images.feats), test_images.labels))
-            print(f"k={k} seed={seed}: " + "  ".join(f"{m} {runs[m][k][-1]:.3f}" for m in METHODS), flush=True)
-    return {"classes": classes, "label_words": verbalizer, "templates": templates, "context_init": phrase,
-            "num_train_pool": len(pool), "num_test": len(test_images.labels), "shots": args.shots, "seeds": args.seeds,
-            "settings": {"context_length": args.context_length, "steps": args.steps, "lr": args.lr,
-                         "probe_l2": args.probe_l2, "logit_scale": scale},
-            "chance": 1 / len(classes),
-            "methods": {m: {str(k): summary(v) for k, v in per_k.items()} for m, per_k in runs.items()},
-            "final_train_loss": {m: {str(k): statistics.fmean(run[-1] for run in v) for k, v in per_k.items() if v}
-                                 for m, per_k in losses.items() if any(per_k.values())},
-            "_saved": saved}
+@dataclass
+class FewShot:
+    """One task's few-shot comparison on cached image features: the pool's (shots are rows of it) and the test set's."""
+
+    args: argparse.Namespace
+    model: ALBEF
+    tokenizer: object
+    classes: list[str]
+    verbalizer: dict[str, list[str]]
+    max_len: int
+    phrase: str
+    scale: float
+    pool: ImageFeatures
+    test: ImageFeatures
+
+    def accuracy(self, classes: torch.Tensor) -> float:
+        """Test top-1 of class embeddings [C, E]."""
+        return top1(self.test.feats @ classes.T, self.test.labels)
+
+    def hand(self, templates: list[str]) -> torch.Tensor:
+        prompts = hand_prompts(self.model, self.tokenizer, templates, self.verbalizer, self.classes, self.max_len,
+                               torch.device("cpu"))
+        return class_embeddings(prompts.feats, prompts.owner, len(self.classes))
+
+    def context(self, per_class: int | None, rows: list[int], seed: int) -> tuple[LearnedContext, float, list[float]]:
+        """Learned context trained on the pool's `rows`: (the context, test top-1, training losses)."""
+        torch.manual_seed(seed)
+        init = context_init(self.model, self.tokenizer, self.phrase, self.args.context_length, seed)
+        context = LearnedContext(init, per_class)
+        classifier = ContextClassifier(self.model, self.tokenizer, context, self.verbalizer, self.classes,
+                                       self.max_len)
+        losses = train_context(classifier, self.pool.feats[rows], self.pool.labels[rows], self.scale,
+                               self.args.steps, self.args.lr)
+        with torch.no_grad():
+            return context, self.accuracy(classifier.class_embeddings()), losses
+
+    def run(self, templates: list[str]) -> dict:
+        args, ensemble = self.args, self.hand(templates)
+        zero_shot = {"hand_single": self.accuracy(self.hand(templates[:1])), "hand_ensemble": self.accuracy(ensemble)}
+        runs: dict[str, dict[int, list[float]]] = {method: {k: [] for k in args.shots} for method in METHODS}
+        losses: dict[str, dict[int, list[list[float]]]] = {m: {k: [] for k in args.shots} for m in METHODS}
+        saved = {}
+        for k in args.shots:
+            for seed in args.seeds:
+                rows = few_shot_rows(self.pool.labels, self.classes, k, seed)
+                feats, labels = self.pool.feats[rows], self.pool.labels[rows]
+                for method, accuracy in zero_shot.items():
+                    runs[method][k].append(accuracy)
+                for method, per_class in (("context_shared", None), ("context_class", len(self.classes))):
+                    context, accuracy, loss = self.context(per_class, rows, seed)
+                    runs[method][k].append(accuracy)
+                    losses[method][k].append(loss)
+                    if k == max(args.shots) and seed == args.seeds[0]:
+                        saved[method] = (context, accuracy)
+                tuned, loss = train_label_embeddings(ensemble, feats, labels, self.scale, args.steps, args.lr)
+                runs["label_embeddings"][k].append(self.accuracy(tuned))
+                losses["label_embeddings"][k].append(loss)
+                probe = linear_probe(feats, labels, len(self.classes), args.probe_l2)
+                runs["linear_probe"][k].append(top1(probe(self.test.feats), self.test.labels))
+                print(f"k={k} seed={seed}: " + "  ".join(f"{m} {runs[m][k][-1]:.3f}" for m in METHODS), flush=True)
+        return {"classes": self.classes, "label_words": self.verbalizer, "templates": templates,
+                "context_init": self.phrase, "num_train_pool": len(self.pool.labels),
+                "num_test": len(self.test.labels), "shots": args.shots, "seeds": args.seeds,
+                "settings": {"context_length": args.context_length, "steps": args.steps, "lr": args.lr,
+                             "probe_l2": args.probe_l2, "logit_scale": self.scale},
+                "chance": 1 / len(self.classes),
+                "methods": {m: {str(k): summary(v) for k, v in per_k.items()} for m, per_k in runs.items()},
+                "final_train_loss": {m: {str(k): statistics.fmean(run[-1] for run in v) for k, v in per_k.items()}
+                                     for m, per_k in losses.items() if any(per_k.values())},
+                "_saved": saved}
 
 
 def summary(values: list[float]) -> dict:

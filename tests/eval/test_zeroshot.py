@@ -186,9 +186,9 @@ def test_a_dataset_without_a_label_column_is_one_error(image_folder, tmp_path, c
 
 def test_fewer_images_than_shots_is_one_error(image_folder):
     data = read_labelled_images(str(image_folder))
-    assert sorted(data.labels[few_shot_rows(data, 2, seed=0)].tolist()) == [0, 0, 1, 1, 2, 2]
+    assert sorted(data.labels[few_shot_rows(data.labels, data.classes, 2, seed=0)].tolist()) == [0, 0, 1, 1, 2, 2]
     with pytest.raises(DataError) as err:
-        few_shot_rows(data, 3, seed=0)
+        few_shot_rows(data.labels, data.classes, 3, seed=0)
     assert str(err.value) == ("class 'blue_thing' has 2 training images, fewer than the 3 shots asked for; add images "
                               "or lower --shots to at most 2")
 
