@@ -61,23 +61,40 @@ def shard_requests(spec: str, default_prompt: str, image_size: int, skipped: Cou
         yield parsed.key, pixels, prompt, parsed.captions
 
 
-def run_shards(model: MultimodalLM, args, options: dict) -> dict:
+def answer_shards(model: MultimodalLM, spec: str, prompt: str, limit: int, batch_size: int,
+                  options: dict) -> tuple[list[dict], Counter]:
+    """One row (key, prompt, answer, references) per usable sample, at most `limit` (0: all); skip counts."""
     skipped, rows = Counter(), []
-    requests = shard_requests(args.data, args.prompt, model.encoder_config.image_size, skipped)
-    while len(rows) < args.limit or not args.limit:
-        chunk = [r for _, r in zip(range(args.batch_size), requests)]
-        if args.limit:
-            chunk = chunk[: args.limit - len(rows)]
+    requests = shard_requests(spec, prompt, model.encoder_config.image_size, skipped)
+    while len(rows) < limit or not limit:
+        chunk = [r for _, r in zip(range(batch_size if not limit else min(batch_size, limit - len(rows))), requests)]
         if not chunk:
             break
         answers = answer_batch(model, [c[1] for c in chunk], [c[2] for c in chunk], options)
         rows += [{"key": k, "prompt": p[-1]["content"], "answer": a, "references": refs}
                  for (k, _, p, refs), a in zip(chunk, answers)]
-    replace_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows, skipped
+
+
+def shard_metrics(rows: list[dict], skipped: Counter) -> dict:
     metrics = {"samples": len(rows), "skipped": dict(skipped)}
     if rows and all(r["references"] for r in rows):
         metrics["captioning"] = caption_scores({r["key"]: r["answer"] for r in rows},
                                                {r["key"]: r["references"] for r in rows})
+    return metrics
+
+
+def caption_metrics(model: MultimodalLM, spec: str, limit: int, batch_size: int, max_new_tokens: int) -> dict:
+    """Greedy answers to a held-out instruction set, scored against its reference captions."""
+    rows, skipped = answer_shards(model, spec, "Describe the image briefly.", limit, batch_size,
+                                  {"max_new_tokens": max_new_tokens, "do_sample": False})
+    return {**shard_metrics(rows, skipped), "examples": rows[:8]}
+
+
+def run_shards(model: MultimodalLM, args, options: dict) -> dict:
+    rows, skipped = answer_shards(model, args.data, args.prompt, args.limit, args.batch_size, options)
+    replace_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+    metrics = shard_metrics(rows, skipped)
     replace_text(Path(args.out).with_name("instruct_eval.json"), json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -127,20 +127,55 @@ def load_image_encoder(export_dir: str | Path) -> tuple[VisionTransformer, Model
     return encoder, config
 
 
+def load_lm_tokenizer(name_or_dir: str):
+    """The LM's tokenizer with `<image>` added as a special token (the LM never embeds it: `embed` replaces
+    those positions) and a pad token (GPT-2 / Llama tokenizers have none; padding is masked anyway)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as error:
+        raise MultimodalLMError(f"cannot load the tokenizer of {name_or_dir!r}: {str(error).splitlines()[0]}") from None
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_configs(base: str | Path, lm_name_or_dir: str | None = None, image_tokens: int = 0, projector: str = "mlp"):
+    """(encoder ModelConfig, ProjectorConfig, LM config, LM tokenizer) of the model `MultimodalLM.load` would
+    give, read from config files only (no weights): what a partitioned (ZeRO-3) copy is built from."""
+    from transformers import AutoConfig
+
+    base = Path(base)
+    saved = (base / PROJECTOR_CONFIG).is_file()
+    name = str(base / "lm") if saved else lm_name_or_dir
+    encoder_file = base / (ENCODER_CONFIG if saved else "model_config.json")
+    if not encoder_file.is_file():
+        raise MultimodalLMError(f"{base} is neither a pretraining export (model_config.json + model.safetensors) "
+                                "nor a saved multimodal model: pass a run's export/ directory")
+    encoder_config = ModelConfig(**json.loads(encoder_file.read_text()))
+    try:
+        lm_config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise MultimodalLMError(f"cannot load causal LM {name!r}: {str(error).splitlines()[0]}") from None
+    if saved:
+        projector_config = ProjectorConfig(**json.loads((base / PROJECTOR_CONFIG).read_text()))
+    else:
+        projector_config = ProjectorConfig(encoder_config.vision_hidden, lm_config.get_text_config().hidden_size,
+                                           image_tokens, projector)
+    return encoder_config, projector_config, lm_config, load_lm_tokenizer(name)
+
+
 def load_causal_lm(name_or_dir: str):
-    """`AutoModelForCausalLM` and its tokenizer from a Hub name or a local directory, `<image>` added to the
-    tokenizer as a special token (the LM never embeds it: `embed` replaces those positions)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """`AutoModelForCausalLM` and its tokenizer (`load_lm_tokenizer`) from a Hub name or a local directory."""
+    from transformers import AutoModelForCausalLM
 
     try:
         lm = AutoModelForCausalLM.from_pretrained(name_or_dir)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
     except (OSError, ValueError) as error:
         raise MultimodalLMError(f"cannot load causal LM {name_or_dir!r}: {str(error).splitlines()[0]}") from None
-    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers have none; padding is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    return lm, tokenizer
+    return lm, load_lm_tokenizer(name_or_dir)
 
 
 def check_lm_fits(lm, tokenizer, projector: ProjectorConfig) -> None:
@@ -180,6 +215,28 @@ class MultimodalLM(nn.Module):
         config = ProjectorConfig(encoder_config.vision_hidden, lm.get_input_embeddings().embedding_dim,
                                  image_tokens, projector)
         return cls(encoder, encoder_config, config, lm, tokenizer)
+
+    @classmethod
+    def from_configs(cls, encoder_config: ModelConfig, projector: ProjectorConfig, lm_config,
+                     tokenizer) -> MultimodalLM:
+        """The model's shape to load weights into (built inside DeepSpeed's zero.Init, then loaded): the LM's
+        own initialisation is skipped, as transformers does under ZeRO-3 (it cannot index partitioned weights)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        encoder = VisionTransformer(encoder_config, check_backend(encoder_config.attention))
+        with no_init_weights():
+            lm = AutoModelForCausalLM.from_config(lm_config)
+        lm.tie_weights()  # part of the skipped initialisation
+        return cls(encoder, encoder_config, projector, lm, tokenizer)
+
+    @classmethod
+    def load(cls, base: str | Path, lm_name_or_dir: str | None = None, image_tokens: int = 0,
+             projector: str = "mlp") -> MultimodalLM:
+        """A saved multimodal model as it is, or a pretraining export + an LM with a new projector."""
+        if (Path(base) / PROJECTOR_CONFIG).is_file():
+            return cls.from_pretrained(base)
+        return cls.build(base, lm_name_or_dir, image_tokens, projector)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, lm_name_or_dir: str | None = None) -> MultimodalLM:

@@ -34,13 +34,13 @@ def write_export(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def write_lm(out: Path, hidden: int = 64, extra_tokens: int = 0, seed: int = 0) -> Path:
-    """A 2-layer Llama LM (random weights) and its tokenizer, saved with save_pretrained. `extra_tokens` adds
-    tokens to the tokenizer after the LM was built (a tokenizer that does not fit its LM)."""
-    tokenizer = train_lm_tokenizer(TEXTS * 4, vocab_size=300)
+def write_lm(out: Path, hidden: int = 64, extra_tokens: int = 0, seed: int = 0, texts: list[str] = TEXTS) -> Path:
+    """A 2-layer Llama LM (random weights) and its tokenizer (trained on `texts`), saved with save_pretrained.
+    `extra_tokens` adds tokens to the tokenizer after the LM was built (a tokenizer that does not fit its LM)."""
+    tokenizer = train_lm_tokenizer([*texts, *TEXTS] * 4, vocab_size=1000)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        lm = build_lm(len(tokenizer), hidden, layers=2, heads=4, context=128, tokenizer=tokenizer)
+        lm = build_lm(len(tokenizer), hidden, layers=2, heads=4, context=256, tokenizer=tokenizer)
     tokenizer.add_tokens([f"<extra{i}>" for i in range(extra_tokens)])
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)

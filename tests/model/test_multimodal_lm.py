@@ -93,9 +93,9 @@ def test_greedy_generation_is_deterministic_and_is_the_argmax_of_the_forward(par
 
 
 def test_a_prompt_longer_than_the_context_is_one_error(parts):
-    model = build(parts, image_tokens=0)  # 65 image tokens of a 128-token context
-    input_ids, mask = prompt(model, "USER: " * 30, "ASSISTANT:")
-    with pytest.raises(MultimodalLMError, match="the LM's context is 128"):
+    model = build(parts, image_tokens=0)  # 65 image tokens of a 256-token context
+    input_ids, mask = prompt(model, "USER: " * 80, "ASSISTANT:")
+    with pytest.raises(MultimodalLMError, match="the LM's context is 256"):
         model.generate(pixels(), input_ids, mask, max_new_tokens=2)
 
 
@@ -154,3 +154,15 @@ def test_a_training_stage_changes_exactly_its_weights(parts, stage, lm_training,
     if lm_training == "lora":
         assert changed - {n for n in changed if n.startswith("projector.")} == {n for n in changed if "lora_" in n}
         assert any("lora_B" in n for n in changed)
+
+
+def test_the_model_built_from_configs_has_the_loaded_models_shape(parts, tmp_path):
+    from pretrain.model.multimodal_lm import load_configs
+
+    for base, lm in ((parts["export"], str(parts["lm"])), (tmp_path / "saved", None)):
+        loaded = build(parts, image_tokens=4)
+        loaded.save_pretrained(tmp_path / "saved")
+        skeleton = MultimodalLM.from_configs(*load_configs(base, lm, image_tokens=4))
+        shapes = {n: p.shape for n, p in skeleton.named_parameters()}
+        assert shapes == {n: p.shape for n, p in loaded.named_parameters()}
+        assert skeleton.lm.lm_head.weight is skeleton.lm.get_input_embeddings().weight  # tied, as the loaded LM
