@@ -93,6 +93,7 @@ def caption_metrics(model: MultimodalLM, spec: str, limit: int, batch_size: int,
 
 def run_shards(model: MultimodalLM, args, options: dict) -> dict:
     rows, skipped = answer_shards(model, args.data, args.prompt, args.limit, args.batch_size, options)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     replace_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     metrics = shard_metrics(rows, skipped)
     replace_text(Path(args.out).with_name("instruct_eval.json"), json.dumps(metrics, indent=2) + "\n")

@@ -39,13 +39,13 @@ def test_one_image_and_a_broken_one(saved, tmp_path, capsys):
 def test_a_shard_set_gives_one_answer_per_sample_and_caption_metrics(saved, synthetic_shards, tmp_path):
     make_instructions(["--captions", str(synthetic_shards["train"].parent), "--out", str(tmp_path / "set"),
                        "--splits", "val", "--quiet", "--min-shards", "2"])
-    out = tmp_path / "answers.jsonl"
+    out = tmp_path / "new" / "answers.jsonl"  # a directory that does not exist yet
     args = ["--checkpoint", str(saved), "--data", str(tmp_path / "set" / "val"), "--out", str(out),
             "--max-new-tokens", "4", "--batch-size", "5", "--limit", "7", "--num-beams", "2"]
     assert generate(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 7 and len({r["key"] for r in rows}) == 7 and all(len(r["references"]) == 5 for r in rows)
     assert all(r["prompt"].startswith("<image>\n") for r in rows)
-    metrics = json.loads((tmp_path / "instruct_eval.json").read_text())
+    metrics = json.loads((tmp_path / "new" / "instruct_eval.json").read_text())
     assert metrics["samples"] == 7 and metrics["captioning"]["captions"] == 7
     assert 0 <= metrics["captioning"]["bleu4"] <= 1
