@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 comma := ,
 
-.PHONY: env test lint shards tokenizer pretrain bench-data bench-model zeroshot-data prompting clean
+.PHONY: env test lint shards vqa-shards tokenizer pretrain finetune bench-data bench-model zeroshot-data prompting clean
 
 env: $(VENV)/.installed
 
@@ -65,6 +65,7 @@ ifeq ($(SOURCE),synthetic)
 		--train $(SYNTH_TRAIN) --val $(SYNTH_VAL) --image-size $(SYNTH_SIZE) --workers $(SHARD_WORKERS)
 	$(PY) -m data_pipeline.make_shards --source coco --root $(SYNTH_DIR) --name synthetic $(SHARD_ARGS)
 	$(MAKE) --no-print-directory tokenizer TOKENIZER_SHARDS=$(SHARDS_DIR)/train
+	$(MAKE) --no-print-directory vqa-shards
 else
 	$(PY) -m data_pipeline.make_shards --source $(SOURCE) --name $(DATASET) $(SHARD_ARGS) \
 		$(if $(ROOT),--root $(ROOT)) $(if $(KARPATHY_JSON),--karpathy-json $(KARPATHY_JSON)) \
@@ -73,6 +74,22 @@ else
 	$(if $(filter train,$(subst $(comma), ,$(SPLITS))),$(MAKE) --no-print-directory tokenizer \
 		TOKENIZER_SHARDS=$(SHARDS_DIR)/train TOKENIZER_DIR=$(DATASET_TOKENIZER))
 endif
+
+# the synthetic VQA set (VQA v2 layout, held-out scenes) and its shards; VQA_ROOT=<VQA v2 dir> shards the real one
+VQA_ROOT ?=
+SYNTH_VQA_DIR ?= data/synthetic_vqa
+SYNTH_VQA_TRAIN ?= 2000
+SYNTH_VQA_VAL ?= 400
+VQA_SHARDS_DIR ?= data/shards/$(if $(VQA_ROOT),vqa,synthetic_vqa)
+
+vqa-shards: env
+ifeq ($(VQA_ROOT),)
+	@test -f $(SYNTH_VQA_DIR)/v2_mscoco_val2014_annotations.json || $(PY) -m data_pipeline.synthetic_vqa \
+		--out $(SYNTH_VQA_DIR) --train $(SYNTH_VQA_TRAIN) --val $(SYNTH_VQA_VAL) --image-size $(SYNTH_SIZE)
+endif
+	$(PY) -m data_pipeline.make_shards --source vqa --root $(or $(VQA_ROOT),$(SYNTH_VQA_DIR)) \
+		--name $(if $(VQA_ROOT),vqa,synthetic_vqa) --out $(VQA_SHARDS_DIR) --splits train,val --max-size $(MAX_SIZE) \
+		--shard-samples $(SHARD_SAMPLES) --min-shards $(MIN_SHARDS) --workers $(SHARD_WORKERS) --seed $(SHARD_SEED)
 
 tokenizer: env
 	$(PY) -m data_pipeline.train_tokenizer --shards $(TOKENIZER_SHARDS) --out $(TOKENIZER_DIR) \
@@ -127,6 +144,17 @@ prompting: env
 		$(PY) -m pretrain.prompt_tune --checkpoint $(EXPORT) --train $(ZEROSHOT_DIR)/$$t/train \
 			--test $(ZEROSHOT_DIR)/$$t/test $$prompts --out $(PROMPT_DIR)/$$t || exit 1; \
 	done
+
+# --- fine-tuning (see docs/finetuning.md) ---
+TASK ?= vqa
+PEFT ?= lora
+BASE ?= runs/tiny-synthetic/export
+
+finetune: env
+	@test -f $(BASE)/model.safetensors || $(MAKE) --no-print-directory pretrain
+	@test -f data/shards/synthetic_vqa/val/manifest.json || $(MAKE) --no-print-directory vqa-shards
+	ENTRY=finetune GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh --recipe $(TASK)_synthetic \
+		--name $(TASK)-$(PEFT) --peft.method $(PEFT) --base.path $(BASE) --resume auto $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

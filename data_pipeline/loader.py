@@ -233,6 +233,7 @@ def make_train_loader(
     shuffle_buffer: int = 1000,
     max_bad_fraction: float | None = None,
     pin_memory: bool = False,
+    sample_targets=None,
 ) -> TrainLoader:
     """The loader for one rank. Raises DataError for unusable specs or options before any work starts."""
     if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0:
@@ -265,5 +266,6 @@ def make_train_loader(
         max_bad_fraction,
         RandAugment(*randaugment) if randaugment and randaugment[0] else None,
         pairs,
+        sample_targets,
     )
     return TrainLoader(shard_set, tokenizer, config, pin_memory)

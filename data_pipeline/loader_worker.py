@@ -10,7 +10,7 @@ import random
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +49,9 @@ class LoaderConfig:
     max_bad_fraction: float | None
     randaugment: RandAugment | None = None
     pairs: str = "random_caption"  # or every_caption: each (image, caption) pair once per epoch
+    # a task's per-sample targets from the sample's json (e.g. data_pipeline.vqa.VQATargets): a dict of
+    # tensors stacked into batch keys of their own, or None to skip the sample (counted as no_targets)
+    sample_targets: Callable[[dict], dict | None] | None = None
 
 
 @dataclass
@@ -126,7 +129,7 @@ class _WorkerRun:
             empty_opens = 0
             yield sample
 
-    def _processed(self, raw: Iterator[dict]) -> Iterator[tuple[torch.Tensor, str, str]]:
+    def _processed(self, raw: Iterator[dict]) -> Iterator[tuple[torch.Tensor, str, str, dict]]:
         consecutive_bad = 0
         for sample in raw:
             self.seen += 1
@@ -144,13 +147,18 @@ class _WorkerRun:
             self._check_bad_fraction(final=False)
         self._check_bad_fraction(final=True)
 
-    def _process(self, sample: dict) -> tuple[torch.Tensor, str, str] | None:
-        """Pixels, one cleaned caption and the key; None (reason counted) for an unusable sample.
+    def _process(self, sample: dict) -> tuple[torch.Tensor, str, str, dict] | None:
+        """Pixels, one cleaned caption, the key and the task's targets; None (reason counted) for an unusable
+        sample.
 
         A flipped image gets the mirrored caption ("left" and "right" swapped): pixels and words stay true."""
         config = self.config
         parsed = parse_sample(sample, self.skipped)
         if parsed is None:
+            return None
+        targets = config.sample_targets(parsed.meta) if config.sample_targets else {}
+        if targets is None:
+            self.skipped["no_targets"] += 1
             return None
         pair = sample.get("__pair__")  # every_caption mode: (index, cleaned caption) of this pair
         # epoch mode: randomness keyed by (seed, epoch, sample[, caption]), independent of reading order
@@ -169,7 +177,7 @@ class _WorkerRun:
         except ImageRejected as rejected:
             self.skipped[rejected.reason] += 1
             return None
-        return pixels, mirror_caption(caption) if flip else caption, parsed.key
+        return pixels, mirror_caption(caption) if flip else caption, parsed.key, targets
 
     def _padded(self, samples: Iterator, needed: int) -> Iterator:
         """Exactly `needed` samples: the stream's first ones again if it falls short."""
@@ -205,7 +213,7 @@ class _WorkerRun:
             )
 
     def _collate(self, chunk: list, index: int) -> dict:
-        pixels, captions, keys = (list(column) for column in zip(*chunk))
+        pixels, captions, keys, targets = (list(column) for column in zip(*chunk))
         generator = torch.Generator().manual_seed(hash_seed(f"mlm-{self.tag}-{index}"))
         batch = collate_train(
             pixels,
@@ -217,6 +225,7 @@ class _WorkerRun:
             mlm_probability=self.config.mlm_probability,
             generator=generator,
         )
+        batch.update({name: torch.stack([t[name] for t in targets]) for name in targets[0]})
         batch["_stats"] = {
             "worker": self.task.logical_worker,
             "seen": self.seen,

@@ -39,7 +39,7 @@ from data_pipeline.manifest import (
 )
 from data_pipeline.sources import DEFAULT_HOLDOUT_FRACTION, Record, SourceSplit
 
-SOURCES = ("coco", "flickr30k", "hf")
+SOURCES = ("coco", "flickr30k", "hf", "vqa")
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SAMPLES = 500
 DEFAULT_MIN_SHARDS = 8  # 2 ranks x 4 workers, or 8 single-worker GPUs, from a split of any size
@@ -59,6 +59,10 @@ def read_source(args: argparse.Namespace, split: str) -> SourceSplit:
         from data_pipeline.sources.flickr30k import read_flickr30k
 
         return read_flickr30k(args.root, split, args.karpathy_json, holdout_fraction=args.holdout_fraction)
+    if args.source == "vqa":
+        from data_pipeline.sources.vqa import read_vqa
+
+        return read_vqa(args.root, split)
     from data_pipeline.sources.hf import read_hf
 
     return read_hf(
@@ -104,6 +108,7 @@ def _sample(record: Record, image, *, name: str, split: str) -> dict:
         "height": image.height,
         "original_size": [image.original_width, image.original_height],
         "sha256": image.sha256,
+        **record.extra,  # a VQA question's answers, and the id of its image (the record's id is the question's)
     }
     key = sample_key(name, split, record.image_id)
     return {"__key__": key, "jpg": image.jpeg, "txt": record.captions[0], "json": json.dumps(meta)}
@@ -113,7 +118,7 @@ def _fingerprint(records: list[Record]) -> str:
     digest = hashlib.sha256()
     for record in records:
         image = record.image if isinstance(record.image, str) else hashlib.sha256(record.image).hexdigest()
-        digest.update(json.dumps([record.image_id, image, record.captions]).encode())
+        digest.update(json.dumps([record.image_id, image, record.captions, record.extra], sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -335,7 +340,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-bad-fraction", type=float, help="fail when more images than this are skipped")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.source in ("coco", "flickr30k") and not args.root:
+    if args.source in ("coco", "flickr30k", "vqa") and not args.root:
         parser.error(f"--source {args.source} needs --root")
     if args.source == "hf" and not args.hf_dataset:
         parser.error("--source hf needs --hf-dataset")

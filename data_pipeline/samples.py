@@ -11,7 +11,7 @@ import random
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import webdataset as wds
 
@@ -27,6 +27,7 @@ class ParsedSample:
     key: str
     image: bytes
     captions: list[str]  # as stored; clean with `cleaned_captions` or pick one with `random_caption`
+    meta: dict = field(default_factory=dict)  # the json member (a task's targets, e.g. VQA answers), {} if none
 
 
 def image_id_of(key: str) -> int:
@@ -85,12 +86,13 @@ def parse_sample(raw: dict, skipped: Counter) -> ParsedSample | None:
     if image is None:
         skipped["missing_image"] += 1
         return None
-    captions, bad_json = [], False
+    captions, bad_json, meta = [], False, {}
     if "json" in raw:
         try:  # UTF-8 only (json.loads of bytes would also guess UTF-16/32); UnicodeDecodeError is a ValueError
-            captions = json.loads(raw["json"].decode("utf-8-sig")).get("captions") or []
+            meta = json.loads(raw["json"].decode("utf-8-sig"))
+            captions = meta.get("captions") or []
         except (ValueError, AttributeError):
-            bad_json = True
+            bad_json, meta = True, {}
     if not captions and "txt" in raw:
         try:  # never a caption with replacement characters: the bytes are not what the writer meant
             captions = [raw["txt"].decode("utf-8")]
@@ -101,7 +103,7 @@ def parse_sample(raw: dict, skipped: Counter) -> ParsedSample | None:
     if not captions:
         skipped["bad_json" if bad_json else "no_caption"] += 1
         return None
-    return ParsedSample(raw["__key__"].rsplit("/", 1)[-1], image, captions)
+    return ParsedSample(raw["__key__"].rsplit("/", 1)[-1], image, captions, meta if isinstance(meta, dict) else {})
 
 
 def cleaned_captions(sample: ParsedSample, max_words: int) -> list[str]:

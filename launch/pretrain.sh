@@ -11,6 +11,7 @@
 #   LAUNCHER       multi-node backend: pdsh (default), openmpi, mpich, impi, slurm, mvapich
 #   NODE_RANK      with NO_SSH=1: start only this node's ranks (one launcher per node, e.g. under SLURM)
 #   PYTHON         interpreter (default: the repo's .venv if present, else python3)
+#   ENTRY          the app every rank runs: train (pretraining, default) or finetune (python -m pretrain.finetune)
 """:"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +20,8 @@ if [[ -z "$PYTHON" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export ENTRY="${ENTRY:-train}"
+[[ "$ENTRY" == train || "$ENTRY" == finetune ]] || { echo "error: ENTRY=$ENTRY is not an app: use train or finetune" >&2; exit 2; }
 
 port_is_free() {  # as torch's store binds it (all addresses, SO_REUSEADDR)
   "$PYTHON" -c 'import socket, sys
@@ -48,7 +51,7 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     launcher+=(--no_ssh --node_rank "${NODE_RANK:?NO_SSH=1 needs NODE_RANK}")
   else
     # Remote ranks start over ssh with a bare environment; DeepSpeed forwards what .deepspeed_env lists.
-    env | grep -E '^(NCCL_|FI_|UCX_|CUDA_DEVICE_MAX_CONNECTIONS=|HF_|TOKENIZERS_PARALLELISM=)' > "$ROOT/.deepspeed_env" || true
+    env | grep -E '^(NCCL_|FI_|UCX_|CUDA_DEVICE_MAX_CONNECTIONS=|HF_|TOKENIZERS_PARALLELISM=|ENTRY=)' > "$ROOT/.deepspeed_env" || true
     echo "PYTHONPATH=$PYTHONPATH" >> "$ROOT/.deepspeed_env"
   fi
 else
@@ -57,7 +60,7 @@ else
 fi
 
 # Fail fast, once, on a bad recipe, missing data or a wrong DeepSpeed config, before any rank starts.
-WORLD_SIZE="$world" "$PYTHON" -m pretrain.train --validate-only "$@"
+WORLD_SIZE="$world" "$PYTHON" -m "pretrain.$ENTRY" --validate-only "$@"
 cd "$ROOT"
 # SIGUSR1 (SLURM's warning before the time limit) is for the ranks: they finish the step, checkpoint and
 # exit 0. Its default action would kill DeepSpeed's launcher processes first, so they ignore it (inherited).
@@ -65,11 +68,11 @@ trap '' USR1
 exec "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" "$0" "$@"
 ":"""
 # Python part: what every rank runs (the DeepSpeed launcher appends --local_rank=N).
+import importlib
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.train.cli import main  # noqa: E402
-
-sys.exit(main())
+sys.exit(importlib.import_module(f"pretrain.{os.environ.get('ENTRY', 'train')}.cli").main())

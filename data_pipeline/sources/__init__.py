@@ -18,9 +18,10 @@ from data_pipeline.errors import DataError
 
 @dataclass(frozen=True)
 class Record:
-    image_id: str
+    image_id: str  # the sample's id (a VQA question's id: one sample per question)
     image: str | bytes  # a file path, or the encoded image itself
     captions: tuple[str, ...]
+    extra: dict = field(default_factory=dict, hash=False)  # more fields for the sample's json (VQA answers)
 
 
 @dataclass

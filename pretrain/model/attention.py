@@ -10,6 +10,9 @@ for bf16 on CPU. `flash_attn` itself falls back to sdpa for inputs flash-attn ca
 `packed_cross_attention` and `packed_key_attention` take text as its real tokens only (see padding.py),
 which flash-attn's varlen kernels attend as they are and the padded kernels get re-padded (one copy per
 call).
+
+Self-attention takes optional key/value prefixes [P, H, Dh] (prefix tuning, peft.py): P more keys and
+values every query attends to, in front of each sequence's own, in every backend.
 """
 
 from __future__ import annotations
@@ -66,20 +69,29 @@ def attention(
     backend: str,
     key_padding: KeyPadding | None = None,
     dropout_p: float = 0.0,
+    prefix: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Scaled dot-product attention on padded [B, L, H, Dh] tensors, returning [B, Lq, H, Dh].
 
-    `key_padding` masks padded keys; query rows at padded positions are don't-care in every backend.
+    `key_padding` masks padded keys (and says which queries are real: self-attention); query rows at padded
+    positions are don't-care in every backend. `prefix`: keys and values [P, H, Dh] put before every
+    sequence's own.
     """
     backend = _resolve(backend, q)
+    queries = key_padding
+    if prefix is not None:
+        k, v, key_padding = _with_prefix(k, v, key_padding, prefix)
     if backend == "flash_attn":
         from flash_attn import flash_attn_func, flash_attn_varlen_func
 
         if key_padding is None:
             return flash_attn_func(q, k, v, dropout_p=dropout_p)
-        cu, max_len = key_padding.cu_seqlens, key_padding.max_seqlen
-        q, k, v = (key_padding.unpad(t) for t in (q, k, v))
-        return key_padding.pad(flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p))
+        queries = queries or KeyPadding(q.new_ones(q.shape[:2], dtype=torch.bool))
+        out = flash_attn_varlen_func(
+            queries.unpad(q), key_padding.unpad(k), key_padding.unpad(v), queries.cu_seqlens,
+            key_padding.cu_seqlens, queries.max_seqlen, key_padding.max_seqlen, dropout_p=dropout_p,
+        )  # fmt: skip
+        return queries.pad(out)
     if backend == "eager":
         return _eager_attention(q, k, v, key_padding, dropout_p)
     mask = key_padding.sdpa_mask if key_padding is not None else None
@@ -89,16 +101,28 @@ def attention(
     return out.transpose(1, 2)
 
 
-def packed_self_attention(qkv: Tensor, *, backend: str, text: KeyPadding, dropout_p: float = 0.0) -> Tensor:
+def _with_prefix(k: Tensor, v: Tensor, key_padding: KeyPadding | None, prefix: tuple[Tensor, Tensor]
+                 ) -> tuple[Tensor, Tensor, KeyPadding | None]:
+    """Keys and values [B, P + L, H, Dh] with the prefixes first, and the key padding that says so."""
+    prefix_k, prefix_v = (p.to(k.dtype).expand(len(k), -1, -1, -1) for p in prefix)
+    if key_padding is not None:
+        real = key_padding.mask.new_ones(len(k), prefix_k.shape[1])
+        key_padding = KeyPadding(torch.cat([real, key_padding.mask], dim=1))
+    return torch.cat([prefix_k, k], dim=1), torch.cat([prefix_v, v], dim=1), key_padding
+
+
+def packed_self_attention(qkv: Tensor, *, backend: str, text: KeyPadding, dropout_p: float = 0.0,
+                          prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Self-attention of text given as its real tokens' rows qkv [T, 3, H, Dh] (the padded layout `text`),
-    returning [T, H, Dh]."""
+    returning [T, H, Dh]. With `prefix` the keys are no longer the queries' own rows: every backend goes
+    through `attention` (flash-attn through its varlen kernel with the prefixes' lengths)."""
     backend = _resolve(backend, qkv)
-    if backend == "flash_attn":
+    if backend == "flash_attn" and prefix is None:
         from flash_attn import flash_attn_varlen_qkvpacked_func
 
         return flash_attn_varlen_qkvpacked_func(qkv, text.cu_seqlens, text.max_seqlen, dropout_p=dropout_p)
     q, k, v = text.pad(qkv).unbind(dim=2)  # one copy for all three
-    return text.unpad(attention(q, k, v, backend=backend, key_padding=text, dropout_p=dropout_p))
+    return text.unpad(attention(q, k, v, backend=backend, key_padding=text, dropout_p=dropout_p, prefix=prefix))
 
 
 def packed_cross_attention(
@@ -154,15 +178,17 @@ class SelfAttention(nn.Module):
         self.heads, self.backend, self.dropout = heads, backend, dropout
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
+        self.prefix: nn.Module | None = None  # prefix tuning sets a module returning key/value prefixes (peft.py)
 
     def forward(self, x: Tensor, packed: KeyPadding | None = None) -> Tensor:
         """x: dense [B, L, D]; or, with `packed`, the real tokens [T, D] of a padded batch of that layout."""
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))
         dropout_p = self.dropout if self.training else 0.0
+        prefix = self.prefix() if self.prefix is not None else None  # called: ZeRO-3 gathers it by its hooks
         if packed is None:
-            out = attention(*qkv.unbind(dim=2), backend=self.backend, dropout_p=dropout_p)
+            out = attention(*qkv.unbind(dim=2), backend=self.backend, dropout_p=dropout_p, prefix=prefix)
         else:
-            out = packed_self_attention(qkv, backend=self.backend, text=packed, dropout_p=dropout_p)
+            out = packed_self_attention(qkv, backend=self.backend, text=packed, dropout_p=dropout_p, prefix=prefix)
         return self.out(out.flatten(-2))
 
 

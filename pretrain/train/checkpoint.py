@@ -69,7 +69,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, keep: i
     # ranks' shards; ours is written once every rank has finished, and replaced atomically.
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "rank_states": rank_states},
-                               save_latest=False)
+                               save_latest=False, exclude_frozen_parameters=_has_frozen(engine))
     except Exception as err:  # OSError, or torch's zip writer on a full disk: "RuntimeError: ... unexpected pos"
         if is_collective_failure(err):
             raise
@@ -81,6 +81,11 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, keep: i
         _prune_older(ckpt_dir, step, keep)
     dist.barrier()
     return tag
+
+
+def _has_frozen(engine) -> bool:
+    """A fine-tuning run's frozen base weights are not checkpointed: they are its base, loaded at start."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def _prepare_directory(ckpt_dir: Path, tag: str) -> None:
@@ -212,9 +217,10 @@ def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:
     _check_intact(ckpt_dir, tag)
     if engine.load_universal_checkpoint():  # built so when needs_universal_load
         _universal_copy(ckpt_dir / tag)
-        path, client_state = engine.load_checkpoint(str(ckpt_dir / tag), tag=UNIVERSAL)
+        path, client_state = engine.load_checkpoint(str(ckpt_dir / tag), tag=UNIVERSAL,
+                                                    load_module_strict=not _has_frozen(engine))
     else:
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not _has_frozen(engine))
     if path is None:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete it to resume from an older one")
     return client_state

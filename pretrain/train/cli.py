@@ -9,21 +9,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipeline import DataError
 from pretrain.train.loop import train
-from pretrain.train.preflight import prepare
-from pretrain.train.recipe import RecipeError, add_recipe_arguments
+from pretrain.train.preflight import Setup, prepare
+from pretrain.train.recipe import Recipe, RecipeError, add_recipe_arguments
 from pretrain.train.reliability.faults import RunHalted
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pretrain.train",
-        description="ALBEF-style vision-language pretraining on DeepSpeed. Options after --recipe override it.")
+def parse_args(argv: list[str] | None = None, recipe_cls: type = Recipe, prog: str = "python -m pretrain.train",
+               description: str = "ALBEF-style vision-language pretraining on DeepSpeed.") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=f"{description} Options after --recipe override it.")
     parser.add_argument("--recipe", default=None,
                         help="YAML recipe: a path or a name in pretrain/recipes/ (e.g. tiny_synthetic)")
     parser.add_argument("--resume", default="none",
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="check recipe, data, tokenizer and DeepSpeed config, then exit")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                         help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
-    add_recipe_arguments(parser)
+    add_recipe_arguments(parser, recipe_cls)
     args = parser.parse_args(argv)
     if args.resume not in ("none", "auto"):
         parser.error(f"--resume must be 'auto' or 'none', got {args.resume!r}")
@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run_app(parse_args(argv), prepare)
+
+
+def run_app(args: argparse.Namespace, prepare: Callable[[argparse.Namespace], Setup]) -> int:
+    """Preflight (`prepare`, before any process group), then the training loop, with the apps' exit codes."""
     try:
         setup = prepare(args)
     except (RecipeError, DataError) as err:

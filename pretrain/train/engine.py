@@ -13,7 +13,6 @@ from torch.distributed import DistNetworkError
 
 from pretrain import compat
 from pretrain.distributed import apply_collective_timeout
-from pretrain.model import ALBEF, load_pretrained
 from pretrain.train.ds_config import zero_stage
 from pretrain.train.optim import build_optimizer, build_scheduler
 from pretrain.train.preflight import Setup
@@ -70,11 +69,10 @@ def build_engine(setup: Setup):
     recipe, stage = setup.recipe, zero_stage(setup.ds_config)
     torch.manual_seed(recipe.seed)
     with deepspeed.zero.Init(config_dict_or_path=setup.ds_config, enabled=stage == 3):
-        model = ALBEF(setup.model_config)
+        model = setup.task.build_model(setup)
     if stage == 3:
         initialise_partitioned(model)
-    load_pretrained(model, vit=recipe.model.vit, bert=recipe.model.bert)
-    model.start_momentum_teacher()  # from the final weights (a no-op without momentum distillation)
+    setup.task.load_weights(model, setup)
     offload = setup.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     optimizer = build_optimizer(model, recipe.optim, offload_to_cpu=offload)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=setup.ds_config,
@@ -87,7 +85,7 @@ def build_engine(setup: Setup):
     return engine
 
 
-def initialise_partitioned(model: ALBEF) -> None:
+def initialise_partitioned(model) -> None:
     """Run the model's own initialisation on a model built under zero.Init.
 
     zero.Init partitions each submodule as soon as its __init__ returns, so initialisation done later by a

@@ -14,10 +14,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from data_pipeline import load_eval_data, make_train_loader
 from pretrain.batch import to_device
-from pretrain.eval.picture import retrieval_picture
-from pretrain.eval.retrieval import evaluate_retrieval, format_table, non_finite_warning, save_eval_json
 from pretrain.train.checkpoint import (
     load_checkpoint,
     needs_universal_load,
@@ -28,8 +25,6 @@ from pretrain.train.checkpoint import (
 )
 from pretrain.train.ds_config import with_universal_load, zero_stage
 from pretrain.train.engine import build_engine, rank_seed, share_cpu_cores, start_distributed
-from pretrain.train.export import export_run
-from pretrain.train.flops import train_flops_per_sample
 from pretrain.train.metrics import (
     ThroughputWindow,
     TrainLog,
@@ -43,9 +38,6 @@ from pretrain.train.reliability.faults import NonFiniteSteps, is_collective_fail
 from pretrain.train.reliability.preemption import StopSignals, note_exit
 from pretrain.train.reliability.watchdog import Watchdog
 
-STEP_OUTPUTS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_accuracy", "mlm_accuracy", "itc_positive_sim",
-                "itc_negative_sim")
-
 
 def batches_forever(loader):
     """Epoch after epoch; the loader keeps its own epoch and position, so a resume continues mid-epoch."""
@@ -58,7 +50,8 @@ def train_step(engine, micro_batches: list[dict], watchdog: Watchdog) -> dict[st
     """One optimizer step: forward + backward per micro-batch; DeepSpeed updates after the last one
     (or skips the update when the gradient norm is not finite: see NonFiniteSteps).
 
-    Returns the step's means as detached device tensors, read (synchronising) on log steps only.
+    Returns the step's means of the model's outputs (every field of its NamedTuple) as detached device
+    tensors, read (synchronising) on log steps only.
     """
     totals: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
@@ -68,39 +61,9 @@ def train_step(engine, micro_batches: list[dict], watchdog: Watchdog) -> dict[st
         engine.backward(out.loss)
         watchdog.enter("optimizer step")
         engine.step()
-        for name in STEP_OUTPUTS:
-            totals[name] = totals.get(name, 0) + getattr(out, name).detach().float() / len(micro_batches)
-    totals["temperature"] = out.temperature.float()
+        for name, value in out._asdict().items():
+            totals[name] = totals.get(name, 0) + value.detach().float() / len(micro_batches)
     return totals
-
-
-def run_evaluation(engine, eval_data, setup: Setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:
-    recipe = setup.recipe
-    metrics, examples = evaluate_retrieval(engine.module, eval_data, recipe.eval.batch_size,
-                                           recipe.eval.itm_rerank_k, engine.device, dtype)
-    if dist.get_rank() == 0:
-        save_eval_json(recipe.run_path / "eval.json", metrics)
-        log.retrieval(step, metrics, retrieval_picture(examples, eval_data))
-        tqdm.write(f"[step {step}] " + format_table(metrics))
-        warning = non_finite_warning(metrics)
-        if warning:
-            tqdm.write(f"[step {step}] {warning}")
-    return metrics
-
-
-def build_data(setup: Setup, rank: int, world: int):
-    recipe, image_size = setup.recipe, setup.model_config.image_size
-    loader = make_train_loader(
-        recipe.data.train, setup.tokenizer, batch_size=recipe.schedule.micro_batch_size, rank=rank,
-        world_size=world, num_workers=recipe.data.num_workers, seed=recipe.seed, image_size=image_size,
-        max_len=recipe.data.max_len, mode=recipe.data.mode, mlm_probability=recipe.data.mlm_probability,
-        crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip, randaugment=recipe.data.randaugment,
-        pairs=recipe.data.pairs, max_bad_fraction=recipe.data.max_bad_fraction)
-    eval_data = None
-    if recipe.data.val:
-        eval_data = load_eval_data(recipe.data.val, setup.tokenizer, image_size=image_size,
-                                   max_len=recipe.data.max_len)
-    return loader, eval_data
 
 
 def write_run_files(setup: Setup) -> None:
@@ -165,7 +128,7 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
         setup = replace(setup, ds_config=with_universal_load(setup.ds_config))
     engine = build_engine(setup)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-    loader, eval_data = build_data(setup, rank, world)
+    loader, eval_data = setup.task.build_data(setup, rank, world)
     step = start_step = restore(engine, loader, ckpt_dir, recipe.seed) if resume == "auto" else 0
 
     log = TrainLog(run_path, enabled=rank == 0, resume_step=start_step)
@@ -174,10 +137,8 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
         print(f"[vlpretrain] world_size={world} zero_stage={zero_stage(setup.ds_config)} "
               f"bf16={'on' if engine.bfloat16_enabled() else 'off'} dtype={dtype} "
               f"attention={setup.model_config.attention} resume_step={step} run={run_path}", flush=True)
-    flops_per_sample = partial(train_flops_per_sample, setup.model_config,
-                               mlm_probability=recipe.data.mlm_probability)
-    window = ThroughputWindow(flops_per_sample, schedule.micro_batch_size * schedule.grad_accum * world, world,
-                              recipe.logging.peak_tflops)
+    samples_per_step = schedule.micro_batch_size * schedule.grad_accum * world
+    window = ThroughputWindow(setup.task.flops_per_sample(setup), samples_per_step, world, recipe.logging.peak_tflops)
     nonfinite = NonFiniteSteps(recipe.optim.max_nonfinite_steps, partial(newest_checkpoint, ckpt_dir), rank == 0)
     stream = batches_forever(loader)
     progress = tqdm(total=schedule.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
@@ -210,7 +171,7 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
             checkpoint()
         if eval_data and recipe.eval.every and step % recipe.eval.every == 0 and step < schedule.max_steps:
             watchdog.enter("evaluation")
-            run_evaluation(engine, eval_data, setup, step, log, dtype)
+            setup.task.evaluate(engine, eval_data, setup, step, log, dtype)
     progress.close()
 
     if step > start_step:  # a resumed, already finished run must not rewrite its only checkpoint
@@ -224,9 +185,9 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
         log.close()
         return {}
     watchdog.enter("evaluation")
-    metrics = run_evaluation(engine, eval_data, setup, step, log, dtype) if eval_data else {}
+    metrics = setup.task.evaluate(engine, eval_data, setup, step, log, dtype) if eval_data else {}
     watchdog.enter("export")
-    finish(setup, step, log)
+    finish(engine, setup, step, log)
     return metrics
 
 
@@ -242,14 +203,14 @@ def log_step(engine, loader, log: TrainLog, window: ThroughputWindow, values: di
     window.reset()
 
 
-def finish(setup: Setup, step: int, log: TrainLog) -> None:
-    """Export the finished run (rank 0, from the final checkpoint) and say where everything is."""
+def finish(engine, setup: Setup, step: int, log: TrainLog) -> None:
+    """Export the finished run (the task's export, after the final checkpoint) and say where everything is."""
     recipe = setup.recipe
     dist.barrier()
+    exported = setup.task.export(engine, setup)
     if dist.get_rank() == 0:
-        export_run(recipe.run_path / "checkpoints", setup.model_config, setup.tokenizer, recipe.run_path / "export")
-        note_exit(f"done at step {step}; exported to {recipe.run_path / 'export'}")
-        print(f"[vlpretrain] done at step {step}; exported to {recipe.run_path / 'export'}\n"
+        note_exit(f"done at step {step}; exported to {exported}")
+        print(f"[vlpretrain] done at step {step}; exported to {exported}\n"
               f"[vlpretrain] view the logs with: tensorboard --logdir {recipe.logging.run_dir}", flush=True)
     log.close()
     dist.barrier()

@@ -112,7 +112,8 @@ def _logged_step(line: str) -> float:
 
 
 def console_line(step: int, max_steps: int, values: dict[str, float]) -> str:
-    keys = ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/itm_accuracy", "train/mlm_accuracy", "train/lr",
+    keys = ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/itm_accuracy", "train/mlm_accuracy",
+            "train/vqa_score", "train/lr",
             "train/grad_norm", "perf/samples_per_s", "perf/mfu", "perf/data_wait_fraction")
     parts = [f"step {step}/{max_steps}"]
     for key in keys:
@@ -122,14 +123,17 @@ def console_line(step: int, max_steps: int, values: dict[str, float]) -> str:
 
 
 def step_scalars(values: dict[str, float], lr: float, grad_norm) -> dict[str, float]:
-    """The model's step outputs (rank means) under their TensorBoard tags."""
-    return {
-        "loss/total": values["loss"], "loss/itc": values["loss_itc"], "loss/itm": values["loss_itm"],
-        "loss/mlm": values["loss_mlm"], "train/itm_accuracy": values["itm_accuracy"],
-        "train/mlm_accuracy": values["mlm_accuracy"],
-        "train/itc_positive_sim": values["itc_positive_sim"], "train/itc_negative_sim": values["itc_negative_sim"],
-        "train/temperature": values["temperature"], "train/lr": lr, "train/grad_norm": float(grad_norm or 0.0),
-    }  # fmt: skip
+    """The model's step outputs (rank means) under their TensorBoard tags: `loss` as loss/total, `loss_x` as
+    loss/x, any other output `y` as train/y (the loop's `tokens` count is not an output)."""
+    tags = {}
+    for name, value in values.items():
+        if name == "loss":
+            tags["loss/total"] = value
+        elif name.startswith("loss_"):
+            tags[f"loss/{name.removeprefix('loss_')}"] = value
+        elif name != "tokens":
+            tags[f"train/{name}"] = value
+    return {**tags, "train/lr": lr, "train/grad_norm": float(grad_norm or 0.0)}
 
 
 def mean_over_ranks(values: dict, device: torch.device) -> dict[str, float]:

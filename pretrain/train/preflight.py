@@ -20,6 +20,7 @@ from pretrain.train.checkpoint import CheckpointError, check_resumable
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.recipe import ModelSection, Recipe, RecipeError, load_recipe
 from pretrain.train.reliability.files import probe_writable
+from pretrain.train.task import PretrainTask
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Setup:
     ds_config: dict
     world_size: int
     warnings: list[str] = field(default_factory=list)  # printed by rank 0 (and --validate-only)
+    task: object = field(default_factory=PretrainTask)  # what is trained: see pretrain.train.task
 
 
 def build_model_config(section: ModelSection, tokenizer, steps_per_epoch: int = 0) -> ModelConfig:
@@ -70,9 +72,17 @@ def prepare(args: argparse.Namespace) -> Setup:
     check_text_length(recipe, model_config)
     if recipe.data.val:
         check_shards(recipe.data.val, world_size=1, num_workers=1)
+    ds_config = prepare_run(recipe, resume, world_size)
+    check_teacher_precision(model_config, ds_config, recipe.dist.ds_config)
+    warnings = [tokenizer_fit_warning(recipe, tokenizer)] if int(os.environ.get("RANK", "0")) == 0 else []
+    return Setup(recipe, tokenizer, model_config, ds_config, world_size, [w for w in warnings if w])
+
+
+def prepare_run(recipe, resume: str, world_size: int) -> dict:
+    """The checks every training app shares: fault limits, the DeepSpeed config (returned), a writable run
+    directory, and checkpoints that agree with --resume."""
     check_fault_limits(recipe)
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
-    check_teacher_precision(model_config, ds_config, recipe.dist.ds_config)
     check_writable(recipe.run_path)
     ckpt_dir = recipe.run_path / "checkpoints"
     if resume == "none" and (ckpt_dir / "latest").is_file():
@@ -83,8 +93,7 @@ def prepare(args: argparse.Namespace) -> Setup:
             check_resumable(ckpt_dir)
         except CheckpointError as err:
             raise RecipeError(str(err)) from None
-    warnings = [tokenizer_fit_warning(recipe, tokenizer)] if int(os.environ.get("RANK", "0")) == 0 else []
-    return Setup(recipe, tokenizer, model_config, ds_config, world_size, [w for w in warnings if w])
+    return ds_config
 
 
 # A tokenizer trained on the captions cuts few words and reads almost nothing as [UNK]; one trained on

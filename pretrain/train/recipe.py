@@ -137,9 +137,9 @@ class Recipe:
         return Path(self.logging.run_dir) / self.name
 
 
-def _sections() -> dict[str, type]:
-    hints = typing.get_type_hints(Recipe)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(hints[f.name])}
+def _sections(cls: type = Recipe) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def _coerce(value, annotation, where: str):
@@ -177,11 +177,12 @@ def _coerce(value, annotation, where: str):
                       "or on the command line")
 
 
-def recipe_from_dict(raw: dict) -> Recipe:
-    """Build a Recipe, rejecting keys that do not exist (a typo must not silently do nothing)."""
-    hints = typing.get_type_hints(Recipe)
-    sections = _sections()
-    recipe = Recipe()
+def recipe_from_dict(raw: dict, cls: type = Recipe):
+    """Build a recipe of dataclass `cls` (Recipe, or another app's), rejecting keys that do not exist (a typo
+    must not silently do nothing)."""
+    hints = typing.get_type_hints(cls)
+    sections = _sections(cls)
+    recipe = cls()
     for key, value in (raw or {}).items():
         if key not in hints:
             raise RecipeError(f"unknown recipe key '{key}': valid keys are {sorted(hints)}")
@@ -211,12 +212,12 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise RecipeError(f"recipe '{name_or_path}' not found: pass a YAML path or one of {available}")
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+def add_recipe_arguments(parser: argparse.ArgumentParser, cls: type = Recipe) -> None:
     """One `--section.field` flag per recipe field, help text and default taken from the dataclasses."""
-    hints = typing.get_type_hints(Recipe)
-    sections = _sections()
-    defaults = Recipe()
-    for f in dataclasses.fields(Recipe):
+    hints = typing.get_type_hints(cls)
+    sections = _sections(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
         if f.name in sections:
             group = parser.add_argument_group(f"recipe section '{f.name}'")
             section_default = getattr(defaults, f.name)
@@ -230,7 +231,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=f"{f.metadata['help']} [{hints[f.name]}; default: {getattr(defaults, f.name)!r}]")
 
 
-def load_recipe(recipe: str | None, args: argparse.Namespace | None = None) -> Recipe:
+def load_recipe(recipe: str | None, args: argparse.Namespace | None = None, cls: type = Recipe):
     """Recipe file (or defaults) with CLI overrides applied; override values are parsed as YAML."""
     raw: dict = {}
     if recipe:
@@ -242,7 +243,7 @@ def load_recipe(recipe: str | None, args: argparse.Namespace | None = None) -> R
         if not isinstance(raw, dict):
             raise RecipeError(f"recipe {path} must be a YAML mapping of sections")
     for key, text in vars(args or argparse.Namespace()).items():
-        if text is None or not _is_recipe_flag(key):
+        if text is None or not _is_recipe_flag(key, cls):
             continue
         value = yaml.safe_load(text)
         section, _, sub = key.partition(".")
@@ -253,9 +254,9 @@ def load_recipe(recipe: str | None, args: argparse.Namespace | None = None) -> R
             raw[section][sub] = value
         else:
             raw[section] = value
-    return recipe_from_dict(raw)
+    return recipe_from_dict(raw, cls)
 
 
-def _is_recipe_flag(dest: str) -> bool:
+def _is_recipe_flag(dest: str, cls: type) -> bool:
     head = dest.partition(".")[0]
-    return head in typing.get_type_hints(Recipe)
+    return head in typing.get_type_hints(cls)

@@ -1,0 +1,5 @@
+import sys
+
+from pretrain.finetune.cli import main
+
+sys.exit(main())
