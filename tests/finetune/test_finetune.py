@@ -1,0 +1,187 @@
+"""Fine-tuning on the real engine: DeepSpeed ZeRO-3 on 2 CPU ranks over gloo.
+
+- in one 2-rank process group, each PEFT method trains 2 steps; the frozen base, gathered from its partitions,
+  still has the base export's digest;
+- jobs launched as users launch them (ENTRY=finetune bash launch/pretrain.sh): LoRA for 4 steps, and the same
+  stopped at step 2 and resumed: same losses, same saved weights; the saved adapter on the base export
+  reproduces the run's VQA accuracy; checkpoints hold no base weight;
+- bad input is one `error:` line before any rank starts.
+"""
+
+import json
+import os
+import re
+
+import deepspeed
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from data_pipeline.vqa import VQATargets, load_vqa_eval
+from pretrain import compat
+from pretrain.batch import to_device
+from pretrain.eval.vqa import evaluate_vqa
+from pretrain.finetune.base import open_base, weights_digest
+from pretrain.finetune.cli import parse_args
+from pretrain.finetune.preflight import prepare
+from pretrain.finetune.recipe import FinetuneRecipe
+from pretrain.finetune.saved import load_finetuned
+from pretrain.model import ALBEF, model_preset
+from pretrain.train.engine import build_engine
+from pretrain.train.loop import train_step
+from pretrain.train.recipe import RecipeError
+from pretrain.train.reliability.watchdog import Watchdog
+from tests.helpers.jobs import PORT, check, losses, run
+from tests.helpers.ranks import run_on_ranks
+
+pytestmark = pytest.mark.slow
+JOB = {"schedule.max_steps": 4, "schedule.warmup_steps": 1, "schedule.micro_batch_size": 8, "logging.every": 1,
+       "checkpoint.every": 2, "eval.batch_size": 16, "data.max_len": 16, "optim.lr": "1e-2",
+       "dist.ds_config": "ds_configs/cpu_zero3.json"}
+
+
+def flags(vqa_shards, base, run_dir, **more) -> list[str]:
+    values = {"recipe": "vqa_synthetic", "base.path": base, "data.train": vqa_shards["train"],
+              "data.val": vqa_shards["val"], "logging.run_dir": run_dir, **JOB, **more}
+    return [part for key, value in values.items() for part in (f"--{key}", str(value))]
+
+
+def _base_names(name: str) -> str:
+    """A frozen parameter's name in the base export: without the task model's prefix and the methods' wrappers."""
+    return name.removeprefix("albef.").replace(".base_layer.", ".").replace(".base.", ".")
+
+
+def _train_every_method(rank: int, world: int, store: str, argv: list[str], methods: tuple[str, ...]) -> dict:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(os.getppid()), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_SIZE=str(world), WORLD_SIZE=str(world))
+    deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    compat.release_deepspeed_shm_buffers()
+    out = {}
+    for method in methods:
+        setup = prepare(parse_args([*argv, "--peft.method", method, "--name", method]))
+        engine = build_engine(setup)
+        module = engine.module
+        trained_before = {n: p.ds_tensor.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        loader, _ = setup.task.build_data(setup, rank, world)
+        batches = iter(loader)
+        for _ in range(2):
+            batch = to_device(next(batches), engine.device, torch.float32)
+            train_step(engine, [batch], Watchdog(rank, 0, setup.recipe.run_path))
+        frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in frozen]):
+            state = {_base_names(n): p.detach().clone() for n, p in frozen if n.startswith("albef.")}
+        moved = sum(not torch.equal(p.ds_tensor, trained_before[n]) for n, p in module.named_parameters()
+                    if p.requires_grad)
+        held = sum(p.ds_tensor.numel() for _, p in frozen)
+        out[method] = {"frozen_digest": weights_digest(state), "frozen_names": sorted(state), "trained_moved": moved,
+                       "frozen_held": held,
+                       "frozen_total": sum(p.ds_numel for _, p in frozen)}
+        dist.barrier()
+    return out
+
+
+def test_every_peft_method_leaves_the_partitioned_base_bit_identical(vqa_shards, base_export, tokenizer, tmp_path):
+    argv = flags(vqa_shards, base_export, tmp_path / "runs")
+    results = run_on_ranks(_train_every_method, argv, ("lora", "adapter", "prefix"), store=tmp_path / "store",
+                           init_group=False)
+    base = open_base(base_export).state_dict
+    names = sorted(n for n, _ in ALBEF(model_preset("tiny", vocab_size=len(tokenizer))).named_parameters())
+    digest = weights_digest({n: base[n] for n in names})  # each parameter once (the MLM decoder shares the embeddings)
+    for method in ("lora", "adapter", "prefix"):
+        for rank in (0, 1):
+            got = results[rank][method]
+            assert got["frozen_names"] == names, (method, rank)
+            assert got["frozen_digest"] == digest, (method, rank)
+            assert got["trained_moved"] > 0, (method, rank)
+            assert got["frozen_held"] < got["frozen_total"] * 0.6  # frozen and still partitioned across the ranks
+
+
+@pytest.fixture(scope="module")
+def jobs(vqa_shards, base_export, tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune_runs")
+    env = {"ENTRY": "finetune", "GPUS_PER_NODE": "2", "MASTER_PORT": PORT}
+    out = {"root": root}
+    out["A"] = check(run(["bash", "launch/pretrain.sh", *flags(vqa_shards, base_export, root, name="A")], env=env))
+    out["B1"] = check(run(["bash", "launch/pretrain.sh",
+                           *flags(vqa_shards, base_export, root, name="B", **{"schedule.exit_at_step": 2})], env=env))
+    out["B2"] = check(run(["bash", "launch/pretrain.sh", *flags(vqa_shards, base_export, root, name="B"),
+                           "--resume", "auto"], env=env))
+    return out
+
+
+def test_a_two_rank_zero3_lora_run_resumes_bit_exactly(jobs):
+    a, b = jobs["root"] / "A", jobs["root"] / "B"
+    assert "resume_step=2" in jobs["B2"].stdout
+    for key in ("loss/total", "train/vqa_score", "train/grad_norm"):
+        assert [losses(a)[s][key] for s in (1, 2, 3, 4)] == [losses(b)[s][key] for s in (1, 2, 3, 4)], key
+    weights_a, weights_b = (load_file(str(r / "finetuned/weights.safetensors")) for r in (a, b))
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert json.loads((a / "eval.json").read_text()) == json.loads((b / "eval.json").read_text())
+
+
+def test_checkpoints_and_the_saved_adapter_hold_no_base_weight(jobs, base_export):
+    run_dir = jobs["root"] / "A"
+    checkpoint = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "step00000004").iterdir())
+    base_bytes = (base_export / "model.safetensors").stat().st_size
+    saved = json.loads((run_dir / "finetuned" / "finetune.json").read_text())
+    assert saved["base"]["digest"] == open_base(base_export).digest
+    weights = load_file(str(run_dir / "finetuned" / "weights.safetensors"))
+    assert all("lora_" in n or n.startswith("answer_head.") for n in weights)
+    trained = sum(t.numel() for t in weights.values())
+    # fp32 weights + two Adam moments + the fp32 master copy at most, and some bookkeeping; the base alone is more
+    assert checkpoint < 16 * trained + 200_000 < base_bytes
+
+
+def test_the_saved_adapter_on_the_base_export_reproduces_the_runs_accuracy(jobs, base_export, other_base_export,
+                                                                           vqa_shards, tokenizer):
+    run_dir = jobs["root"] / "A"
+    model = load_finetuned(run_dir / "finetuned")
+    answers = tuple(json.loads((run_dir / "finetuned" / "finetune.json").read_text())["answers"])
+    data = load_vqa_eval(vqa_shards["val"], tokenizer, VQATargets(answers), image_size=64, max_len=16)
+    metrics = evaluate_vqa(model, data, 16, torch.device("cpu"))
+    logged = json.loads((run_dir / "eval.json").read_text())
+    assert metrics["overall"] == pytest.approx(logged["overall"], abs=1e-9)
+    assert metrics["per_type"] == pytest.approx(logged["per_type"], abs=1e-9)
+    with pytest.raises(RecipeError) as err:
+        load_finetuned(run_dir / "finetuned", base_path=other_base_export)
+    assert re.fullmatch(rf"{run_dir / 'finetuned'} was trained on a base with weight digest \w{{12}}, but "
+                        rf"{other_base_export} has \w{{12}}: load it onto the base it was trained from "
+                        rf"\({base_export}\)", str(err.value))
+
+
+def test_resuming_onto_another_base_is_one_error_before_any_rank_starts(jobs, vqa_shards, other_base_export):
+    proc = run(["bash", "launch/pretrain.sh", *flags(vqa_shards, other_base_export, jobs["root"], name="A"),
+                "--resume", "auto"], env={"ENTRY": "finetune", "GPUS_PER_NODE": "2", "MASTER_PORT": PORT})
+    assert proc.returncode == 2 and "spawned" not in proc.stdout + proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(rf"error: run {jobs['root'] / 'A'} was started from the base \S+ \(weight digest \w{{12}}\), "
+                        rf"but base.path {other_base_export} has digest \w{{12}}: resume with the base it started "
+                        "from, or start a new run with --name", line)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"peft.targets": ".*nowhere"}, "peft.targets '.*nowhere' matches no Linear module for lora: module names look "
+     "like image_encoder.blocks.0.attn.qkv or fusion_encoder.layers.0.cross_attn.query; fix the pattern"),
+    ({"peft.rank": 0}, "peft.rank is 0: it must be a positive integer"),
+    ({"task.answers": 2}, "the 2 most frequent answers cover {coverage} of the {total} training answers, below "
+     "task.min_answer_coverage 90.0%: raise task.answers or lower the bound"),
+    ({"base.path": "/nonexistent/export"}, "base.path /nonexistent/export is neither an export (with "
+     "model.safetensors and model_config.json) nor a run's checkpoints/ directory (with 'latest' and the run's "
+     "model_config.json beside it): point it at runs/<name>/export, or run make pretrain first"),
+    ({"model.overrides": "{text_hidden: 64}"}, "model.overrides ['text_hidden'] would change the base model's "
+     "shape: a fine-tuning run may only set attention, grad_checkpointing, dropout"),
+])
+def test_bad_input_is_one_clear_error_in_preflight(override, message, vqa_shards, base_export, tmp_path):
+    from data_pipeline.vqa import answer_vocabulary
+
+    vocabulary = answer_vocabulary(vqa_shards["train"], 2)
+    message = message.format(coverage=f"{vocabulary.coverage:.1%}", total=vocabulary.total)
+    with pytest.raises(RecipeError) as err:
+        prepare(parse_args(flags(vqa_shards, base_export, tmp_path, **override)))
+    assert str(err.value) == message
+
+
+def test_every_recipe_field_is_a_flag():
+    args = parse_args(["--peft.method", "adapter", "--task.answers", "7"])
+    assert args.__dict__["peft.method"] == "adapter" and FinetuneRecipe().peft.method == "lora"
