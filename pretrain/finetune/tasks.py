@@ -108,6 +108,12 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return sum(n for n, trained in numel if trained), sum(n for n, _ in numel)
 
 
+def task_parts(task: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(task head, used parts) of a task by name."""
+    cls = {"vqa": VQATask, "retrieval": RetrievalTask}[task]
+    return cls.task_head, cls.used
+
+
 def pretrained_part(model: nn.Module, prefix: str) -> nn.Module:
     return model.get_submodule(prefix.rstrip(".")) if prefix else model
 

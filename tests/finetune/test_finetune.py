@@ -26,7 +26,7 @@ from pretrain.finetune.base import open_base, weights_digest
 from pretrain.finetune.cli import parse_args
 from pretrain.finetune.preflight import prepare
 from pretrain.finetune.recipe import FinetuneRecipe
-from pretrain.finetune.saved import load_finetuned
+from pretrain.finetune.saved import export_merged, load_finetuned
 from pretrain.model import ALBEF, model_preset
 from pretrain.train.engine import build_engine
 from pretrain.train.loop import train_step
@@ -185,3 +185,22 @@ def test_bad_input_is_one_clear_error_in_preflight(override, message, vqa_shards
 def test_every_recipe_field_is_a_flag():
     args = parse_args(["--peft.method", "adapter", "--task.answers", "7"])
     assert args.__dict__["peft.method"] == "adapter" and FinetuneRecipe().peft.method == "lora"
+
+
+def test_a_merged_lora_result_gives_the_adapters_outputs(jobs, vqa_shards, tokenizer, tmp_path):
+    finetuned = jobs["root"] / "A" / "finetuned"
+    merged_dir = export_merged(finetuned, tmp_path / "merged")
+    weights = load_file(str(merged_dir / "weights.safetensors"))
+    assert not any("lora_" in name for name in weights)
+    assert "albef.text_encoder.layers.0.self_attn.qkv.weight" in weights
+    adapter, merged = load_finetuned(finetuned), load_finetuned(merged_dir)
+    answers = tuple(json.loads((finetuned / "finetune.json").read_text())["answers"])
+    data = load_vqa_eval(vqa_shards["val"], tokenizer, VQATargets(answers), image_size=64, max_len=16)
+    batch = next(data.batches(16))
+    with torch.no_grad():
+        args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        expected, got = adapter.answer_logits(*args), merged.answer_logits(*args)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    with pytest.raises(RecipeError) as err:
+        export_merged(merged_dir, tmp_path / "again")
+    assert str(err.value) == f"{merged_dir} was trained with peft none: only LoRA merges into the base weights"
