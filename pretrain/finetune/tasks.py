@@ -58,6 +58,7 @@ class FinetuneTask:
     """What every fine-tuning task shares: the base in, the method applied, the trained weights out."""
 
     name = ""
+    frozen_is_base = True  # checkpoints leave the frozen base out: it is loaded from base.path (checked by digest)
     task_head: tuple[str, ...] = ()
     used: tuple[str, ...] = ()
     pretrained_prefix = ""  # where the ALBEF sits inside the task model

@@ -56,8 +56,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, keep: int) -> str:
-    """All ranks call this. Returns the tag written; prunes to the newest `keep` tags.
+def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, keep: int, without_frozen: bool = False
+                    ) -> str:
+    """All ranks call this. Returns the tag written; prunes to the newest `keep` tags. `without_frozen`: leave
+    frozen parameters out (a fine-tuning run's base, which it loads from the base itself).
 
     A failed write (disk full, permissions) is a CheckpointError naming the checkpoint that still holds.
     """
@@ -69,7 +71,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, keep: i
     # ranks' shards; ours is written once every rank has finished, and replaced atomically.
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "rank_states": rank_states},
-                               save_latest=False, exclude_frozen_parameters=_has_frozen(engine))
+                               save_latest=False, exclude_frozen_parameters=without_frozen)
     except Exception as err:  # OSError, or torch's zip writer on a full disk: "RuntimeError: ... unexpected pos"
         if is_collective_failure(err):
             raise
@@ -81,11 +83,6 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank_state: dict, keep: i
         _prune_older(ckpt_dir, step, keep)
     dist.barrier()
     return tag
-
-
-def _has_frozen(engine) -> bool:
-    """A fine-tuning run's frozen base weights are not checkpointed: they are its base, loaded at start."""
-    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def _prepare_directory(ckpt_dir: Path, tag: str) -> None:
@@ -206,8 +203,9 @@ def _check_intact(ckpt_dir: Path, tag: str) -> None:
                               "an older step directory, then continue with --resume auto", agreed=True)
 
 
-def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:
-    """Restore engine (weights, optimizer, scheduler) from the newest complete checkpoint.
+def load_checkpoint(engine, ckpt_dir: Path, without_frozen: bool = False) -> dict | None:
+    """Restore engine (weights, optimizer, scheduler) from the newest complete checkpoint (`without_frozen`: one
+    saved without frozen parameters, which keep the values they have).
 
     Returns the client state ({"step", "rank_states": every saving rank's state}) or None if there is none.
     """
@@ -218,9 +216,9 @@ def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:
     if engine.load_universal_checkpoint():  # built so when needs_universal_load
         _universal_copy(ckpt_dir / tag)
         path, client_state = engine.load_checkpoint(str(ckpt_dir / tag), tag=UNIVERSAL,
-                                                    load_module_strict=not _has_frozen(engine))
+                                                    load_module_strict=not without_frozen)
     else:
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not _has_frozen(engine))
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not without_frozen)
     if path is None:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete it to resume from an older one")
     return client_state

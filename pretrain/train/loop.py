@@ -90,13 +90,13 @@ def train(setup: Setup, resume: str) -> dict:
             raise lost_contact(err, rank, watchdog.where(), newest_checkpoint(ckpt_dir)) from None
 
 
-def restore(engine, loader, ckpt_dir: Path, seed: int) -> int:
+def restore(engine, loader, ckpt_dir: Path, seed: int, without_frozen: bool = False) -> int:
     """Weights, optimizer, schedule, this rank's data position and RNG from the newest complete checkpoint;
     the step to continue from (0 without one).
 
     Saved by another number of ranks: the data continues from the same global sample position, and the
     ranks' random draws start anew from (seed, rank, step)."""
-    state = load_checkpoint(engine, ckpt_dir)
+    state = load_checkpoint(engine, ckpt_dir, without_frozen)
     if not state:
         return 0
     rank, saved = dist.get_rank(), state["rank_states"]
@@ -129,7 +129,9 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
     engine = build_engine(setup)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     loader, eval_data = setup.task.build_data(setup, rank, world)
-    step = start_step = restore(engine, loader, ckpt_dir, recipe.seed) if resume == "auto" else 0
+    step = start_step = 0
+    if resume == "auto":
+        step = start_step = restore(engine, loader, ckpt_dir, recipe.seed, setup.task.frozen_is_base)
 
     log = TrainLog(run_path, enabled=rank == 0, resume_step=start_step)
     log.text("config/recipe", "```\n" + yaml.safe_dump(asdict(recipe), sort_keys=False) + "\n```", step)
@@ -146,7 +148,7 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
     def checkpoint() -> None:
         watchdog.enter("checkpoint")
         save_checkpoint(engine, ckpt_dir, step, {"loader": loader.state_dict(), "rng": rng_state()},
-                        keep=recipe.checkpoint.keep)
+                        keep=recipe.checkpoint.keep, without_frozen=setup.task.frozen_is_base)
 
     stop_signal = None
     last_step = min(schedule.max_steps, schedule.exit_at_step or schedule.max_steps)

@@ -29,6 +29,9 @@ from pretrain.train.metrics import TrainLog
 class PretrainTask:
     """ALBEF pretraining from scratch or from Hugging Face ViT/BERT weights."""
 
+    # frozen parameters (a momentum teacher) are part of the run's state: checkpoints keep them
+    frozen_is_base = False
+
     def build_model(self, setup) -> nn.Module:
         """Called inside zero.Init: the model's parameters are partitioned as they are made."""
         return ALBEF(setup.model_config)
