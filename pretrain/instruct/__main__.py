@@ -1,0 +1,5 @@
+import sys
+
+from pretrain.instruct.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""Everything a user can get wrong in an instruction-tuning run, checked before any process group exists (in
+the launcher and in every rank): the base and the LM fit each other, the stage, the shards and their
+conversations, and the run directory (pretrain.train.preflight.prepare_run)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from data_pipeline import DataError, check_shards, load_tokenizer
+from data_pipeline.instructions import check_instruction_set
+from pretrain.instruct.recipe import InstructRecipe
+from pretrain.instruct.task import InstructTask
+from pretrain.model.multimodal_lm import LM_TRAINING, STAGES, MultimodalLM, MultimodalLMError, load_configs
+from pretrain.train.preflight import Setup, prepare_run
+from pretrain.train.recipe import RecipeError, load_recipe
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    recipe = load_recipe(args.recipe, args, InstructRecipe)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    stage = recipe.stage
+    if stage.name not in STAGES or stage.lm_training not in LM_TRAINING:
+        raise RecipeError(f"stage.name {stage.name!r} / stage.lm_training {stage.lm_training!r}: use a stage of "
+                          f"{', '.join(STAGES)} and lm_training of {', '.join(LM_TRAINING)}")
+    try:
+        parts = load_configs(recipe.base.path, recipe.lm.name, recipe.lm.image_tokens, recipe.lm.projector)
+        with torch.device("meta"):  # the LM, tokenizer and projector checks on a model without memory
+            MultimodalLM.from_configs(*parts)
+    except MultimodalLMError as err:
+        raise RecipeError(f"base.path / lm: {err}") from None
+    encoder_config = parts[0]
+    tokenizer_path = recipe.data.tokenizer or _export_tokenizer(recipe.base.path)
+    loader_tokenizer = load_tokenizer(tokenizer_path)
+    shards = check_shards(recipe.data.train, world_size=world_size, num_workers=recipe.data.num_workers,
+                          mode=recipe.data.mode)
+    check_instruction_set([shards.shards[0].path])
+    if recipe.data.val:
+        check_shards(recipe.data.val, world_size=1, num_workers=1)
+    ds_config = prepare_run(recipe, args.resume, world_size)
+    return Setup(recipe, loader_tokenizer, encoder_config, ds_config, world_size,
+                 task=InstructTask(parts, loader_tokenizer))
+
+
+def _export_tokenizer(base: str) -> str:
+    for folder in (Path(base) / "tokenizer", Path("data/tokenizer")):
+        if folder.is_dir():
+            return str(folder)
+    raise DataError(f"{base} has no tokenizer/ for the shared loader's caption copy: set data.tokenizer")

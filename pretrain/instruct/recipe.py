@@ -1,0 +1,79 @@
+"""Instruction-tuning recipes: the pretraining recipe's run sections plus `base`, `lm` and `stage`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.train.recipe import (
+    CheckpointSection,
+    DataSection,
+    DistSection,
+    EvalSection,
+    LoggingSection,
+    OptimSection,
+    ScheduleSection,
+    _help,
+)
+
+
+@dataclass
+class BaseSection:
+    path: str = _help("what the model starts from: a pretraining export (encoder; new projector, lm.name's LM) "
+                      "or a stage-1 result (<run>/export: encoder, projector and LM)", "runs/tiny-synthetic/export")
+
+
+@dataclass
+class LMSection:
+    name: str = _help("causal LM: Hugging Face name or local directory (with a pretraining export as base)",
+                      "data/caption-lm")
+    image_tokens: int = _help("image tokens in the LM's input (0: every encoder token state; mlp: N pooled, a "
+                              "square; resampler: N learned queries)", 16)
+    projector: str = _help("mlp | resampler", "mlp")
+
+
+@dataclass
+class StageSection:
+    name: str = _help("align (projector only, encoder and LM frozen) | instruct (projector + LM)", "align")
+    lm_training: str = _help("instruct: full | lora (HF peft adapters on the LM)", "full")
+    train_encoder: bool = _help("instruct: train the image encoder too", False)
+    lora_rank: int = _help("lora: rank r", 8)
+    lora_alpha: int = _help("lora: scale alpha (update (alpha / r) B A)", 16)
+
+
+@dataclass
+class InstructDataSection(DataSection):
+    train: str = _help("instruction shards (python -m data_pipeline.make_instructions)",
+                       "data/shards/synthetic_instruct/train")
+    val: str | None = _help("held-out instruction shards: captioning metrics at evaluation (None: none)",
+                            "data/shards/synthetic_instruct/val")
+    tokenizer: str | None = _help("the caption tokenizer the shared loader needs (None: the base export's "
+                                  "tokenizer/); the LM's own tokenizer renders the conversations", None)
+    max_len: int = _help("conversation length in LM tokens, image tokens included (longer ones are skipped)", 96)
+    mlm_probability: float = _help("unused here (the shared loader's MLM copy of the caption)", 0.0)
+
+
+@dataclass
+class InstructEvalSection(EvalSection):
+    samples: int = _help("held-out samples captioned at each evaluation (0: all)", 64)
+    max_new_tokens: int = _help("longest answer generated at evaluation (greedy)", 48)
+
+
+@dataclass
+class InstructRecipe:
+    name: str = _help("run name: outputs go to <logging.run_dir>/<name>/", "instruct")
+    seed: int = _help("global seed (projector init, data order)", 0)
+    base: BaseSection = field(default_factory=BaseSection)
+    lm: LMSection = field(default_factory=LMSection)
+    stage: StageSection = field(default_factory=StageSection)
+    data: InstructDataSection = field(default_factory=InstructDataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: InstructEvalSection = field(default_factory=InstructEvalSection)
+    dist: DistSection = field(default_factory=DistSection)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.logging.run_dir) / self.name

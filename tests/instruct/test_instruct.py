@@ -1,0 +1,120 @@
+"""python -m pretrain.instruct on the pretraining engine: 2 ranks, ZeRO-3, through the launcher as users run it.
+
+Stage 1 (align) trains only the projector: its export holds the base encoder and LM bit for bit; a run stopped
+and resumed logs the same losses and exports the same weights as one that ran straight through. Stage 2 from
+that export trains the LM through LoRA, merged into the export that pretrain.generate answers with."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+import webdataset as wds
+
+from data_pipeline.make_instructions import main as make_instructions
+from pretrain.caption_lm import shard_texts
+from pretrain.model.multimodal_lm import MultimodalLM
+from tests.helpers.jobs import PORT, check, losses, run
+from tests.helpers.multimodal import write_export, write_lm
+
+STEPS = {"schedule.max_steps": 4, "schedule.warmup_steps": 1, "schedule.micro_batch_size": 4, "logging.every": 1,
+         "checkpoint.every": 2, "lm.image_tokens": 4, "data.max_len": 160, "eval.samples": 4, "eval.batch_size": 4,
+         "eval.max_new_tokens": 6}
+ENV = {"ENTRY": "instruct", "GPUS_PER_NODE": "2", "MASTER_PORT": PORT}
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def parts(synthetic_shards, tokenizer_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("instruct")
+    make_instructions(["--captions", str(synthetic_shards["train"].parent), "--out", str(root / "set"), "--quiet",
+                       "--min-shards", "4"])
+    lm = write_lm(root / "lm", texts=shard_texts(str(synthetic_shards["train"])))  # fits the captions
+    return {"root": root, "set": root / "set", "export": write_export(root / "export"), "lm": lm,
+            "tokenizer": tokenizer_dir}
+
+
+def flags(parts, name: str, *, stage: str = "align", base=None, **more) -> list[str]:
+    values = {"recipe": f"instruct_stage{1 if stage == 'align' else 2}_synthetic", "name": name,
+              "base.path": base or parts["export"], "lm.name": parts["lm"], "data.train": parts["set"] / "train",
+              "data.val": parts["set"] / "val", "data.tokenizer": parts["tokenizer"],
+              "logging.run_dir": parts["root"] / "runs", **STEPS, **more}
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+def digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + tensors[name].detach().double().numpy().tobytes())
+    return h.hexdigest()
+
+
+def params(model: MultimodalLM, prefix: str) -> dict:
+    return {n: p for n, p in model.named_parameters() if n.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def jobs(parts):
+    launch = ["bash", "launch/pretrain.sh"]
+    out = {"A": check(run([*launch, *flags(parts, "A")], env=ENV)),
+           "B1": check(run([*launch, *flags(parts, "B", **{"schedule.exit_at_step": 2})], env=ENV)),
+           "B2": check(run([*launch, *flags(parts, "B"), "--resume", "auto"], env=ENV))}
+    return out
+
+
+def test_stage1_changes_only_the_projector(jobs, parts):
+    runs = parts["root"] / "runs"
+    trained = MultimodalLM.from_pretrained(runs / "A" / "export")
+    torch.manual_seed(0)  # the recipe's seed draws the new projector
+    start = MultimodalLM.build(parts["export"], str(parts["lm"]), image_tokens=4)
+    for prefix in ("image_encoder.", "lm."):
+        assert digest(params(trained, prefix)) == digest(params(start, prefix)), prefix
+    fresh = params(start, "projector.")
+    changed = [n for n, p in params(trained, "projector.").items() if not torch.equal(p, fresh[n])]
+    assert sorted(changed) == sorted(params(start, "projector."))
+    assert "stage align: 12416 of" in jobs["A"].stdout  # 128x64 + 64 + 64x64 + 64 projector weights trainable
+
+
+def test_a_two_rank_zero3_run_resumes_bit_exactly(jobs, parts):
+    a, b = parts["root"] / "runs" / "A", parts["root"] / "runs" / "B"
+    assert "resume_step=2" in jobs["B2"].stdout
+    for key in ("loss/total", "train/token_accuracy", "train/grad_norm"):
+        assert [losses(a)[s][key] for s in (1, 2, 3, 4)] == [losses(b)[s][key] for s in (1, 2, 3, 4)], key
+    first, second = (MultimodalLM.from_pretrained(r / "export") for r in (a, b))
+    assert digest(dict(first.named_parameters())) == digest(dict(second.named_parameters()))
+    evaluation = json.loads((a / "instruct_eval.json").read_text())
+    assert evaluation["samples"] == 4 and 0 <= evaluation["captioning"]["bleu4"] <= 1
+
+
+def test_stage2_lora_from_the_stage1_export_trains_the_lm_and_exports_it_merged(jobs, parts):
+    stage1 = parts["root"] / "runs" / "A" / "export"
+    proc = check(run(["bash", "launch/pretrain.sh", *flags(parts, "S2", stage="instruct", base=stage1,
+                                                           **{"stage.lm_training": "lora"})], env=ENV))
+    assert "stage instruct:" in proc.stdout
+    before, after = MultimodalLM.from_pretrained(stage1), MultimodalLM.from_pretrained(
+        parts["root"] / "runs" / "S2" / "export")
+    assert digest(params(before, "image_encoder.")) == digest(params(after, "image_encoder."))
+    assert digest(params(before, "lm.")) != digest(params(after, "lm."))  # the adapters, merged
+    assert params(before, "lm.").keys() == params(after, "lm.").keys()  # a plain LM again
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"stage.name": "pretrain"}, "stage.name 'pretrain' / stage.lm_training 'full': use a stage of align, instruct"),
+    ({"lm.image_tokens": 5}, "image_tokens 5 pooled from the patch grid must be a square"),
+])  # fmt: skip
+def test_bad_input_is_one_clear_error_before_any_rank_starts(parts, override, message):
+    proc = run(["bash", "launch/pretrain.sh", *flags(parts, "bad", **override)], env=ENV)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_an_lm_whose_tokenizer_does_not_fit_and_a_set_without_answers(parts, tmp_path):
+    grown = write_lm(tmp_path / "grown", extra_tokens=40)
+    proc = run(["bash", "launch/pretrain.sh", *flags(parts, "bad", **{"lm.name": grown})], env=ENV)
+    assert proc.returncode == 2 and "the LM embeds only" in proc.stderr.strip().splitlines()[-1]
+    for i in range(2):
+        with wds.TarWriter(str(tmp_path / f"q-{i}.tar")) as writer:
+            writer.write({"__key__": f"s{i}", "jpg": b"x", "json": json.dumps(
+                {"captions": ["a"], "conversations": [{"role": "user", "content": "<image>\nhi"}]}).encode()})
+    proc = run(["bash", "launch/pretrain.sh", *flags(parts, "bad", **{"data.train": tmp_path / "q-{0..1}.tar"})],
+               env=ENV)
+    assert proc.returncode == 2 and "has a conversation with an assistant turn" in proc.stderr.strip().splitlines()[-1]
