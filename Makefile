@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 comma := ,
 
-.PHONY: env test lint shards vqa-shards tokenizer pretrain finetune bench-data bench-model zeroshot-data prompting clean
+.PHONY: env test lint shards vqa-shards tokenizer pretrain finetune instruct bench-data bench-model zeroshot-data prompting clean
 
 env: $(VENV)/.installed
 
@@ -155,6 +155,21 @@ finetune: env
 	@test -f data/shards/synthetic_vqa/val/manifest.json || $(MAKE) --no-print-directory vqa-shards
 	ENTRY=finetune GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh --recipe $(TASK)_synthetic \
 		--name $(TASK)-$(PEFT) --peft.method $(PEFT) --base.path $(BASE) --resume auto $(ARGS)
+
+# --- instruction tuning (see docs/instruction_tuning.md) ---
+CAPTION_LM ?= data/caption-lm
+INSTRUCT_DIR ?= data/shards/synthetic_instruct
+
+instruct: env
+	@test -f $(BASE)/model.safetensors || $(MAKE) --no-print-directory pretrain
+	@test -f $(CAPTION_LM)/config.json || $(PY) -m pretrain.caption_lm --shards data/shards/synthetic/train --out $(CAPTION_LM)
+	@test -f $(INSTRUCT_DIR)/val/manifest.json || \
+		$(PY) -m data_pipeline.make_instructions --captions data/shards/synthetic --out $(INSTRUCT_DIR)
+	ENTRY=instruct GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh --recipe instruct_stage1_synthetic \
+		--base.path $(BASE) --lm.name $(CAPTION_LM) --data.train $(INSTRUCT_DIR)/train --data.val $(INSTRUCT_DIR)/val \
+		--resume auto $(ARGS)
+	ENTRY=instruct GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh --recipe instruct_stage2_synthetic \
+		--data.train $(INSTRUCT_DIR)/train --data.val $(INSTRUCT_DIR)/val --resume auto $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
