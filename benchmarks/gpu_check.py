@@ -116,6 +116,7 @@ def peak_memory_gb(device: torch.device) -> float:
 def zero3_step(c: dict, peak: float) -> dict:
     """Training steps of one rank's DeepSpeed ZeRO-3 engine, built as the training job builds it."""
     from pretrain.train.engine import build_engine, start_distributed
+    from pretrain.train.task import PretrainTask
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,7 +130,8 @@ def zero3_step(c: dict, peak: float) -> dict:
     config = model_preset(c["preset"], vocab_size=VOCAB)
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size=1)
     start_distributed(recipe.dist)
-    engine = build_engine(SimpleNamespace(recipe=recipe, model_config=config, ds_config=ds_config))
+    engine = build_engine(SimpleNamespace(recipe=recipe, model_config=config, ds_config=ds_config,
+                                          task=PretrainTask()))
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     batch = to_device(random_batch(c["batch"], config.image_size), engine.device, dtype)
     losses = []

@@ -5,7 +5,9 @@ The CPU job is 4 gloo ranks told they are 2 nodes of 2 (LOCAL_SIZE=2), the small
 a secondary copy per node and qgZ takes its cross-node path.
 """
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,11 +81,16 @@ def _zeropp_on_cpu(rank: int, world: int, store: str) -> dict:
     deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     compat.release_deepspeed_shm_buffers()
 
+    # 2 "nodes" of 2 ranks: hpZ set to the ranks per node in a copy of the JSON, as its error line says
+    two_per_node = Path(f"{store}.zero3pp-rank{rank}.json")
+    shipped = json.loads((DS_CONFIG_DIR / "zero3pp.json").read_text())
+    shipped["zero_optimization"]["zero_hpz_partition_size"] = 2
+    two_per_node.write_text(json.dumps(shipped))
+
     def config(**zero) -> dict:
-        built = build_ds_config("zero3pp", ScheduleSection(micro_batch_size=4), world)
+        built = build_ds_config(str(two_per_node), ScheduleSection(micro_batch_size=4), world)
         built["bf16"]["enabled"] = False  # fp32: hpZ and plain ZeRO-3 must then agree exactly
-        built["zero_optimization"] |= {"zero_hpz_partition_size": 2, "zero_quantized_weights": False,
-                                       "zero_quantized_gradients": False, **zero}  # fmt: skip
+        built["zero_optimization"] |= {"zero_quantized_weights": False, "zero_quantized_gradients": False, **zero}
         return built
 
     result = {}
