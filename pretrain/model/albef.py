@@ -106,7 +106,7 @@ class ALBEF(nn.Module):
             nn.init.normal_(module.weight, std=std)
         if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
             nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         if isinstance(module, VisionTransformer):
@@ -172,7 +172,7 @@ class ALBEF(nn.Module):
         teacher = self.momentum(batch) if self.momentum is not None else None
         itc = self.contrast(image_feat, self.text_feature(text_embeds), batch["image_ids"], temperature, teacher)
 
-        negative_texts, negative_images = sample_itm_negatives(itc)
+        negative_texts, negative_images = sample_itm_negatives(itc, self.config.itm_negative_hardness)
         # Fusion pass 1: each image with its caption, a hard-negative caption and its masked caption.
         streams = ImageStreams(text_embeds, fetch_rows(text_embeds, negative_texts), masked_text_embeds)
         padding = ImageStreams(mask, fetch_rows(mask, negative_texts), mask)

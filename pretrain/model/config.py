@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
 FUSIONS = ("cross_attention", "co_attention")
+PATCH_STEMS = ("linear", "conv")
 
 
 class ModelConfigError(ValueError):
@@ -23,6 +24,9 @@ class ModelConfig:
     vision_heads: int = 12
     vision_mlp: int = 3072
     vision_layer_norm_eps: float = 1e-12
+    # patch embedding: "linear" (ViT's one strided conv) or "conv" (ViT_C, Xiao et al. 2021: log2(patch_size)
+    # 3x3 stride-2 convs with GroupNorm and GELU, then a 1x1 conv; learns shapes from scratch far faster)
+    patch_stem: str = "linear"
     # text encoder and fusion encoder (BERT, post-norm); fusion layers add cross-attention to the image
     vocab_size: int = 30522
     text_hidden: int = 768
@@ -45,6 +49,9 @@ class ModelConfig:
     weight_itc: float = 1.0
     weight_itm: float = 1.0
     weight_mlm: float = 1.0
+    # ITM's negatives are drawn by softmax(hardness * ITC logit): 1 as ALBEF (nearly always the hardest pair
+    # once the temperature is low), 0 uniformly from the other images of the batch
+    itm_negative_hardness: float = 1.0
     # momentum distillation (ALBEF): EMA teachers for ITC and MLM, and a queue of their ITC features
     momentum_distillation: bool = False
     momentum: float = 0.995  # EMA decay per training forward
@@ -63,6 +70,14 @@ class ModelConfig:
             )
         if self.fusion not in FUSIONS:
             raise ModelConfigError(f"fusion {self.fusion!r} is unknown; use one of {', '.join(FUSIONS)}")
+        if self.patch_stem not in PATCH_STEMS:
+            raise ModelConfigError(f"patch_stem {self.patch_stem!r} is unknown; use one of {', '.join(PATCH_STEMS)}")
+        if self.patch_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ModelConfigError(f"patch_stem conv halves the image per conv, so patch_size {self.patch_size} must "
+                                   "be a power of 2 (at least 2); change patch_size or use patch_stem linear")
+        if self.itm_negative_hardness < 0:
+            raise ModelConfigError(f"itm_negative_hardness {self.itm_negative_hardness} is negative (it would draw the "
+                                   "least similar pairs); use 0 (uniform) to 1 (ALBEF)")
         if self.queue_size and not self.momentum_distillation:
             raise ModelConfigError(f"queue_size {self.queue_size} needs momentum_distillation: the queue holds the "
                                    "momentum encoders' features; turn it on or set queue_size 0")

@@ -254,7 +254,7 @@ def load_pretrained(model: torch.nn.Module, vit: str | None = None, bert: str | 
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path) -> None:
     """Write `out_dir/image_encoder` (ViTModel) and `out_dir/text_encoder` (BertModel, the text_layers
-    unimodal layers).
+    unimodal layers). With `patch_stem: conv` only `text_encoder`: HF's ViTModel has no conv stem.
 
     ALBEF trains no pooler (its ITC heads project [CLS] themselves), and nothing in config.json stops
     `AutoModel` from building one, so each export carries a pooler of zeros: every weight is on disk (no
@@ -264,10 +264,11 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> None:
 
     config, out_dir = model.config, Path(out_dir)
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for cls, hf_config, state_dict, sub in (
-        (ViTModel, _vit_config(config), ours_to_vit_state_dict(ours, config), "image_encoder"),
-        (BertModel, _bert_config(config, config.text_layers), ours_to_bert_state_dict(ours, config), "text_encoder"),
-    ):
+    encoders = [(BertModel, _bert_config(config, config.text_layers), ours_to_bert_state_dict(ours, config),
+                 "text_encoder")]
+    if config.patch_stem == "linear":  # a conv stem has no ViTModel counterpart: no image_encoder/ then
+        encoders.insert(0, (ViTModel, _vit_config(config), ours_to_vit_state_dict(ours, config), "image_encoder"))
+    for cls, hf_config, state_dict, sub in encoders:
         hf = cls(hf_config)
         pooler = {f"pooler.{name}": torch.zeros_like(p) for name, p in hf.pooler.named_parameters()}
         hf.load_state_dict({**state_dict, **pooler}, strict=True)

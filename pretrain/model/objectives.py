@@ -101,9 +101,10 @@ def itc_distill_loss(image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, t
 
 
 @torch.no_grad()
-def sample_itm_negatives(itc: ITCResult) -> tuple[Tensor, Tensor]:
+def sample_itm_negatives(itc: ITCResult, hardness: float = 1.0) -> tuple[Tensor, Tensor]:
     """Hard negatives for ITM: for each local image a global text index, for each local text a global image
-    index, drawn in proportion to softmax similarity over every pair with a different image id.
+    index, drawn in proportion to softmax(hardness * similarity / temperature) over every pair with a
+    different image id (ALBEF: hardness 1; 0 draws uniformly from the other images).
 
     One multinomial call for both directions, no host sync. A row whose global batch shows only its own
     image has no negative to offer: it draws uniformly from the whole batch. Non-finite similarities (a NaN
@@ -112,7 +113,7 @@ def sample_itm_negatives(itc: ITCResult) -> tuple[Tensor, Tensor]:
     """
     positives = torch.cat([itc.positives, itc.positives])
     no_negative = positives.all(dim=1, keepdim=True)
-    similarities = torch.cat([itc.sim_i2t, itc.sim_t2i]).nan_to_num(0.0).masked_fill(no_negative, 0.0)
+    similarities = hardness * torch.cat([itc.sim_i2t, itc.sim_t2i]).nan_to_num(0.0).masked_fill(no_negative, 0.0)
     weights = similarities.masked_fill(positives & ~no_negative, float("-inf")).softmax(dim=1)
     negative_texts, negative_images = torch.multinomial(weights, 1).squeeze(1).chunk(2)
     return negative_texts, negative_images

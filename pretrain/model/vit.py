@@ -26,12 +26,29 @@ class VisionBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
+def conv_stem(config: ModelConfig) -> nn.Sequential:
+    """ViT_C's patch embedding (Xiao et al. 2021, "Early convolutions help transformers see better"):
+    log2(patch_size) 3x3 stride-2 convs, widths doubling up to the hidden size, each with GroupNorm and GELU,
+    then a 1x1 conv; [B, 3, H, W] -> [B, D, H / p, W / p] as the linear patch embedding."""
+    hidden, count = config.vision_hidden, config.patch_size.bit_length() - 1
+    layers: list[nn.Module] = []
+    width_in = 3
+    for i in range(count):
+        width = max(hidden >> (count - 1 - i), 8)
+        layers += [nn.Conv2d(width_in, width, 3, stride=2, padding=1), nn.GroupNorm(1, width), nn.GELU()]
+        width_in = width
+    return nn.Sequential(*layers, nn.Conv2d(width_in, hidden, 1))
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, config: ModelConfig, backend: str):
         super().__init__()
         hidden = config.vision_hidden
         self.grad_checkpointing = config.grad_checkpointing
-        self.patch_embed = nn.Conv2d(3, hidden, kernel_size=config.patch_size, stride=config.patch_size)
+        if config.patch_stem == "conv":
+            self.patch_embed = conv_stem(config)
+        else:
+            self.patch_embed = nn.Conv2d(3, hidden, kernel_size=config.patch_size, stride=config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, hidden))
         self.blocks = nn.ModuleList(VisionBlock(config, backend) for _ in range(config.vision_layers))

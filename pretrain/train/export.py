@@ -28,8 +28,9 @@ def save_export(model: ALBEF, tokenizer, out_dir: Path) -> None:
     cleaning = cleaning_tokenizer(tokenizer, model.config.max_position)
     for folder in ("tokenizer", "text_encoder"):  # text_encoder/ as a Hub model folder: weights + tokenizer
         cleaning.save_pretrained(str(out_dir / folder))
-    (out_dir / "image_encoder" / "preprocessor_config.json").write_text(
-        json.dumps(image_processor_config(model.config.image_size), indent=2))
+    if (out_dir / "image_encoder").is_dir():  # not with a conv patch stem (export_hf)
+        (out_dir / "image_encoder" / "preprocessor_config.json").write_text(
+            json.dumps(image_processor_config(model.config.image_size), indent=2))
 
 
 def cleaning_tokenizer(tokenizer, max_length: int):

@@ -34,6 +34,20 @@ def _attention(q_tokens: float, k_tokens: float, hidden: int) -> float:
     return 2 * 2.0 * q_tokens * k_tokens * hidden  # scores and the weighted sum of values
 
 
+def _patch_embed(c: ModelConfig) -> dict[str, float]:
+    """The linear patch embedding; or the conv stem's first conv (on the pixels: no input gradient) and the
+    rest of its 3x3 stride-2 convs with the closing 1x1 conv."""
+    if c.patch_stem == "linear":
+        return {"vision.patch_embed": _linear(c.num_patches, 3 * c.patch_size**2, c.vision_hidden)}
+    count, flops, width_in, side = c.patch_size.bit_length() - 1, [], 3, c.image_size
+    for i in range(count):
+        width, side = max(c.vision_hidden >> (count - 1 - i), 8), side // 2
+        flops.append(_linear(side * side, 9 * width_in, width))
+        width_in = width
+    return {"vision.patch_embed": flops[0],
+            "vision.stem": sum(flops[1:]) + _linear(c.num_patches, width_in, c.vision_hidden)}
+
+
 def _bert_projections(c: ModelConfig, length: float) -> float:
     """A BERT layer's self-attention (fused QKV + out) and FFN projections."""
     d = c.text_hidden
@@ -58,7 +72,7 @@ def _encoders_and_heads(
     image_tokens = c.num_patches + 1
     co_attention = c.fusion == "co_attention"
     terms = {
-        "vision.patch_embed": _linear(c.num_patches, 3 * c.patch_size**2, c.vision_hidden),
+        **_patch_embed(c),
         "vision.projections": c.vision_layers * (
             _linear(image_tokens, c.vision_hidden, 4 * c.vision_hidden)
             + 2 * _linear(image_tokens, c.vision_hidden, c.vision_mlp)

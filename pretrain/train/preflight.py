@@ -38,7 +38,8 @@ def build_model_config(section: ModelSection, tokenizer, steps_per_epoch: int = 
     """The preset with the section's fields and overrides; distillation's alpha ramps over `steps_per_epoch`
     training forwards (ALBEF: the first epoch) unless the overrides say otherwise."""
     fields = {"fusion": section.fusion, "dropout": section.dropout, "queue_size": section.queue_size,
-              "momentum_distillation": section.momentum_distillation}
+              "momentum_distillation": section.momentum_distillation,
+              "itm_negative_hardness": section.itm_negative_hardness}
     overrides = {"vocab_size": len(tokenizer), **fields, **section.overrides}
     if overrides["momentum_distillation"]:
         overrides.setdefault("distill_alpha_ramp_steps", steps_per_epoch)

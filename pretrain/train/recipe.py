@@ -42,6 +42,8 @@ class ModelSection:
                                         "distill_alpha ramped over the first epoch)", False)
     queue_size: int = _help("ITC keys queued from past batches' teacher features (ALBEF: 65536; needs "
                             "momentum_distillation)", 0)
+    itm_negative_hardness: float = _help("ITM negatives drawn by softmax(hardness x ITC logit): 1 as ALBEF (the "
+                                         "hardest pair, once ITC is sharp), 0 uniformly from the batch", 1.0)
 
 
 @dataclass

@@ -21,6 +21,8 @@ def test_unknown_preset_and_key_name_the_valid_ones():
         model_preset("tiny", vision_hiden=64)
     with pytest.raises(ModelConfigError, match="flash_attn, sdpa, eager"):
         model_preset("tiny", attention="xformers")
+    with pytest.raises(ModelConfigError, match="itm_negative_hardness -0.5 is negative"):
+        model_preset("tiny", itm_negative_hardness=-0.5)
 
 
 def test_overrides_apply():
@@ -58,3 +60,22 @@ TINY_FIXED, TINY_PER_TOKEN = 1_839_875, 129  # per vocabulary entry: a word-embe
 def test_parameter_counts_are_exact(preset, vocab, total):
     """Tiny at two vocabularies, so its per-token term is checked too."""
     assert _count(_meta(lambda: ALBEF(model_preset(preset, vocab_size=vocab)))) == total
+
+
+def test_conv_stem_halves_the_image_per_conv_down_to_the_patch_grid():
+    torch.manual_seed(0)
+    config = model_preset("tiny", vocab_size=100, patch_stem="conv")
+    model = ALBEF(config)
+    convs = [m for m in model.image_encoder.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    # 64 px, patch 8: three 3x3 stride-2 convs 3 -> 32 -> 64 -> 128, then a 1x1 conv 128 -> 128
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 32, (3, 3), (2, 2)), (32, 64, (3, 3), (2, 2)), (64, 128, (3, 3), (2, 2)), (128, 128, (1, 1), (1, 1))]
+    assert model.image_encoder(torch.randn(2, 3, 64, 64)).shape == (2, 1 + 64, 128)
+    linear = ALBEF(model_preset("tiny", vocab_size=100))
+    assert _count(model) - _count(linear) == (
+        sum(_count(c) for c in convs) + 2 * (32 + 64 + 128) - _count(linear.image_encoder.patch_embed))
+    for patch in (6, 1):
+        with pytest.raises(ModelConfigError, match="power of 2"):
+            model_preset("tiny", patch_stem="conv", patch_size=patch, image_size=48)
+    with pytest.raises(ModelConfigError, match="linear, conv"):
+        model_preset("tiny", patch_stem="hybrid")

@@ -88,6 +88,18 @@ def test_itm_sampling_follows_the_dominant_similarity():
     assert (neg_text[:, 4] == 2).float().mean() > 0.95
 
 
+def test_itm_negative_hardness_scales_the_sampling_logits():
+    # sim 3 vs 0: at hardness 1 the hard negative wins e^3/(e^3 + 4) = 0.834 of the draws, at 1/3 e/(e + 4)
+    # = 0.405, at 0 a fifth (uniform over the 5 other images)
+    sim = torch.zeros(6, 6)
+    sim[:, 4] = 3.0
+    for hardness, share in ((1.0, math.exp(3) / (math.exp(3) + 4)), (1 / 3, math.e / (math.e + 4)), (0.0, 0.2)):
+        torch.manual_seed(0)  # the draws (multinomial takes the global generator)
+        itc = _itc_on(sim, torch.arange(6))
+        neg_text = torch.stack([sample_itm_negatives(itc, hardness)[0] for _ in range(2000)])
+        assert (neg_text[:, :4] == 4).float().mean().item() == pytest.approx(share, abs=0.02), hardness
+
+
 def test_itm_sampling_with_a_single_image_draws_uniformly():
     # Every caption shows the same image: no negative exists, and the similarities must not steer the draw
     # (by similarity, text 0 would win 300 of 300 draws).

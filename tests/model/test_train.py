@@ -169,8 +169,9 @@ def _forward_flops_by_component(model: ALBEF, batch: dict) -> tuple[dict[str, fl
             components["momentum.teacher"] += flops if name == top else 0.0
         elif top in _HEADS:
             components[_HEADS[top]] += flops if name == top else 0.0
-        elif isinstance(module, nn.Conv2d):
-            components["vision.patch_embed"] += flops
+        elif isinstance(module, nn.Conv2d):  # the conv stem's first conv sees the pixels, the rest "vision.stem"
+            first = name in ("image_encoder.patch_embed", "image_encoder.patch_embed.0")
+            components["vision.patch_embed" if first else "vision.stem"] += flops
         elif ".image_layers." in name:  # co-attention's image stream
             if isinstance(module, nn.Linear):
                 components["fusion.image_projections"] += flops
@@ -186,8 +187,9 @@ def _forward_flops_by_component(model: ALBEF, batch: dict) -> tuple[dict[str, fl
     return dict(components), counts["ALBEF"] - sum(counts.get(child, 0.0) for child, _ in model.named_children())
 
 
-@pytest.mark.parametrize("variant", [{}, {"fusion": "co_attention"}, {"momentum_distillation": True}],
-                         ids=["cross_attention", "co_attention", "momentum_distillation"])
+@pytest.mark.parametrize("variant", [{}, {"fusion": "co_attention"}, {"momentum_distillation": True},
+                                     {"patch_stem": "conv"}],
+                         ids=["cross_attention", "co_attention", "momentum_distillation", "conv_stem"])
 def test_train_flops_match_the_flop_counter_term_by_term(variant):
     """Every term of the formula equals what the counter sees the modules run, exactly (integers in floats):
     dropping any term (the cross-attention products, the patch embedding, a head, co-attention's image
@@ -212,7 +214,8 @@ def test_train_flops_match_the_flop_counter_term_by_term(variant):
     total = sum(formula.values())
     assert min(formula.values()) > 1000 * rel * total  # so leaving out any one term fails
 
-    # Forward + backward: twice the forward, except the patch embedding (the pixels need no gradient) and the
+    # Forward + backward: twice the forward, except the patch embedding or the conv stem's first conv (the
+    # pixels need no gradient) and the
     # teacher (no gradient at all). The similarities' backward: to both sides, or with distillation to the
     # online side only (the keys are the teacher's), and none for the teacher's own.
     backward_similarities = itc_similarities / 2 if config.momentum_distillation else 2 * itc_similarities

@@ -187,10 +187,11 @@ def test_a_fresh_start_over_existing_checkpoints_is_refused(base_flags, tmp_path
 def test_model_section_fields_reach_the_model_config_and_alpha_ramps_over_one_epoch(base_flags, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     flags = base_flags + ["--schedule.micro_batch_size", "8", "--model.fusion", "co_attention", "--model.dropout",
-                          "0.1", "--model.momentum_distillation", "true", "--model.queue_size", "64"]
+                          "0.1", "--model.momentum_distillation", "true", "--model.queue_size", "64",
+                          "--model.itm_negative_hardness", "0.25"]
     config = prepare(parse_args(flags)).model_config
-    assert (config.fusion, config.dropout, config.momentum_distillation, config.queue_size) == (
-        "co_attention", 0.1, True, 64)
+    assert (config.fusion, config.dropout, config.momentum_distillation, config.queue_size,
+            config.itm_negative_hardness) == ("co_attention", 0.1, True, 64, 0.25)
     assert config.distill_alpha_ramp_steps == 3  # 40 training pairs / (8 per rank x 2 ranks), rounded up
     ramp = prepare(parse_args(flags + ["--model.overrides", "{distill_alpha_ramp_steps: 7}"])).model_config
     assert ramp.distill_alpha_ramp_steps == 7

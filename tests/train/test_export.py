@@ -95,3 +95,17 @@ def test_auto_classes_from_the_export_give_our_features(export, tokenizer):
     # and the ITC feature follows from the exported [CLS] with the model's projection
     from_hf = torch.nn.functional.normalize(model.vision_proj(hf_image[:, 0]), dim=-1)
     torch.testing.assert_close(from_hf, image_feature, rtol=0, atol=1e-5)
+
+
+def test_a_conv_stem_export_reloads_whole_and_writes_no_hf_image_encoder(tokenizer, tmp_path):
+    from pretrain.train.export import load_exported
+
+    torch.manual_seed(0)
+    model = ALBEF(model_preset("tiny", vocab_size=len(tokenizer), patch_stem="conv")).eval()
+    save_export(model, tokenizer, tmp_path)
+    assert not (tmp_path / "image_encoder").exists()  # HF's ViTModel has no conv stem
+    assert type(AutoModel.from_pretrained(tmp_path / "text_encoder")).__name__ == "BertModel"
+    loaded = load_exported(tmp_path).eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(pixels)[1], model.encode_image(pixels)[1])
