@@ -11,7 +11,6 @@ import os
 import sys
 from collections.abc import Callable
 
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipeline import DataError
@@ -60,8 +59,8 @@ def run_app(args: argparse.Namespace, prepare: Callable[[argparse.Namespace], Se
     except (RecipeError, DataError) as err:  # e.g. a checkpoint's loader state that the recipe contradicts
         tqdm.write(f"error: {err}", file=sys.stderr)
         return 2
-    except RunHalted as err:
-        if not err.agreed or dist.get_rank() == 0:
+    except RunHalted as err:  # the process group is gone by now: the launcher's RANK says who reports
+        if not err.agreed or os.environ.get("RANK", "0") == "0":
             tqdm.write(f"error: {err}", file=sys.stderr)  # on a line of its own, not after the progress bar
         return 1
     return 0

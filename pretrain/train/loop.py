@@ -81,13 +81,18 @@ def train(setup: Setup, resume: str) -> dict:
     share_cpu_cores()
     start_distributed(recipe.dist)
     rank, ckpt_dir = dist.get_rank(), recipe.run_path / "checkpoints"
-    with Watchdog(rank, recipe.dist.watchdog_minutes * 60, recipe.run_path / "watchdog") as watchdog:
-        try:
-            return run(setup, resume, stop_signals, watchdog)
-        except RuntimeError as err:
-            if not is_collective_failure(err):
-                raise
-            raise lost_contact(err, rank, watchdog.where(), newest_checkpoint(ckpt_dir)) from None
+    try:
+        with Watchdog(rank, recipe.dist.watchdog_minutes * 60, recipe.run_path / "watchdog") as watchdog:
+            try:
+                return run(setup, resume, stop_signals, watchdog)
+            except RuntimeError as err:
+                if not is_collective_failure(err):
+                    raise
+                raise lost_contact(err, rank, watchdog.where(), newest_checkpoint(ckpt_dir)) from None
+    finally:
+        # gloo's worker threads must stop while the interpreter is alive: left to its teardown, they can abort
+        # the rank ("terminate called without an active exception", exit 250) after it reported its outcome
+        dist.destroy_process_group()
 
 
 def restore(engine, loader, ckpt_dir: Path, seed: int, without_frozen: bool = False) -> int:
