@@ -211,15 +211,9 @@ class CrossAttention(nn.Module):
         return self.out(out.flatten(-2))
 
 
-class TextCrossAttention(nn.Module):
-    """Multi-head attention from dense image queries to packed text keys / values (fused key-value projection)."""
-
-    def __init__(self, hidden: int, context_hidden: int, heads: int, backend: str, dropout: float = 0.0):
-        super().__init__()
-        self.heads, self.backend, self.dropout = heads, backend, dropout
-        self.query = nn.Linear(hidden, hidden)
-        self.key_value = nn.Linear(context_hidden, 2 * hidden)
-        self.out = nn.Linear(hidden, hidden)
+class TextCrossAttention(CrossAttention):
+    """Multi-head attention from dense image queries to packed text keys / values: CrossAttention's weights,
+    the other direction."""
 
     def forward(self, x: Tensor, text: Tensor, keys: KeyPadding) -> Tensor:
         """x: [S, N, D]; text: the real tokens [T, D_context] of `keys`'s S sequences."""
