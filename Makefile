@@ -157,12 +157,16 @@ finetune: env
 		--name $(TASK)-$(PEFT) --peft.method $(PEFT) --base.path $(BASE) --resume auto $(ARGS)
 
 # --- instruction tuning (see docs/instruction_tuning.md) ---
-CAPTION_LM ?= data/caption-lm
+CAPTION_LM_TOKENIZER ?= data/caption-lm-tokenizer
+CAPTION_LM ?= runs/caption-lm/export
 INSTRUCT_DIR ?= data/shards/synthetic_instruct
 
 instruct: env
 	@test -f $(BASE)/model.safetensors || $(MAKE) --no-print-directory pretrain
-	@test -f $(CAPTION_LM)/config.json || $(PY) -m pretrain.caption_lm --shards data/shards/synthetic/train --out $(CAPTION_LM)
+	@test -f $(CAPTION_LM_TOKENIZER)/tokenizer.json || \
+		$(PY) -m data_pipeline.lm_tokenizer --shards data/shards/synthetic/train --out $(CAPTION_LM_TOKENIZER)
+	@test -f $(CAPTION_LM)/config.json || ENTRY=caption_lm GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh \
+		--recipe caption_lm_synthetic --lm.tokenizer $(CAPTION_LM_TOKENIZER) --resume auto
 	@test -f $(INSTRUCT_DIR)/val/manifest.json || \
 		$(PY) -m data_pipeline.make_instructions --captions data/shards/synthetic --out $(INSTRUCT_DIR)
 	ENTRY=instruct GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh --recipe instruct_stage1_synthetic \

@@ -12,7 +12,7 @@
 #   NODE_RANK      with NO_SSH=1: start only this node's ranks (one launcher per node, e.g. under SLURM)
 #   PYTHON         interpreter (default: the repo's .venv if present, else python3)
 #   ENTRY          the app every rank runs: train (pretraining, default), finetune (python -m pretrain.finetune)
-#                  or instruct (python -m pretrain.instruct)
+#                  instruct (python -m pretrain.instruct) or caption_lm (python -m pretrain.caption_lm)
 """:"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,8 +22,8 @@ if [[ -z "$PYTHON" ]]; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export ENTRY="${ENTRY:-train}"
-[[ "$ENTRY" == train || "$ENTRY" == finetune || "$ENTRY" == instruct ]] ||
-  { echo "error: ENTRY=$ENTRY is not an app: use train, finetune or instruct" >&2; exit 2; }
+[[ "$ENTRY" == train || "$ENTRY" == finetune || "$ENTRY" == instruct || "$ENTRY" == caption_lm ]] ||
+  { echo "error: ENTRY=$ENTRY is not an app: use train, finetune, instruct or caption_lm" >&2; exit 2; }
 
 port_is_free() {  # as torch's store binds it (all addresses, SO_REUSEADDR)
   "$PYTHON" -c 'import socket, sys

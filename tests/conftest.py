@@ -12,11 +12,14 @@ import torch.distributed as dist
 from data_pipeline import load_tokenizer
 from data_pipeline.make_shards import main as make_shards_main
 from data_pipeline.synthetic import generate
+from data_pipeline.synthetic_vqa import generate as generate_vqa
 from data_pipeline.train_tokenizer import shard_captions, train_tokenizer
 
 SYNTHETIC_TRAIN_IMAGES = 40
 SYNTHETIC_VAL_IMAGES = 12
 SHARD_SAMPLES = 10  # 40 train images -> 4 shards: enough for 2 ranks x 2 workers
+VQA_TRAIN_IMAGES = 16  # ~5 questions each: 80 questions in 4 shards of 20, for 2 ranks
+VQA_VAL_IMAGES = 6
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +38,22 @@ def synthetic_shards(synthetic_coco, tmp_path_factory) -> dict[str, Path]:
         ["--source", "coco", "--root", str(synthetic_coco), "--name", "synthetic", "--out", str(out),
          "--shard-samples", str(SHARD_SAMPLES), "--min-shards", "1", "--workers", "1", "--quiet"]
     )  # fmt: skip
+    return {"train": out / "train", "val": out / "val"}
+
+
+@pytest.fixture(scope="session")
+def synthetic_vqa(tmp_path_factory) -> Path:
+    """A VQA v2-layout directory: 16 train + 6 val scenes of 64x64, five question types each."""
+    root = tmp_path_factory.mktemp("synthetic_vqa")
+    generate_vqa(root, train=VQA_TRAIN_IMAGES, val=VQA_VAL_IMAGES, seed=0, size=64)
+    return root
+
+
+@pytest.fixture(scope="session")
+def vqa_shards(synthetic_vqa, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("vqa_shards")
+    make_shards_main(["--source", "vqa", "--root", str(synthetic_vqa), "--name", "synthetic_vqa", "--out", str(out),
+                      "--shard-samples", "20", "--workers", "1", "--quiet"])
     return {"train": out / "train", "val": out / "val"}
 
 

@@ -26,7 +26,7 @@ class BaseSection:
 @dataclass
 class LMSection:
     name: str = _help("causal LM: Hugging Face name or local directory (with a pretraining export as base)",
-                      "data/caption-lm")
+                      "runs/caption-lm/export")
     image_tokens: int = _help("image tokens in the LM's input (0: every encoder token state; mlp: N pooled, a "
                               "square; resampler: N learned queries)", 16)
     projector: str = _help("mlp | resampler", "mlp")

@@ -70,7 +70,8 @@ def write_run_files(setup: Setup) -> None:
     run_path = setup.recipe.run_path
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "recipe.yaml").write_text(yaml.safe_dump(asdict(setup.recipe), sort_keys=False))
-    (run_path / "model_config.json").write_text(json.dumps(asdict(setup.model_config), indent=2))
+    if setup.model_config is not None:  # a task without our model (the caption LM) has none
+        (run_path / "model_config.json").write_text(json.dumps(asdict(setup.model_config), indent=2))
     setup.tokenizer.save_pretrained(str(run_path / "tokenizer"))  # data.tokenizer's folder may be remade later
 
 
@@ -143,7 +144,8 @@ def run(setup: Setup, resume: str, stop_signals: StopSignals, watchdog: Watchdog
     if rank == 0:
         print(f"[vlpretrain] world_size={world} zero_stage={zero_stage(setup.ds_config)} "
               f"bf16={'on' if engine.bfloat16_enabled() else 'off'} dtype={dtype} "
-              f"attention={setup.model_config.attention} resume_step={step} run={run_path}", flush=True)
+              f"attention={getattr(setup.model_config, 'attention', 'transformers')} resume_step={step} "
+              f"run={run_path}", flush=True)
     samples_per_step = schedule.micro_batch_size * schedule.grad_accum * world
     window = ThroughputWindow(setup.task.flops_per_sample(setup), samples_per_step, world, recipe.logging.peak_tflops)
     nonfinite = NonFiniteSteps(recipe.optim.max_nonfinite_steps, partial(newest_checkpoint, ckpt_dir), rank == 0)

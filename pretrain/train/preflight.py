@@ -27,7 +27,7 @@ from pretrain.train.task import PretrainTask
 class Setup:
     recipe: Recipe
     tokenizer: object
-    model_config: ModelConfig
+    model_config: ModelConfig | None  # None for a task without our model (the caption LM)
     ds_config: dict
     world_size: int
     warnings: list[str] = field(default_factory=list)  # printed by rank 0 (and --validate-only)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_model
 
 from data_pipeline.lm_tokenizer import train_lm_tokenizer
-from pretrain.caption_lm import build_lm
+from pretrain.caption_lm.task import build_lm
 from pretrain.model import ALBEF
 from tests.helpers.model import tiny_config
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import webdataset as wds
 
+from data_pipeline.lm_tokenizer import shard_texts
 from data_pipeline.make_instructions import main as make_instructions
-from pretrain.caption_lm import shard_texts
 from pretrain.model.multimodal_lm import MultimodalLM
 from tests.helpers.jobs import PORT, check, losses, run
 from tests.helpers.multimodal import write_export, write_lm

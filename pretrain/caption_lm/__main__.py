@@ -1,0 +1,5 @@
+import sys
+
+from pretrain.caption_lm.cli import main
+
+sys.exit(main())
