@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 comma := ,
 
-.PHONY: env test lint shards vqa-shards tokenizer pretrain finetune instruct bench-data bench-model zeroshot-data prompting clean
+.PHONY: env test lint shards vqa-shards tokenizer pretrain finetune instruct instruct-templates bench-data bench-model zeroshot-data prompting clean
 
 env: $(VENV)/.installed
 
@@ -167,13 +167,18 @@ instruct: env
 		$(PY) -m data_pipeline.lm_tokenizer --shards data/shards/synthetic/train --out $(CAPTION_LM_TOKENIZER)
 	@test -f $(CAPTION_LM)/config.json || ENTRY=caption_lm GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh \
 		--recipe caption_lm_synthetic --lm.tokenizer $(CAPTION_LM_TOKENIZER) --resume auto
-	@test -f $(INSTRUCT_DIR)/val/manifest.json || \
-		$(PY) -m data_pipeline.make_instructions --captions data/shards/synthetic --out $(INSTRUCT_DIR)
+	@test -f $(VQA_SHARDS_DIR)/val/manifest.json || $(MAKE) --no-print-directory vqa-shards
+	@test -f $(INSTRUCT_DIR)/val/manifest.json || $(PY) -m data_pipeline.make_instructions \
+		--captions data/shards/synthetic --vqa $(VQA_SHARDS_DIR) --out $(INSTRUCT_DIR)
 	ENTRY=instruct GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh --recipe instruct_stage1_synthetic \
 		--base.path $(BASE) --lm.name $(CAPTION_LM) --data.train $(INSTRUCT_DIR)/train --data.val $(INSTRUCT_DIR)/val \
 		--resume auto $(ARGS)
 	ENTRY=instruct GPUS_PER_NODE=$(RANKS) PYTHON=$(PY) bash launch/pretrain.sh --recipe instruct_stage2_synthetic \
 		--data.train $(INSTRUCT_DIR)/train --data.val $(INSTRUCT_DIR)/val --resume auto $(ARGS)
+
+# one captioning template against six, both models the same steps and data, on held-out phrasings (T0/FLAN)
+instruct-templates: instruct
+	$(PY) -m benchmarks.bench_instruct_templates --base $(BASE) --lm $(CAPTION_LM) --vqa $(VQA_SHARDS_DIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

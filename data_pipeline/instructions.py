@@ -18,6 +18,7 @@ included, has label -100. `<image>` is expanded to one token per image embedding
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import torch
 
@@ -61,11 +62,21 @@ def caption_conversation(captions: list[str], instruction: str, follow_up: str |
 
 def sample_caption_conversation(captions: list[str], templates: tuple[str, ...], rng: random.Random,
                                 multi_turn: float) -> tuple[list[dict], str]:
-    """A conversation with a random template and caption order; returns it and the template used."""
+    """A conversation with a random template and caption order; returns it and the template used.
+
+    The template takes one draw whatever their number, so sets made with one template and with several
+    hold the same captions and turns (the T0/FLAN comparison's same data)."""
     captions = rng.sample(captions, len(captions))
-    template = rng.choice(templates)
+    template = templates[int(rng.random() * len(templates))]
     follow_up = rng.choice(FOLLOW_UPS) if rng.random() < multi_turn else None
     return caption_conversation(captions, template, follow_up), template
+
+
+def vqa_conversation(question: str, answers: list[str]) -> tuple[list[dict], str]:
+    """A VQA question as an instruction (the question itself) answered by its commonest annotator answer (the
+    first of equally common ones); returns the conversation and that answer."""
+    answer = Counter(answers).most_common(1)[0][0]
+    return [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}, {"role": "assistant", "content": answer}], answer
 
 
 def has_assistant_turn(messages: list[dict]) -> bool:
@@ -161,7 +172,6 @@ def check_instruction_set(paths: list[str], peek: int = 16) -> None:
 
     (The loader still skips, and counts, any later sample without one.)"""
     import json
-    from collections import Counter
 
     from data_pipeline.samples import read_samples
 

@@ -1,12 +1,16 @@
-"""Caption shards -> instruction conversations, written as WebDataset shards with a manifest.
+"""Caption shards and VQA shards -> instruction conversations, written as WebDataset shards with a manifest.
 
-    python -m data_pipeline.make_instructions --captions data/shards/synthetic --out data/shards/synthetic_instruct
+    python -m data_pipeline.make_instructions --captions data/shards/synthetic --vqa data/shards/synthetic_vqa \
+        --out data/shards/synthetic_instruct
 
 Every sample is KEY.jpg (the caption shard's image bytes, unchanged) + KEY.txt (its first caption) + KEY.json:
 `conversations` (chat messages, data_pipeline.instructions), `task`, `template`, `held_out` and `captions`
 (every reference caption). The train split draws its instructions from the training templates
 (`--train-templates 1`: the first one only, the single-template baseline of the T0/FLAN comparison); the
-val split uses the held-out templates, which no training set ever sees. Conversations stay LM-agnostic:
+val split uses the held-out templates, which no training set ever sees. With --vqa (shards of the VQA v2
+layout, `make vqa-shards`: one sample per question), each question becomes a conversation of its own after
+the captions: the question itself is the instruction and the commonest annotator answer the assistant's
+turn; its json keeps `question`, `answers` and `question_type` for evaluation. Conversations stay LM-agnostic:
 the LM's tokenizer renders them when a run loads them. Shards are written as NAME.tmp and renamed when
 whole; the manifest is written last.
 """
@@ -14,6 +18,7 @@ whole; the manifest is written last.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -25,7 +30,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_pipeline.errors import DataError
-from data_pipeline.instructions import CAPTION_TEMPLATES, sample_caption_conversation
+from data_pipeline.instructions import CAPTION_TEMPLATES, sample_caption_conversation, vqa_conversation
 from data_pipeline.make_shards import DEFAULT_MIN_SHARDS, DEFAULT_SHARD_SAMPLES, samples_per_shard
 from data_pipeline.manifest import MANIFEST, file_sha256, write_json_atomic
 from data_pipeline.samples import parse_sample, read_samples
@@ -55,6 +60,26 @@ def instruction_samples(split_dir: Path, split: str, args: argparse.Namespace, s
         yield {"__key__": parsed.key, image_ext: parsed.image, "txt": parsed.captions[0], "json": json.dumps(meta)}
 
 
+def vqa_samples(split_dir: Path, skipped: Counter):
+    """One conversation per VQA question (its sample's text), answered by the commonest annotator answer."""
+    paths = [shard.path for shard in resolve_shards(str(split_dir)).shards]
+    for raw in read_samples(paths, skipped):
+        parsed = parse_sample(raw, skipped)
+        if parsed is None:
+            continue
+        answers = [str(a) for a in parsed.meta.get("answers") or []]
+        if not answers:
+            skipped["no_answer"] += 1
+            continue
+        image_ext = next(ext for ext in ("jpg", "jpeg", "png", "webp") if ext in raw)
+        question = parsed.captions[0]
+        messages, answer = vqa_conversation(question, answers)
+        meta = {"task": "vqa", "template": "question", "held_out": False, "conversations": messages,
+                "question": question, "answer": answer, "answers": answers,
+                "question_type": parsed.meta.get("question_type", "")}
+        yield {"__key__": f"vqa_{parsed.key}", image_ext: parsed.image, "txt": question, "json": json.dumps(meta)}
+
+
 def write_split(split: str, args: argparse.Namespace) -> dict:
     out = Path(args.out) / split
     out.mkdir(parents=True, exist_ok=True)
@@ -68,9 +93,15 @@ def write_split(split: str, args: argparse.Namespace) -> dict:
         shards.append(entry)
 
     source = Path(args.captions) / split
-    per_shard = samples_per_shard(resolve_shards(str(source)).num_samples, args.shard_samples, args.min_shards)
+    total = resolve_shards(str(source)).num_samples
     samples = instruction_samples(source, split, args, skipped)
+    if args.vqa:
+        total += resolve_shards(str(Path(args.vqa) / split)).num_samples
+        samples = itertools.chain(samples, vqa_samples(Path(args.vqa) / split, skipped))
+    per_shard = samples_per_shard(total, args.shard_samples, args.min_shards)
+    tasks = Counter()
     for sample in tqdm(samples, desc=f"{split} instructions", disable=args.quiet):
+        tasks["vqa" if sample["__key__"].startswith("vqa_") else "caption"] += 1
         if writer is None:
             entry = {"name": f"{split}-{len(shards):06d}.tar", "num_samples": 0, "skipped": {}}
             writer = wds.TarWriter(str(out / (entry["name"] + ".tmp")), mtime=0)
@@ -86,11 +117,12 @@ def write_split(split: str, args: argparse.Namespace) -> dict:
                         "rebuild the caption shards with make shards")
     templates, held_out = split_templates(split, args.train_templates)
     manifest = {
-        "options": {"format": FORMAT, "source": str(args.captions), "split": split, "seed": args.seed,
+        "options": {"format": FORMAT, "source": str(args.captions), "vqa": args.vqa, "split": split, "seed": args.seed,
                     "templates": list(templates), "held_out_templates": held_out, "multi_turn": args.multi_turn,
                     "shard_samples": args.shard_samples, "min_shards": args.min_shards},
         "shards": shards, "num_shards": len(shards), "num_samples": sum(s["num_samples"] for s in shards),
-        "bytes": sum(s["bytes"] for s in shards), "skipped": dict(sorted(skipped.items())),
+        "bytes": sum(s["bytes"] for s in shards), "tasks": dict(sorted(tasks.items())),
+        "skipped": dict(sorted(skipped.items())),
     }  # fmt: skip
     for stale in out.glob(f"{split}-*.tar"):
         if stale.name not in {s["name"] for s in shards}:
@@ -104,6 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", default="data/shards/synthetic",
                         help="caption shard set: a directory with one sub-directory per split (make shards output)")
+    parser.add_argument("--vqa", default=None,
+                        help="VQA shard set (make vqa-shards: data/shards/synthetic_vqa) whose questions become "
+                             "conversations too (default: none)")
     parser.add_argument("--out", default="data/shards/synthetic_instruct", help="output directory (one per split)")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to convert (default: train val)")
     parser.add_argument("--train-templates", type=int, default=0,
@@ -129,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for split in args.splits:
             manifest = write_split(split, args)
-            print(f"{split}: {manifest['num_samples']} conversations in {manifest['num_shards']} shards -> "
+            print(f"{split}: {manifest['num_samples']} conversations ({manifest['tasks']}) in {manifest['num_shards']} "
+                  f"shards -> "
                   f"{Path(args.out) / split}; skipped: {manifest['skipped'] or 'nothing'}")
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

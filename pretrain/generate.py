@@ -4,18 +4,21 @@
     python -m pretrain.generate --checkpoint RUN/export --data data/shards/synthetic_instruct/val --out answers.jsonl
 
 With --data, each sample's first user turn is the prompt (instruction shards; --prompt for caption shards),
-one JSON line per sample (key, prompt, answer, references) is written, and when the samples carry
-reference captions their BLEU-4, CIDEr and scene-word match go to instruct_eval.json beside the JSONL.
+one JSON line per sample (key, task, prompt, answer, references) is written, and instruct_eval.json beside
+the JSONL holds the captions' BLEU-4, CIDEr and scene-word match and the VQA questions' exact-match accuracy
+per question type against the majority-answer baseline (--limit: at most N samples of each task).
 Decoding is the LM's generate(): greedy by default, --num-beams N, or --do-sample with --temperature/--top-p.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -24,9 +27,12 @@ from data_pipeline.images import ImageRejected
 from data_pipeline.instructions import IMAGE_TOKEN, tokenize_prompt
 from data_pipeline.samples import parse_sample, read_samples
 from data_pipeline.transforms import eval_image, normalize
+from pretrain.eval.answers import vqa_exact_match
 from pretrain.eval.captioning import caption_scores
 from pretrain.model.multimodal_lm import MultimodalLM, MultimodalLMError
 from pretrain.train.reliability.files import replace_text
+
+EXAMPLES = 4  # rows of each task kept with their pixels for the example page
 
 
 def user_turn(prompt: str) -> list[dict]:
@@ -45,54 +51,81 @@ def answer_batch(model: MultimodalLM, images: list[torch.Tensor], prompts: list[
     return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
 
-def shard_requests(spec: str, default_prompt: str, image_size: int, skipped: Counter):
-    """(key, pixels, prompt messages, reference captions) per usable sample."""
+class Request(NamedTuple):
+    key: str
+    pixels: torch.Tensor
+    prompt: list[dict]  # the messages up to the first answer
+    meta: dict  # the sample's json: task, references (captions or VQA answers), question_type
+
+
+def shard_requests(spec: str, default_prompt: str, image_size: int, skipped: Counter, limit: int):
+    """A Request per usable sample, at most `limit` per task (0: all); images decoded only for those taken."""
+    taken: Counter = Counter()
     for raw in read_samples([s.path for s in resolve_shards(spec).shards], skipped):
         parsed = parse_sample(raw, skipped)
         if parsed is None:
+            continue
+        meta = {"task": "caption", "captions": parsed.captions, **parsed.meta}
+        if limit and taken[meta["task"]] >= limit:
             continue
         try:
             pixels = eval_image(parsed.image, size=image_size)
         except ImageRejected as rejected:
             skipped[rejected.reason] += 1
             continue
-        turns = json.loads(raw["json"]).get("conversations") if "json" in raw else None
-        prompt = turns[:1] if turns else user_turn(default_prompt)
-        yield parsed.key, pixels, prompt, parsed.captions
+        taken[meta["task"]] += 1
+        turns = meta.get("conversations")
+        yield Request(parsed.key, pixels, turns[:1] if turns else user_turn(default_prompt), meta)
+
+
+def answer_row(request: Request, answer: str) -> dict:
+    meta = request.meta
+    row = {"key": request.key, "task": meta["task"], "prompt": request.prompt[-1]["content"], "answer": answer}
+    if meta["task"] == "vqa":
+        return {**row, "question_type": meta.get("question_type", ""), "reference": meta.get("answer", "")}
+    return {**row, "references": meta.get("captions", [])}
 
 
 def answer_shards(model: MultimodalLM, spec: str, prompt: str, limit: int, batch_size: int,
-                  options: dict) -> tuple[list[dict], Counter]:
-    """One row (key, prompt, answer, references) per usable sample, at most `limit` (0: all); skip counts."""
-    skipped, rows = Counter(), []
-    requests = shard_requests(spec, prompt, model.encoder_config.image_size, skipped)
-    while len(rows) < limit or not limit:
-        chunk = [r for _, r in zip(range(batch_size if not limit else min(batch_size, limit - len(rows))), requests)]
-        if not chunk:
-            break
-        answers = answer_batch(model, [c[1] for c in chunk], [c[2] for c in chunk], options)
-        rows += [{"key": k, "prompt": p[-1]["content"], "answer": a, "references": refs}
-                 for (k, _, p, refs), a in zip(chunk, answers)]
-    return rows, skipped
+                  options: dict) -> tuple[list[dict], Counter, list[tuple[dict, torch.Tensor]]]:
+    """One row (key, task, prompt, answer, references) per usable sample, at most `limit` per task (0: all);
+    skip counts; the pixels of the first EXAMPLES rows of each task (the example page)."""
+    skipped, rows, examples, per_task = Counter(), [], [], Counter()
+    requests = shard_requests(spec, prompt, model.encoder_config.image_size, skipped, limit)
+    while chunk := list(itertools.islice(requests, batch_size)):
+        answers = answer_batch(model, [c.pixels for c in chunk], [c.prompt for c in chunk], options)
+        for request, answer in zip(chunk, answers):
+            rows.append(answer_row(request, answer))
+            per_task[request.meta["task"]] += 1
+            if per_task[request.meta["task"]] <= EXAMPLES:
+                examples.append((rows[-1], request.pixels))
+    return rows, skipped, examples
 
 
 def shard_metrics(rows: list[dict], skipped: Counter) -> dict:
+    """Captioning metrics of the caption rows with references, VQA exact match of the VQA rows."""
     metrics = {"samples": len(rows), "skipped": dict(skipped)}
-    if rows and all(r["references"] for r in rows):
-        metrics["captioning"] = caption_scores({r["key"]: r["answer"] for r in rows},
-                                               {r["key"]: r["references"] for r in rows})
+    captions = [r for r in rows if r["task"] == "caption" and r["references"]]
+    if captions:
+        metrics["captioning"] = caption_scores({r["key"]: r["answer"] for r in captions},
+                                               {r["key"]: r["references"] for r in captions})
+    questions = [r for r in rows if r["task"] == "vqa"]
+    if questions:
+        metrics["vqa"] = vqa_exact_match(questions)
     return metrics
 
 
-def caption_metrics(model: MultimodalLM, spec: str, limit: int, batch_size: int, max_new_tokens: int) -> dict:
-    """Greedy answers to a held-out instruction set, scored against its reference captions."""
-    rows, skipped = answer_shards(model, spec, "Describe the image briefly.", limit, batch_size,
-                                  {"max_new_tokens": max_new_tokens, "do_sample": False})
-    return {**shard_metrics(rows, skipped), "examples": rows[:8]}
+def instruct_metrics(model: MultimodalLM, spec: str, limit: int, batch_size: int,
+                     max_new_tokens: int) -> tuple[dict, list[tuple[dict, torch.Tensor]]]:
+    """Greedy answers to a held-out instruction set (at most `limit` per task), scored against its references;
+    and the example rows with their pixels."""
+    rows, skipped, examples = answer_shards(model, spec, "Describe the image briefly.", limit, batch_size,
+                                            {"max_new_tokens": max_new_tokens, "do_sample": False})
+    return {**shard_metrics(rows, skipped), "examples": [row for row, _ in examples]}, examples
 
 
 def run_shards(model: MultimodalLM, args, options: dict) -> dict:
-    rows, skipped = answer_shards(model, args.data, args.prompt, args.limit, args.batch_size, options)
+    rows, skipped, _ = answer_shards(model, args.data, args.prompt, args.limit, args.batch_size, options)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     replace_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     metrics = shard_metrics(rows, skipped)
@@ -127,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         model = MultimodalLM.from_pretrained(args.checkpoint).eval()
         if args.data:
             metrics = run_shards(model, args, options)
-            print(json.dumps(metrics.get("captioning", metrics)))
+            print(json.dumps({k: metrics[k] for k in ("captioning", "vqa") if k in metrics} or metrics))
             print(f"wrote {args.out} ({metrics['samples']} answers; skipped: {metrics['skipped'] or 'nothing'})")
             return 0
         try:

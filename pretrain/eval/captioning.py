@@ -1,5 +1,6 @@
 """Captioning metrics: BLEU-4 and CIDEr from pycocoevalcap (the COCO caption evaluation code), and, for the
-synthetic scenes, the fraction of captions that name exactly the scene's shapes and colors.
+synthetic scenes, grounding: the fraction of captions that name exactly the scene's shapes and colors
+(`scene_match`), and each part alone: its shape kinds, its shape colors, its background, its number of shapes.
 
 Captions are cleaned as the project cleans every caption (lowercase, punctuation to spaces) instead of
 with pycocoevalcap's PTBTokenizer, which needs Java; CIDEr's document frequencies come from the
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from data_pipeline.synthetic import COLORS, SHAPES
+from data_pipeline.synthetic import BACKGROUNDS, COLORS, SHAPES
 from data_pipeline.text import clean_caption
 
 SCENE_WORDS = frozenset((*SHAPES, *COLORS))
@@ -30,7 +31,7 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
         bleu, _ = Bleu(4).compute_score(gts, res)
         cider, _ = Cider().compute_score(gts, res)
     return {"bleu4": float(bleu[3]), "cider": float(cider), "scene_match": scene_match(predictions, references),
-            "captions": len(predictions)}
+            **grounding(predictions, references), "captions": len(predictions)}
 
 
 def scene_words(caption: str) -> set[str]:
@@ -42,3 +43,22 @@ def scene_match(predictions: dict[str, str], references: dict[str, list[str]]) -
     (every reference of a synthetic scene names the same shapes and colors)."""
     hits = sum(scene_words(p) == scene_words(references[k][0]) for k, p in predictions.items())
     return hits / len(predictions)
+
+
+def scene_parts(caption: str) -> dict:
+    """What a synthetic caption says of its scene: shape kinds, shape colors, background, number of shapes
+    (shape nouns named; every caption names each shape once)."""
+    words = clean_caption(caption).split()
+    return {"shape": set(words) & set(SHAPES), "color": set(words) & set(COLORS),
+            "background": set(words) & set(BACKGROUNDS), "count": sum(w in SHAPES for w in words)}
+
+
+def grounding(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """{"shape_match", "color_match", "background_match", "count_match"}: the fraction of predictions whose part
+    equals that of the scene's first reference."""
+    hits = dict.fromkeys(("shape", "color", "background", "count"), 0)
+    for key, prediction in predictions.items():
+        said, truth = scene_parts(prediction), scene_parts(references[key][0])
+        for part in hits:
+            hits[part] += said[part] == truth[part]
+    return {f"{part}_match": n / len(predictions) for part, n in hits.items()}

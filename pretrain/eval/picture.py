@@ -215,3 +215,36 @@ def curve_picture(curves: dict[str, list[tuple[float, float, float]]], title: st
         draw.line((PAD, y + LINE // 2, PAD + 20, y + LINE // 2), fill=colour, width=3)
         draw.text((PAD + 28, y), method, fill=INK, font=font)
     return to_uint8_tensor(canvas)
+
+
+ANSWER_TEXT = 480  # width of an example's text column
+
+
+def answers_picture(examples: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:
+    """uint8 [3, H, W]: one row per example of a generative evaluation: the image (uint8 [3, h, w]) beside its
+    instruction, the model's answer and the reference, with a bar in green when the answer is right (a VQA
+    answer equal to the commonest annotator answer, a caption naming exactly the scene's shapes and colours)
+    and red otherwise."""
+    from pretrain.eval.answers import answer_is_right
+
+    font = ImageFont.load_default(size=12)
+    text_left = 2 * PAD + THUMB + BAR + 4
+    row_height = max(THUMB, 6 * LINE) + PAD
+    canvas = Image.new("RGB", (text_left + ANSWER_TEXT + PAD, TITLE + len(examples) * row_height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PAD, PAD // 2), "instruction, answer (green: right), reference", fill=INK, font=font)
+    for n, (row, pixels) in enumerate(examples):
+        top = TITLE + n * row_height
+        thumb = Image.frombytes("RGB", tuple(pixels.shape[2:0:-1]), pixels.permute(1, 2, 0).contiguous().numpy()
+                                .tobytes()).resize((THUMB, THUMB), Image.Resampling.BICUBIC)
+        canvas.paste(thumb, (PAD, top))
+        draw.rectangle(_inclusive((2 * PAD + THUMB, top, 2 * PAD + THUMB + BAR, top + THUMB)),
+                       fill=HIT if answer_is_right(row) else MISS)
+        reference = row["reference"] if row["task"] == "vqa" else row["references"][0]
+        lines = []
+        for label, text in (("instruction", row["prompt"].replace("<image>", "").strip()), ("answer", row["answer"]),
+                            ("reference", reference)):
+            lines += _wrap(f"{label}: {text}", ANSWER_TEXT, font, max_lines=2)
+        for k, line in enumerate(lines):
+            draw.text((text_left, top + k * LINE), line, fill=INK, font=font)
+    return to_uint8_tensor(canvas)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from data_pipeline import make_train_loader
 from data_pipeline.instructions import tokenize_conversation
 from pretrain.distributed import rank
+from pretrain.eval.picture import answers_picture
 from pretrain.eval.retrieval import save_eval_json
 from pretrain.model.multimodal_lm import MultimodalLM, MultimodalLMOutput, QueryResampler
 from pretrain.train.metrics import TrainLog
@@ -118,14 +119,16 @@ class InstructTask:
         copy = gathered_copy(engine.module, self, setup)
         metrics = {}
         if dist.get_rank() == 0:
-            from pretrain.generate import caption_metrics
+            from pretrain.generate import instruct_metrics
 
-            metrics = caption_metrics(copy.eval(), eval_data, setup.recipe.eval.samples,
-                                      setup.recipe.eval.batch_size, setup.recipe.eval.max_new_tokens)
+            metrics, examples = instruct_metrics(copy.eval(), eval_data, setup.recipe.eval.samples,
+                                                 setup.recipe.eval.batch_size, setup.recipe.eval.max_new_tokens)
             save_eval_json(setup.recipe.run_path / "instruct_eval.json", metrics)
-            scores = metrics.get("captioning", {})
-            log.scalars(step, {f"eval/{k}": v for k, v in scores.items() if k != "captions"})
-            tqdm.write(f"[step {step}] captioning on held-out instructions: {json.dumps(scores)}")
+            log.scalars(step, eval_scalars(metrics))
+            if examples:
+                log.image("eval/instruct_examples", answers_picture(examples), step)
+            scores = {k: metrics[k] for k in ("captioning", "vqa") if k in metrics}
+            tqdm.write(f"[step {step}] held-out instructions: {json.dumps(scores)}")
         dist.barrier()
         return metrics
 
@@ -139,6 +142,16 @@ class InstructTask:
             copy.save_pretrained(out)
         dist.barrier()
         return out
+
+
+def eval_scalars(metrics: dict) -> dict[str, float]:
+    """TensorBoard's eval/*: the caption scores, and VQA accuracy and its baseline, overall and per type."""
+    scalars = {f"eval/{k}": v for k, v in metrics.get("captioning", {}).items() if k != "captions"}
+    vqa = metrics.get("vqa")
+    if vqa:
+        scalars |= {"eval/vqa_accuracy": vqa["accuracy"], "eval/vqa_majority_baseline": vqa["majority_baseline"]}
+        scalars |= {f"eval/vqa_{kind}_accuracy": t["accuracy"] for kind, t in vqa["per_type"].items()}
+    return scalars
 
 
 def conversation_targets(meta: dict, *, tokenizer, image_tokens: int, max_len: int) -> dict | None:

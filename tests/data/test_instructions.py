@@ -15,6 +15,7 @@ from data_pipeline.instructions import (
     check_instruction_set,
     tokenize_conversation,
     tokenize_prompt,
+    vqa_conversation,
 )
 from data_pipeline.lm_tokenizer import train_lm_tokenizer
 from data_pipeline.make_instructions import main as make_instructions
@@ -106,3 +107,40 @@ def test_single_template_set_and_a_set_without_assistant_turns(synthetic_shards,
             {"conversations": [{"role": "user", "content": "<image>\nhi"}]}).encode()})
     with pytest.raises(InstructionError, match="none of its first 1 samples has a conversation with an assistant"):
         check_instruction_set([str(bad)])
+
+
+def read_split(directory) -> list[dict]:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return [json.loads(sample["json"]) for shard in manifest["shards"]
+            for sample in wds.tariterators.tarfile_samples([{"url": str(directory / shard["name"])}])]
+
+
+def test_vqa_questions_become_conversations_answered_by_the_commonest_answer(synthetic_shards, vqa_shards, tmp_path):
+    assert make_instructions(["--captions", str(synthetic_shards["train"].parent), "--vqa",
+                              str(vqa_shards["train"].parent), "--out", str(tmp_path), "--quiet"]) == 0
+    for split in ("train", "val"):
+        manifest = json.loads((tmp_path / split / "manifest.json").read_text())
+        questions = resolve_shards(str(vqa_shards[split])).num_samples
+        assert manifest["tasks"] == {"caption": resolve_shards(str(synthetic_shards[split])).num_samples,
+                                     "vqa": questions}
+        vqa = [m for m in read_split(tmp_path / split) if m["task"] == "vqa"]
+        assert len(vqa) == questions and {m["question_type"] for m in vqa} == {"color", "shape", "count",
+                                                                             "background", "presence"}
+        for meta in vqa:
+            user, assistant = meta["conversations"]
+            assert user["content"] == f"{IMAGE_TOKEN}\n{meta['question']}" and not meta["held_out"]
+            assert assistant["content"] == meta["answer"] == max(set(meta["answers"]), key=meta["answers"].count)
+    assert vqa_conversation("q?", ["2", "3", "3", "2"])[1] == "2"  # equally common: the first given
+
+
+def test_one_template_and_many_templates_sets_hold_the_same_captions_and_turns(synthetic_shards, tmp_path):
+    captions = str(synthetic_shards["train"].parent)
+    sets = {}
+    for n in (1, 0):
+        make_instructions(["--captions", captions, "--out", str(tmp_path / str(n)), "--splits", "train", "--quiet",
+                           "--train-templates", str(n)])
+        sets[n] = read_split(tmp_path / str(n) / "train")
+    assert {m["template"] for m in sets[1]} == {CAPTION_TEMPLATES["train"][0]}
+    assert len({m["template"] for m in sets[0]}) > 1
+    strip = [[[t["content"] for t in m["conversations"][1:]] for m in sets[n]] for n in (1, 0)]
+    assert strip[0] == strip[1]  # everything but the first instruction is the same, sample for sample

@@ -38,3 +38,15 @@ def test_a_reference_caption_scores_bleu_1_and_more_cider_than_a_wrong_one():
     wrong = caption_scores({"a": "Two blue squares.", "b": "A red circle.", "c": "A red circle."}, REFERENCES)
     assert perfect["bleu4"] == pytest.approx(1.0) and perfect["scene_match"] == 1.0
     assert perfect["cider"] > wrong["cider"] and wrong["scene_match"] == 0.0
+
+
+def test_grounding_parts_each_compare_one_thing_the_caption_says_of_the_scene():
+    scene = "A large red circle in the top left and a small blue square at the bottom on a white background."
+    predictions = {
+        "all": "A small red circle in the top left and a small blue square on the left on a white background.",
+        "none": "A large green circle on a black background.",
+        "no_background": "A large blue circle in the center and a red square at the top on a gray background.",
+    }
+    scores = caption_scores(predictions, dict.fromkeys(predictions, [scene]))
+    assert {k: scores[f"{k}_match"] for k in ("scene", "shape", "color", "background", "count")} == pytest.approx(
+        {"scene": 2 / 3, "shape": 2 / 3, "color": 2 / 3, "background": 1 / 3, "count": 2 / 3})

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.make_instructions import main as make_instructions
+from data_pipeline.sources.vqa import normalise_answer
 from pretrain.generate import main as generate
 from pretrain.model.multimodal_lm import MultimodalLM
 from tests.helpers.multimodal import write_export, write_lm
@@ -36,16 +37,23 @@ def test_one_image_and_a_broken_one(saved, tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot decode image {image} (truncated_image)")
 
 
-def test_a_shard_set_gives_one_answer_per_sample_and_caption_metrics(saved, synthetic_shards, tmp_path):
-    make_instructions(["--captions", str(synthetic_shards["train"].parent), "--out", str(tmp_path / "set"),
-                       "--splits", "val", "--quiet", "--min-shards", "2"])
+def test_a_shard_set_gives_one_answer_per_sample_caption_metrics_and_vqa_accuracy(saved, synthetic_shards,
+                                                                                  vqa_shards, tmp_path):
+    make_instructions(["--captions", str(synthetic_shards["train"].parent), "--vqa", str(vqa_shards["val"].parent),
+                       "--out", str(tmp_path / "set"), "--splits", "val", "--quiet", "--min-shards", "2"])
     out = tmp_path / "new" / "answers.jsonl"  # a directory that does not exist yet
     args = ["--checkpoint", str(saved), "--data", str(tmp_path / "set" / "val"), "--out", str(out),
             "--max-new-tokens", "4", "--batch-size", "5", "--limit", "7", "--num-beams", "2"]
     assert generate(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 7 and len({r["key"] for r in rows}) == 7 and all(len(r["references"]) == 5 for r in rows)
-    assert all(r["prompt"].startswith("<image>\n") for r in rows)
+    captions, questions = ([r for r in rows if r["task"] == task] for task in ("caption", "vqa"))
+    assert len(captions) == len(questions) == 7 and len({r["key"] for r in rows}) == 14  # --limit: 7 per task
+    assert all(len(r["references"]) == 5 for r in captions) and all(r["prompt"].startswith("<image>\n") for r in rows)
+    assert all(r["prompt"].endswith("?") and r["reference"] for r in questions)  # the question itself
     metrics = json.loads((tmp_path / "new" / "instruct_eval.json").read_text())
-    assert metrics["samples"] == 7 and metrics["captioning"]["captions"] == 7
+    assert metrics["samples"] == 14 and metrics["captioning"]["captions"] == 7
     assert 0 <= metrics["captioning"]["bleu4"] <= 1
+    vqa = metrics["vqa"]
+    assert vqa["questions"] == 7 and sum(t["questions"] for t in vqa["per_type"].values()) == 7
+    right = sum(normalise_answer(r["answer"]) == r["reference"] for r in questions)
+    assert vqa["accuracy"] == pytest.approx(right / 7)  # an untrained model: most likely 0
