@@ -28,8 +28,10 @@ def make_set(args: argparse.Namespace, out: Path, split: str, templates: int) ->
 
 
 def train(args: argparse.Namespace, arm: str, stage: int, base: Path) -> Path:
-    """One stage of one arm; returns the run directory."""
+    """One stage of one arm (a finished one is kept: a rerun continues where it stopped); the run directory."""
     name = f"{arm}-stage{stage}"
+    if (args.run_dir / name / "export" / "multimodal_config.json").is_file():
+        return args.run_dir / name
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
     flags = ["--recipe", f"instruct_stage{stage}_synthetic", "--name", name, "--logging.run_dir", str(args.run_dir),
              "--base.path", str(base), "--lm.name", str(args.lm), "--data.train", str(args.run_dir / arm / "train"),

@@ -45,7 +45,7 @@ class StageSection:
 class InstructDataSection(DataSection):
     train: str = _help("instruction shards (python -m data_pipeline.make_instructions)",
                        "data/shards/synthetic_instruct/train")
-    val: str | None = _help("held-out instruction shards: captioning metrics at evaluation (None: none)",
+    val: str | None = _help("held-out instruction shards: captioning and VQA metrics at evaluation (None: none)",
                             "data/shards/synthetic_instruct/val")
     tokenizer: str | None = _help("the caption tokenizer the shared loader needs (None: the base export's "
                                   "tokenizer/); the LM's own tokenizer renders the conversations", None)
@@ -55,7 +55,7 @@ class InstructDataSection(DataSection):
 
 @dataclass
 class InstructEvalSection(EvalSection):
-    samples: int = _help("held-out samples captioned at each evaluation (0: all)", 64)
+    samples: int = _help("held-out samples of each task (captioning, VQA) answered at each evaluation (0: all)", 64)
     max_new_tokens: int = _help("longest answer generated at evaluation (greedy)", 48)
 
 

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import webdataset as wds
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_pipeline.lm_tokenizer import shard_texts
 from data_pipeline.make_instructions import main as make_instructions
@@ -25,10 +26,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def parts(synthetic_shards, tokenizer_dir, tmp_path_factory):
+def parts(synthetic_shards, vqa_shards, tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("instruct")
-    make_instructions(["--captions", str(synthetic_shards["train"].parent), "--out", str(root / "set"), "--quiet",
-                       "--min-shards", "4"])
+    make_instructions(["--captions", str(synthetic_shards["train"].parent), "--vqa", str(vqa_shards["train"].parent),
+                       "--out", str(root / "set"), "--quiet", "--min-shards", "4"])
     lm = write_lm(root / "lm", texts=shard_texts(str(synthetic_shards["train"])))  # fits the captions
     return {"root": root, "set": root / "set", "export": write_export(root / "export"), "lm": lm,
             "tokenizer": tokenizer_dir}
@@ -82,8 +83,14 @@ def test_a_two_rank_zero3_run_resumes_bit_exactly(jobs, parts):
         assert [losses(a)[s][key] for s in (1, 2, 3, 4)] == [losses(b)[s][key] for s in (1, 2, 3, 4)], key
     first, second = (MultimodalLM.from_pretrained(r / "export") for r in (a, b))
     assert digest(dict(first.named_parameters())) == digest(dict(second.named_parameters()))
-    evaluation = json.loads((a / "instruct_eval.json").read_text())
-    assert evaluation["samples"] == 4 and 0 <= evaluation["captioning"]["bleu4"] <= 1
+    evaluation = json.loads((a / "instruct_eval.json").read_text())  # eval.samples 4 of each task
+    assert evaluation["samples"] == 8 and evaluation["captioning"]["captions"] == evaluation["vqa"]["questions"] == 4
+    assert 0 <= evaluation["captioning"]["bleu4"] <= 1 and 0 <= evaluation["vqa"]["accuracy"] <= 1
+    events = EventAccumulator(str(a))
+    events.Reload()
+    assert "eval/instruct_examples" in events.Tags()["images"]  # the page of examples
+    assert {"eval/cider", "eval/color_match", "eval/vqa_accuracy", "eval/vqa_majority_baseline"} <= set(
+        events.Tags()["scalars"])
 
 
 def test_stage2_lora_from_the_stage1_export_trains_the_lm_and_exports_it_merged(jobs, parts):
