@@ -77,17 +77,16 @@ def draw_scene(scene: dict, size: int, rng: random.Random) -> Image.Image:
     return image
 
 
+def listing(shapes: list[dict], big: str = "large") -> str:
+    """The shapes as the captions name them: "a large red circle in the center, ... and a small ..."; `big` is
+    the word for a large shape (the captions say "large" or "big")."""
+    parts = [f"a {big if s['size'] == 'large' else 'small'} {s['color']} {s['kind']} {CELLS[s['cell']][1]}"
+             for s in shapes]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def captions_for(scene: dict, rng: random.Random) -> list[str]:
     """Five paraphrases, like COCO's five captions per image."""
-
-    def phrase(shape, big="large"):
-        size = big if shape["size"] == "large" else "small"
-        return f"a {size} {shape['color']} {shape['kind']} {CELLS[shape['cell']][1]}"
-
-    def listing(shapes, big="large"):
-        parts = [phrase(s, big) for s in shapes]
-        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
     shapes, bg = scene["shapes"], scene["background"]
     shuffled = rng.sample(shapes, len(shapes))
     return [

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from data_pipeline.synthetic import BACKGROUNDS, CELLS, COLORS, SHAPES, SIZES, draw_scene
+from data_pipeline.synthetic import BACKGROUNDS, CELLS, COLORS, COUNT_WORDS, SHAPES, SIZES, draw_scene, listing
 
 
 def _shape(rng: random.Random, **fixed) -> dict:
@@ -49,30 +49,53 @@ class Task:
     verbalizer: dict[str, list[str]]
 
 
+# The five forms of the training captions (data_pipeline.synthetic.captions_for), lowercase (prompts are cleaned as
+# the captions were), each with the word its listing uses for a large shape: {shapes} is the listing ("a large red
+# circle in the center and a small blue square on the left"), {background} the background, {count} the count words.
+CAPTION_FORMS = (("{shapes} on a {background} background", "large"), ("a {background} background with {shapes}", "big"),
+                 ("{count} on {background}: {shapes}", "large"),
+                 ("there is {shapes} against a {background} backdrop", "large"),
+                 ("{background} picture showing {shapes}", "big"))  # fmt: skip
+BACKGROUND_NAMES = tuple(sorted(BACKGROUNDS))
 COUNT_CLASSES = {"one": 1, "two": 2, "three": 3}
-TASKS = {
-    "shape": Task(
-        SHAPES, lambda rng, label: _scene(rng, 1, kind=label),
-        ("a {}.", "a large {}.", "a small {}.", "there is a {}.", "one shape: a {}."),
-        {kind: [kind] for kind in SHAPES},
-    ),
-    "color": Task(
-        tuple(sorted(COLORS)), lambda rng, label: _scene(rng, 1, color=label),
-        tuple(f"a {{}} {kind}." for kind in SHAPES),
-        {color: [color] for color in COLORS},
-    ),
-    "count": Task(
-        tuple(COUNT_CLASSES), lambda rng, label: _scene(rng, COUNT_CLASSES[label]),
-        ("{}.", "{} on white.", "{} on black.", "{} on gray."),
-        {"one": ["one shape"], "two": ["two shapes"], "three": ["three shapes"]},
-    ),
-    "background": Task(
-        tuple(sorted(BACKGROUNDS)), lambda rng, label: _scene(rng, rng.randint(1, 3), background=label),
-        ("a shape on a {} background.", "a {} background with a shape.", "{} picture showing a shape.",
-         "there is a shape against a {} backdrop."),
-        {background: [background] for background in BACKGROUNDS},
-    ),
-}  # fmt: skip
+DRAWS = 2  # scenes drawn per caption form and background for a task's templates
+COUNT_WORDS_PER_CLASS = 8  # listings drawn per count class
+
+
+def _fill(form: tuple[str, str], shapes: list[dict], background: str) -> str:
+    return form[0].format(shapes=listing(shapes, form[1]), background=background, count=COUNT_WORDS[len(shapes)])
+
+
+def _prompts(task: str) -> tuple[tuple[str, ...], dict[str, list[str]]]:
+    """A task's hand prompts, worded as the training captions: every caption form, with `{}` where the class goes
+    and the rest of the caption (sizes, colors, kinds, places, the background unless it is the class) drawn as the
+    generator draws scenes, so that the ensemble averages over what the class does not fix (as CLIP's templates
+    average over photo styles). Drawn from a stream keyed by the task alone: nothing is picked by accuracy."""
+    rng = random.Random(f"zeroshot-prompts-{task}")
+    if task == "count":  # captions state a count by listing the shapes: the label words are listings
+        forms = [form for form in CAPTION_FORMS if "{count}" not in form[0]]  # count words and listing: two slots
+        words = {name: [listing(_scene(rng, count)["shapes"]) for _ in range(COUNT_WORDS_PER_CLASS)]
+                 for name, count in COUNT_CLASSES.items()}
+        return tuple(form[0].format(shapes="{}", background=bg) for bg in BACKGROUND_NAMES for form in forms), words
+    if task == "background":
+        return (tuple(_fill(form, _scene(rng, rng.randint(1, 3))["shapes"], "{}")
+                      for _ in range(DRAWS * len(BACKGROUNDS)) for form in CAPTION_FORMS),
+                {background: [background] for background in BACKGROUND_NAMES})
+    slot = {"shape": "kind", "color": "color"}[task]
+    return (tuple(_fill(form, _scene(rng, 1, **{slot: "{}"})["shapes"], bg)
+                  for bg in BACKGROUND_NAMES for _ in range(DRAWS) for form in CAPTION_FORMS),
+            {name: [name] for name in (SHAPES if task == "shape" else sorted(COLORS))})
+
+
+_SCENES = {
+    "shape": lambda rng, label: _scene(rng, 1, kind=label),
+    "color": lambda rng, label: _scene(rng, 1, color=label),
+    "count": lambda rng, label: _scene(rng, COUNT_CLASSES[label]),
+    "background": lambda rng, label: _scene(rng, rng.randint(1, 3), background=label),
+}
+_CLASSES = {"shape": SHAPES, "color": tuple(sorted(COLORS)), "count": tuple(COUNT_CLASSES),
+            "background": BACKGROUND_NAMES}
+TASKS = {task: Task(_CLASSES[task], scene, *_prompts(task)) for task, scene in _SCENES.items()}
 
 
 def _write_image(job: tuple[str, str, str, int], *, out: Path, seed: int, size: int) -> None:

@@ -1,11 +1,14 @@
 """The held-out classification sets: classes, counts, prompt files, determinism, no training image."""
 
 import hashlib
+import random
 from pathlib import Path
 
 from data_pipeline.labelled_images import read_labelled_images
+from data_pipeline import clean_caption
+from data_pipeline.synthetic import captions_for, sample_scene
 from data_pipeline.synthetic import generate as generate_coco
-from data_pipeline.zeroshot_data import TASKS, generate
+from data_pipeline.zeroshot_data import CAPTION_FORMS, TASKS, _fill, _scene, generate
 from pretrain.eval.prompts import load_templates, load_verbalizer
 
 CLASSES = {"shape": ["circle", "diamond", "square", "triangle"],
@@ -37,3 +40,18 @@ def test_the_sets_are_deterministic_and_hold_no_image_of_the_captioned_set(tmp_p
     assert len(held_out) == (2 + 2) * (4 + 6 + 3 + 3)  # no two images alike
     generate_coco(tmp_path / "coco", train=200, val=20, size=32)
     assert not held_out & digests(tmp_path / "coco")
+
+
+def test_the_caption_forms_are_the_training_captions_and_every_prompt_uses_their_words():
+    rng = random.Random(0)
+    for _ in range(20):  # with one shape the listing order of a form does not matter
+        scene = _scene(rng, 1)
+        expected = [clean_caption(caption) for caption in captions_for(scene, rng)]
+        assert [clean_caption(_fill(form, scene["shapes"], scene["background"])) for form in CAPTION_FORMS] == expected
+    caption_words = {word for _ in range(300) for caption in captions_for(sample_scene(rng), rng)
+                     for word in clean_caption(caption).split()}
+    for task in TASKS.values():
+        prompts = [template.replace("{}", word) for template in task.templates for words in task.verbalizer.values()
+                   for word in words]
+        assert {word for prompt in prompts for word in clean_caption(prompt).split()} <= caption_words
+        assert len(set(task.templates)) == len(task.templates)  # every drawn template differs
