@@ -9,7 +9,7 @@ it adds [CLS] ... [SEP] around every text. Captions are cleaned exactly as the l
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from data_pipeline.errors import DataError
 from data_pipeline.shards import resolve_shards
@@ -30,18 +30,42 @@ def shard_captions(spec: str) -> Iterator[str]:
             yield clean_caption(caption)
 
 
-def train_tokenizer(captions: Iterator[str], out: str, vocab_size: int = 8000, min_frequency: int = 2) -> None:
+def continuation_tokens(tokenizer, captions: list[str], prefix: str = "##") -> list[str]:
+    """Every character that follows another inside a word, with the WordPiece prefix, in code-point order."""
+    chars = {char for caption in captions
+             for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(caption))
+             for char in word[1:]}
+    return [prefix + char for char in sorted(chars)]
+
+
+def train_tokenizer(captions: Iterable[str], out: str, vocab_size: int = 8000, min_frequency: int = 2) -> None:
+    """Train and save; the same captions give the same bytes, in any order.
+
+    The `tokenizers` trainer numbers the "##c" continuation tokens in the hash order of the words it counted, and
+    breaks ties between equally frequent merges by token id, so two trainings on the same captions can differ in
+    ids and in tokens (huggingface/tokenizers#1794). We number those tokens ourselves: the trainer gets them as
+    extra special tokens, in code-point order, right after the real special tokens, so every id it compares is
+    fixed; the saved tokenizer is rebuilt from the trained vocabulary with only the real special tokens.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
+    def empty(model) -> Tokenizer:
+        tokenizer = Tokenizer(model)
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        return tokenizer
+
+    captions = list(captions)
+    trained = empty(models.WordPiece(unk_token="[UNK]"))
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
-    tokenizer.train_from_iterator(captions, trainer=trainer)
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        special_tokens=SPECIAL_TOKENS + continuation_tokens(trained, captions),
+    )  # fmt: skip
+    trained.train_from_iterator(captions, trainer=trainer)
+    tokenizer = empty(models.WordPiece(trained.get_vocab(with_added_tokens=False), unk_token="[UNK]"))
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 from data_pipeline import DataError, clean_caption, load_tokenizer
 from data_pipeline.masking import mask_tokens
 from data_pipeline.text import caption_normalizer
+from data_pipeline.train_tokenizer import SPECIAL_TOKENS, shard_captions, train_tokenizer
 
 
 def test_clean_caption_lowercases_strips_punctuation_and_caps_words():
@@ -41,6 +42,20 @@ def test_tokenizer_loads_with_auto_tokenizer_and_bert_specials(tokenizer_dir):
     assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
     assert ids == tokenizer("a red circle")["input_ids"]  # lowercasing
     assert tokenizer.unk_token_id not in ids  # caption words are in the vocabulary
+
+
+def test_training_on_the_same_captions_gives_the_same_tokenizer_bytes(synthetic_shards, tokenizer_dir, tmp_path):
+    """The session tokenizer trained again, and on the captions reversed: byte-identical files (the trainer alone
+    numbers continuation tokens in hash order, and ties between merges then go either way)."""
+    captions = list(shard_captions(str(synthetic_shards["train"])))
+    for name, order in (("again", captions), ("reversed", captions[::-1])):
+        train_tokenizer(iter(order), str(tmp_path / name), vocab_size=500, min_frequency=1)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            assert (tmp_path / name / file).read_bytes() == (tokenizer_dir / file).read_bytes(), (name, file)
+    vocab = AutoTokenizer.from_pretrained(str(tokenizer_dir)).get_vocab()
+    ordered = sorted(vocab, key=vocab.get)
+    continuation = [token for token in ordered if token.startswith("##") and len(token) == 3]
+    assert ordered[: len(SPECIAL_TOKENS) + len(continuation)] == SPECIAL_TOKENS + sorted(continuation)
 
 
 def test_load_tokenizer_missing_or_broken_is_a_data_error_naming_the_fix(tmp_path):
