@@ -70,8 +70,8 @@ def test_learned_context_lowers_the_loss_and_changes_no_encoder_weight(tokenizer
     start = context.vectors.detach().clone()
     verbalizer = {"one": ["one shape"], "two": ["two shapes"], "three": ["three shapes", "3 shapes"]}
     classifier = ContextClassifier(model, tokenizer, context, verbalizer, list(verbalizer), 32)
-    # the session tokenizer numbers equally frequent tokens in hash order, so the label words' ids vary between
-    # sessions; 30 steps once left the shared context at 0.56 of its starting loss
+    # with the session tokenizer (deterministic since train_tokenizer numbers continuation tokens itself) 30 steps
+    # leave the shared context at 0.54 of its starting loss, 100 steps at 0.24
     losses = train_context(classifier, feats, labels, scale=20.0, steps=100, lr=2e-2)
     assert losses[-1] < 0.5 * losses[0]
     assert digest(model) == before
