@@ -4,8 +4,8 @@ import hashlib
 import random
 from pathlib import Path
 
-from data_pipeline.labelled_images import read_labelled_images
 from data_pipeline import clean_caption
+from data_pipeline.labelled_images import read_labelled_images
 from data_pipeline.synthetic import captions_for, sample_scene
 from data_pipeline.synthetic import generate as generate_coco
 from data_pipeline.zeroshot_data import CAPTION_FORMS, TASKS, _fill, _scene, generate
