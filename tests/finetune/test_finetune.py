@@ -4,7 +4,8 @@
   still has the base export's digest; the same under ZeRO-2, where nothing is partitioned;
 - jobs launched as users launch them (ENTRY=finetune bash launch/pretrain.sh): LoRA for 4 steps, and the same
   stopped at step 2 and resumed: same losses, same saved weights; the saved adapter on the base export
-  reproduces the run's VQA accuracy; checkpoints hold no base weight;
+  reproduces the run's VQA accuracy; checkpoints hold no base weight; the same job on two "nodes" of one rank each
+  (`NO_SSH=1 NODE_RANK=0/1`) trains like the one-node job;
 - bad input is one `error:` line before any rank starts.
 """
 
@@ -34,7 +35,7 @@ from pretrain.train.engine import build_engine
 from pretrain.train.loop import train_step
 from pretrain.train.recipe import RecipeError
 from pretrain.train.reliability.watchdog import Watchdog
-from tests.helpers.jobs import PORT, check, losses, run
+from tests.helpers.jobs import PORT, check, losses, run, run_together
 from tests.helpers.ranks import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -119,17 +120,38 @@ def test_every_peft_method_leaves_the_base_bit_identical(stage, vqa_shards, base
                 assert got["frozen_held"] == got["frozen_total"]
 
 
+JOB_ENV = {"ENTRY": "finetune", "GPUS_PER_NODE": "2", "MASTER_PORT": PORT}
+
+
 @pytest.fixture(scope="module")
-def jobs(vqa_shards, base_export, tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune_runs")
-    env = {"ENTRY": "finetune", "GPUS_PER_NODE": "2", "MASTER_PORT": PORT}
-    out = {"root": root}
-    out["A"] = check(run(["bash", "launch/pretrain.sh", *flags(vqa_shards, base_export, root, name="A")], env=env))
-    out["B1"] = check(run(["bash", "launch/pretrain.sh",
-                           *flags(vqa_shards, base_export, root, name="B", **{"schedule.exit_at_step": 2})], env=env))
-    out["B2"] = check(run(["bash", "launch/pretrain.sh", *flags(vqa_shards, base_export, root, name="B"),
-                           "--resume", "auto"], env=env))
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("finetune_runs")
+
+
+@pytest.fixture(scope="module")
+def job_a(vqa_shards, base_export, runs_root):
+    return check(run(["bash", "launch/pretrain.sh", *flags(vqa_shards, base_export, runs_root, name="A")], env=JOB_ENV))
+
+
+@pytest.fixture(scope="module")
+def jobs(job_a, vqa_shards, base_export, runs_root):
+    out = {"root": runs_root, "A": job_a}
+    out["B1"] = check(run(["bash", "launch/pretrain.sh", *flags(vqa_shards, base_export, runs_root, name="B",
+                                                                **{"schedule.exit_at_step": 2})], env=JOB_ENV))
+    out["B2"] = check(run(["bash", "launch/pretrain.sh", *flags(vqa_shards, base_export, runs_root, name="B"),
+                           "--resume", "auto"], env=JOB_ENV))
     return out
+
+
+@pytest.fixture(scope="module")
+def two_nodes(job_a, vqa_shards, base_export, runs_root):
+    """A's job again on two "nodes" of one rank each (NO_SSH=1 NODE_RANK=0/1 on localhost)."""
+    hostfile = runs_root / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    nodes = [(["bash", "launch/pretrain.sh", *flags(vqa_shards, base_export, runs_root, name="N")],
+              {"ENTRY": "finetune", "HOSTFILE": str(hostfile), "NO_SSH": "1", "NODE_RANK": str(node),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": PORT}) for node in (0, 1)]
+    return [check(node) for node in run_together(nodes)]
 
 
 def test_a_two_rank_zero3_lora_run_resumes_bit_exactly(jobs):
@@ -140,6 +162,20 @@ def test_a_two_rank_zero3_lora_run_resumes_bit_exactly(jobs):
     weights_a, weights_b = (load_file(str(r / "finetuned/weights.safetensors")) for r in (a, b))
     assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert json.loads((a / "eval.json").read_text()) == json.loads((b / "eval.json").read_text())
+
+
+def test_two_nodes_train_like_one(two_nodes, runs_root):
+    """Same data in the same order and the same initial weights as A: the same losses (to float32 reduction
+    order) and saved weights."""
+    a, n = runs_root / "A", runs_root / "N"
+    for step in (1, 2, 3, 4):
+        for key in ("loss/total", "train/vqa_score"):
+            assert losses(n)[step][key] == pytest.approx(losses(a)[step][key], rel=1e-4, abs=1e-6), (step, key)
+    assert losses(a)[4]["loss/total"] < losses(a)[1]["loss/total"] - 0.1  # and it learned
+    weights_a, weights = (load_file(str(r / "finetuned/weights.safetensors")) for r in (a, n))
+    assert weights.keys() == weights_a.keys()
+    for name, tensor in weights_a.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_checkpoints_and_the_saved_adapter_hold_no_base_weight(jobs, base_export):
