@@ -50,7 +50,8 @@ def scores(run: Path) -> dict:
     out = {k: round(v, 4) for k, v in metrics["captioning"].items()}
     if "vqa" in metrics:
         out["vqa_accuracy"] = round(metrics["vqa"]["accuracy"], 4)
-    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [row for row in logged if "loss/total" in row][-1]  # the evaluation logs its own rows
     return {**out, "final_train_loss": round(final["loss/total"], 4)}
 
 
