@@ -3,18 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from pretrain.train.recipe import (
-    CheckpointSection,
-    DataSection,
-    DistSection,
-    EvalSection,
-    LoggingSection,
-    OptimSection,
-    ScheduleSection,
-    _help,
-)
+from pretrain.train.recipe import DataSection, EvalSection, RunRecipe, _help, run_name
 
 
 @dataclass
@@ -44,18 +34,8 @@ class CaptionLMEvalSection(EvalSection):
 
 
 @dataclass
-class CaptionLMRecipe:
-    name: str = _help("run name: outputs go to <logging.run_dir>/<name>/", "caption-lm")
-    seed: int = _help("global seed (LM init, data order)", 0)
+class CaptionLMRecipe(RunRecipe):
+    name: str = run_name("caption-lm")
     lm: LMArchSection = field(default_factory=LMArchSection)
     data: CaptionLMDataSection = field(default_factory=CaptionLMDataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: CaptionLMEvalSection = field(default_factory=CaptionLMEvalSection)
-    dist: DistSection = field(default_factory=DistSection)
-
-    @property
-    def run_path(self) -> Path:
-        return Path(self.logging.run_dir) / self.name

@@ -6,18 +6,8 @@ The model's shape comes from the base (its model_config.json); `model.overrides`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from pretrain.train.recipe import (
-    CheckpointSection,
-    DataSection,
-    DistSection,
-    EvalSection,
-    LoggingSection,
-    OptimSection,
-    ScheduleSection,
-    _help,
-)
+from pretrain.train.recipe import DataSection, RunRecipe, _help, run_name
 
 
 @dataclass
@@ -59,21 +49,10 @@ class FinetuneDataSection(DataSection):
 
 
 @dataclass
-class FinetuneRecipe:
-    name: str = _help("run name: outputs go to <logging.run_dir>/<name>/", "finetune")
-    seed: int = _help("global seed (head and method init, data order)", 0)
+class FinetuneRecipe(RunRecipe):
+    name: str = run_name("finetune")
     base: BaseSection = field(default_factory=BaseSection)
     task: TaskSection = field(default_factory=TaskSection)
     peft: PeftSection = field(default_factory=PeftSection)
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    dist: DistSection = field(default_factory=DistSection)
-
-    @property
-    def run_path(self) -> Path:
-        return Path(self.logging.run_dir) / self.name

@@ -3,18 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from pretrain.train.recipe import (
-    CheckpointSection,
-    DataSection,
-    DistSection,
-    EvalSection,
-    LoggingSection,
-    OptimSection,
-    ScheduleSection,
-    _help,
-)
+from pretrain.train.recipe import DataSection, EvalSection, RunRecipe, _help, run_name
 
 
 @dataclass
@@ -60,20 +50,10 @@ class InstructEvalSection(EvalSection):
 
 
 @dataclass
-class InstructRecipe:
-    name: str = _help("run name: outputs go to <logging.run_dir>/<name>/", "instruct")
-    seed: int = _help("global seed (projector init, data order)", 0)
+class InstructRecipe(RunRecipe):
+    name: str = run_name("instruct")
     base: BaseSection = field(default_factory=BaseSection)
     lm: LMSection = field(default_factory=LMSection)
     stage: StageSection = field(default_factory=StageSection)
     data: InstructDataSection = field(default_factory=InstructDataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: InstructEvalSection = field(default_factory=InstructEvalSection)
-    dist: DistSection = field(default_factory=DistSection)
-
-    @property
-    def run_path(self) -> Path:
-        return Path(self.logging.run_dir) / self.name

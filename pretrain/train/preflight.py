@@ -18,14 +18,14 @@ from data_pipeline.tokenizer import caption_sample, tokenizer_fit
 from pretrain.model import ModelConfig, model_preset
 from pretrain.train.checkpoint import CheckpointError, check_resumable
 from pretrain.train.ds_config import build_ds_config
-from pretrain.train.recipe import ModelSection, Recipe, RecipeError, load_recipe
+from pretrain.train.recipe import ModelSection, Recipe, RecipeError, RunRecipe, load_recipe
 from pretrain.train.reliability.files import probe_writable
 from pretrain.train.task import PretrainTask
 
 
 @dataclass
 class Setup:
-    recipe: Recipe
+    recipe: RunRecipe  # any app's recipe
     tokenizer: object
     model_config: ModelConfig | None  # None for a task without our model (the caption LM)
     ds_config: dict
@@ -79,7 +79,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     return Setup(recipe, tokenizer, model_config, ds_config, world_size, [w for w in warnings if w])
 
 
-def prepare_run(recipe, resume: str, world_size: int) -> dict:
+def prepare_run(recipe: RunRecipe, resume: str, world_size: int) -> dict:
     """The checks every training app shares: fault limits, the DeepSpeed config (returned), a writable run
     directory, and checkpoints that agree with --resume."""
     check_fault_limits(recipe)
@@ -104,7 +104,7 @@ MAX_SPLIT_WORDS = 0.25
 MAX_UNKNOWN_TOKENS = 0.01
 
 
-def tokenizer_fit_warning(recipe: Recipe, tokenizer) -> str | None:
+def tokenizer_fit_warning(recipe: RunRecipe, tokenizer) -> str | None:
     """One line when the tokenizer does not fit the training captions (measured on the first few)."""
     captions = caption_sample(recipe.data.train, FIT_SAMPLE_CAPTIONS)
     fit = tokenizer_fit(tokenizer, captions)
@@ -127,7 +127,7 @@ def check_teacher_precision(config: ModelConfig, ds_config: dict, name: str) -> 
                           "cpu_zero3.json, or turn momentum distillation off")
 
 
-def check_fault_limits(recipe: Recipe) -> None:
+def check_fault_limits(recipe: RunRecipe) -> None:
     limits = {
         "checkpoint.keep": (recipe.checkpoint.keep, recipe.checkpoint.keep >= 1, "keep at least 1 checkpoint"),
         "data.max_bad_fraction": (recipe.data.max_bad_fraction, 0 <= recipe.data.max_bad_fraction <= 1,

@@ -30,6 +30,11 @@ def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
     return field(default=default, metadata={"help": text})
 
 
+def run_name(default: str):
+    """The `name` field with an app's default run name."""
+    return _help("run name: outputs go to <logging.run_dir>/<name>/", default)
+
+
 @dataclass
 class ModelSection:
     preset: str = _help("model preset: tiny | base | large", "tiny")
@@ -122,10 +127,12 @@ class DistSection:
 
 
 @dataclass
-class Recipe:
-    name: str = _help("run name: outputs go to <logging.run_dir>/<name>/", "tiny-synthetic")
-    seed: int = _help("global seed (model init, data order, masking)", 0)
-    model: ModelSection = field(default_factory=ModelSection)
+class RunRecipe:
+    """The sections every app's recipe shares (pretraining, fine-tuning, instruction tuning, the caption LM):
+    an app's recipe subclasses this, adds its own sections and narrows `data`/`eval` where it must."""
+
+    name: str = run_name("run")
+    seed: int = _help("global seed (initialisation, data order, masking)", 0)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -137,6 +144,12 @@ class Recipe:
     @property
     def run_path(self) -> Path:
         return Path(self.logging.run_dir) / self.name
+
+
+@dataclass
+class Recipe(RunRecipe):
+    name: str = run_name("tiny-synthetic")
+    model: ModelSection = field(default_factory=ModelSection)
 
 
 def _sections(cls: type = Recipe) -> dict[str, type]:
