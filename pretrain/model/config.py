@@ -54,7 +54,8 @@ class ModelConfig:
     itm_negative_hardness: float = 1.0
     # momentum distillation (ALBEF): EMA teachers for ITC and MLM, and a queue of their ITC features
     momentum_distillation: bool = False
-    momentum: float = 0.995  # EMA decay per training forward
+    momentum: float = 0.995  # EMA decay per optimizer update
+    momentum_every: int = 1  # training forwards per update (gradient accumulation): one EMA step per update
     distill_alpha: float = 0.4  # weight of the teacher's distribution in the ITC and MLM targets
     distill_alpha_ramp_steps: int = 0  # training forwards over which alpha ramps up from 0 (ALBEF: one epoch; 0: none)
     queue_size: int = 0  # queued teacher features (ALBEF: 65,536); 0: the batch's own only
@@ -82,10 +83,11 @@ class ModelConfig:
             raise ModelConfigError(f"queue_size {self.queue_size} needs momentum_distillation: the queue holds the "
                                    "momentum encoders' features; turn it on or set queue_size 0")
         if not (0 <= self.momentum < 1 and 0 <= self.distill_alpha <= 1 and self.queue_size >= 0
-                and self.distill_alpha_ramp_steps >= 0):
+                and self.distill_alpha_ramp_steps >= 0 and self.momentum_every >= 1):
             raise ModelConfigError(f"momentum {self.momentum} must be in [0, 1), distill_alpha {self.distill_alpha} "
                                    f"in [0, 1], queue_size {self.queue_size} and distill_alpha_ramp_steps "
-                                   f"{self.distill_alpha_ramp_steps} at least 0: fix the value")
+                                   f"{self.distill_alpha_ramp_steps} at least 0, momentum_every "
+                                   f"{self.momentum_every} at least 1: fix the value")
         if self.image_size % self.patch_size:
             raise ModelConfigError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; change one"

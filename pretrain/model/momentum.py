@@ -37,7 +37,8 @@ from .vit import VisionTransformer
 
 def online_config(config: ModelConfig) -> ModelConfig:
     """The configuration of the online model alone (what an export holds)."""
-    return dataclasses.replace(config, momentum_distillation=False, queue_size=0, distill_alpha_ramp_steps=0)
+    return dataclasses.replace(config, momentum_distillation=False, queue_size=0, distill_alpha_ramp_steps=0,
+                               momentum_every=1)
 
 
 def online_state_dict(state: dict) -> dict:
@@ -143,13 +144,17 @@ class MomentumTeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, online: nn.Module, teacher: Teacher, image_ids: Tensor) -> None:
-        """After a training forward: queue the global batch's teacher features, take one EMA step toward the
-        online model on what this rank holds (m <- momentum * m + (1 - momentum) * p), count the forward."""
+        """After a training forward: queue the global batch's teacher features, count the forward, and once per
+        optimizer update (every `momentum_every` forwards) take one EMA step toward the online model on what
+        this rank holds (m <- momentum * m + (1 - momentum) * p)."""
         self.queue.enqueue(*map(gather_no_grad, (teacher.image_feat, teacher.text_feat, image_ids)))
+        due = int(self.steps[0]) % self.config.momentum_every == 0  # one forward per update: all see the same weights
+        self.steps += 1
+        if not due:
+            return
         momentum = self.config.momentum
         for name, mine in self.named_parameters():
             for held, theirs in _held_pairs(mine, online.get_parameter(name)):
                 # two rounded products and a rounded sum: add_(alpha=) may fuse them in vectorised loops
                 # but not in their tails, and a partition's tail is not the whole tensor's
                 held.mul_(momentum).add_(theirs * (1 - momentum))
-        self.steps += 1

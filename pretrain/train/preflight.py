@@ -34,15 +34,18 @@ class Setup:
     task: object = field(default_factory=PretrainTask)  # what is trained: see pretrain.train.task
 
 
-def build_model_config(section: ModelSection, tokenizer, steps_per_epoch: int = 0) -> ModelConfig:
+def build_model_config(section: ModelSection, tokenizer, steps_per_epoch: int = 0,
+                       forwards_per_update: int = 1) -> ModelConfig:
     """The preset with the section's fields and overrides; distillation's alpha ramps over `steps_per_epoch`
-    training forwards (ALBEF: the first epoch) unless the overrides say otherwise."""
+    training forwards (ALBEF: the first epoch) and its teacher takes one EMA step per optimizer update of
+    `forwards_per_update` forwards, unless the overrides say otherwise."""
     fields = {"fusion": section.fusion, "dropout": section.dropout, "queue_size": section.queue_size,
               "momentum_distillation": section.momentum_distillation,
               "itm_negative_hardness": section.itm_negative_hardness}
     overrides = {"vocab_size": len(tokenizer), **fields, **section.overrides}
     if overrides["momentum_distillation"]:
         overrides.setdefault("distill_alpha_ramp_steps", steps_per_epoch)
+        overrides.setdefault("momentum_every", forwards_per_update)
     try:
         config = model_preset(section.preset, **overrides)
     except (TypeError, ValueError) as err:
@@ -69,7 +72,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     train_set = check_shards(recipe.data.train, world_size=world_size, num_workers=recipe.data.num_workers,
                              mode=recipe.data.mode)
     forwards_per_epoch = math.ceil(train_set.num_samples / (recipe.schedule.micro_batch_size * world_size))
-    model_config = build_model_config(recipe.model, tokenizer, forwards_per_epoch)
+    model_config = build_model_config(recipe.model, tokenizer, forwards_per_epoch, recipe.schedule.grad_accum)
     check_text_length(recipe, model_config)
     if recipe.data.val:
         check_shards(recipe.data.val, world_size=1, num_workers=1)

@@ -172,6 +172,26 @@ def test_the_teacher_starts_as_the_online_model_follows_it_by_ema_and_is_never_o
     assert model.momentum.steps.item() == 3 and model.momentum.queue.position.item() == 4
 
 
+def test_with_gradient_accumulation_the_teacher_takes_one_ema_step_per_update_and_queues_every_forward():
+    torch.manual_seed(0)
+    model = ALBEF(tiny_config(momentum_distillation=True, queue_size=64, momentum_every=3))
+    pairs = _teacher_and_online(model)
+    with torch.no_grad():  # the online model away from the teacher, so that each EMA step shows
+        for _, _, online in pairs:
+            online.add_(torch.randn_like(online) * 0.1)
+    batch = make_batch(model.config, batch_size=4)
+    start = {name: t.clone() for name, t, _ in pairs}
+    for forward in range(1, 7):  # two updates of 3 accumulated forwards; the online weights stay put
+        model(batch)
+        steps = (forward + 2) // 3  # EMA steps so far: at forwards 1 and 4
+        for name, teacher, online in pairs:
+            expected = start[name]
+            for _ in range(steps):
+                expected = expected * 0.995 + online * (1 - 0.995)
+            assert torch.equal(teacher, expected), (forward, name)
+    assert model.momentum.steps.item() == 6 and model.momentum.queue.position.item() == 6 * 4
+
+
 # ---- the EMA on ZeRO-3 partitions, 2 ranks, equals one process on the whole tensors ------------------
 
 

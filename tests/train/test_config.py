@@ -193,6 +193,8 @@ def test_model_section_fields_reach_the_model_config_and_alpha_ramps_over_one_ep
     assert (config.fusion, config.dropout, config.momentum_distillation, config.queue_size,
             config.itm_negative_hardness) == ("co_attention", 0.1, True, 64, 0.25)
     assert config.distill_alpha_ramp_steps == 3  # 40 training pairs / (8 per rank x 2 ranks), rounded up
+    assert config.momentum_every == 1  # one forward per optimizer update
+    assert prepare(parse_args(flags + ["--schedule.grad_accum", "2"])).model_config.momentum_every == 2
     ramp = prepare(parse_args(flags + ["--model.overrides", "{distill_alpha_ramp_steps: 7}"])).model_config
     assert ramp.distill_alpha_ramp_steps == 7
     assert prepare(parse_args(base_flags)).model_config.distill_alpha_ramp_steps == 0  # no distillation
