@@ -6,18 +6,22 @@ and tested for (`tests/test_compat.py` fails when an upgrade breaks one):
   after creation with `distributed_c10d._set_pg_timeout` (DeepSpeed makes groups of its own that we
   cannot pass a timeout to);
 - DeepSpeed's CPU all-reduce, when every rank is on one machine (LOCAL_SIZE = world size), names its per-rank buffer
-  `deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>` in /dev/shm and never unlinks it.
+  `deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>` in /dev/shm and never unlinks it;
+- torch's JIT extension build (DeepSpeed builds its CPU ops that way) takes a `lock` file in the op's build
+  directory and waits, with no timeout, while it exists.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
+from torch.utils.cpp_extension import get_default_build_root
 
 TESTED = {"torch": ("2.3", "2.13"), "deepspeed": ("0.15", "0.19")}
 
@@ -64,3 +68,12 @@ def release_deepspeed_shm_buffers() -> None:
     returned everywhere); the mappings last as long as the processes and end with them, kill -9 included."""
     dist.barrier()
     deepspeed_shm_buffer(dist.get_rank()).unlink(missing_ok=True)
+
+
+def stale_extension_locks(max_age_s: float = 1800.0) -> list[Path]:
+    """Build locks older than `max_age_s` under torch's extension root: a build killed midway leaves its lock,
+    and every later job that loads that op waits on it forever (a build takes minutes, not half an hour)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    return sorted(lock for pattern in ("*/lock", "*/*/lock") for lock in root.glob(pattern)
+                  if now - lock.stat().st_mtime > max_age_s)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline import check_shards, load_tokenizer
 from data_pipeline.tokenizer import caption_sample, tokenizer_fit
+from pretrain import compat
 from pretrain.model import ModelConfig, model_preset
 from pretrain.train.checkpoint import CheckpointError, check_resumable
 from pretrain.train.ds_config import build_ds_config
@@ -82,10 +84,20 @@ def prepare(args: argparse.Namespace) -> Setup:
     return Setup(recipe, tokenizer, model_config, ds_config, world_size, [w for w in warnings if w])
 
 
+def check_no_stale_build_lock() -> None:
+    locks = compat.stale_extension_locks()
+    if locks:
+        lock = locks[0]
+        minutes = (time.time() - lock.stat().st_mtime) / 60
+        raise RecipeError(f"{lock} is a build lock {minutes:.0f} minutes old, left by a build that was killed: "
+                          f"every rank would wait on it forever. Remove it (rm {lock}) if no build is running")
+
+
 def prepare_run(recipe: RunRecipe, resume: str, world_size: int) -> dict:
     """The checks every training app shares: fault limits, the DeepSpeed config (returned), a writable run
     directory, and checkpoints that agree with --resume."""
     check_fault_limits(recipe)
+    check_no_stale_build_lock()
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
     check_writable(recipe.run_path)
     ckpt_dir = recipe.run_path / "checkpoints"

@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import os
 import re
+import time
 
 import pytest
 import torch
@@ -206,3 +208,17 @@ def test_model_section_fields_reach_the_model_config_and_alpha_ramps_over_one_ep
     assert prepare_error(base_flags + ["--model.momentum_distillation", "true", "--dist.ds_config", "zero3"]) == (
         "model.momentum_distillation needs fp32 weights but DeepSpeed config zero3 enables bf16 (the teacher's EMA "
         "steps would round away): use an fp32 config such as cpu_zero3.json, or turn momentum distillation off")
+
+
+def test_a_build_lock_left_by_a_killed_build_is_one_error_and_a_fresh_one_is_not(base_flags, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    lock = tmp_path / "extensions" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()  # a build running now: wait for it as torch does
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert prepare(parse_args(base_flags)).world_size == 2
+    two_hours_ago = time.time() - 7200
+    os.utime(lock, (two_hours_ago, two_hours_ago))
+    assert prepare_error(base_flags) == (
+        f"{lock} is a build lock 120 minutes old, left by a build that was killed: every rank would wait on it "
+        f"forever. Remove it (rm {lock}) if no build is running")
