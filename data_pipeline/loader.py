@@ -211,6 +211,16 @@ class TrainLoader:
                               "samples_consumed": position * config.batch_size})
 
 
+def check_sampling_options(crop_scale: tuple[float, float], pairs: str, randaugment: tuple[int, int] | None) -> None:
+    """DataError for augmentation and pairing options the loader cannot use (preflight calls it too)."""
+    if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
+        raise DataError(f"crop_scale {crop_scale} must satisfy 0 < low <= high <= 1; fix it")
+    if pairs not in PAIR_MODES:
+        raise DataError(f"pairs {pairs!r} is unknown; use one of {', '.join(PAIR_MODES)}")
+    if randaugment is not None and not (randaugment[0] >= 0 and 0 <= randaugment[1] <= 10):
+        raise DataError(f"randaugment (ops, magnitude) {randaugment} needs ops >= 0 and 0 <= magnitude <= 10")
+
+
 def make_train_loader(
     spec,
     tokenizer,
@@ -241,12 +251,7 @@ def make_train_loader(
             f"bad loader layout batch_size={batch_size} rank={rank} world_size={world_size} "
             f"num_workers={num_workers}; fix the data options"
         )
-    if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
-        raise DataError(f"crop_scale {crop_scale} must satisfy 0 < low <= high <= 1; fix it")
-    if pairs not in PAIR_MODES:
-        raise DataError(f"pairs {pairs!r} is unknown; use one of {', '.join(PAIR_MODES)}")
-    if randaugment is not None and not (randaugment[0] >= 0 and 0 <= randaugment[1] <= 10):
-        raise DataError(f"randaugment (ops, magnitude) {randaugment} needs ops >= 0 and 0 <= magnitude <= 10")
+    check_sampling_options(crop_scale, pairs, randaugment)
     shard_set = check_shards(spec, world_size=world_size, num_workers=num_workers, mode=mode)
     config = LoaderConfig(
         batch_size,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline import check_shards, load_tokenizer
+from data_pipeline.loader import check_sampling_options
 from data_pipeline.tokenizer import caption_sample, tokenizer_fit
 from pretrain import compat
 from pretrain.model import ModelConfig, model_preset
@@ -97,6 +98,7 @@ def prepare_run(recipe: RunRecipe, resume: str, world_size: int) -> dict:
     """The checks every training app shares: fault limits, the DeepSpeed config (returned), a writable run
     directory, and checkpoints that agree with --resume."""
     check_fault_limits(recipe)
+    check_sampling_options(recipe.data.crop_scale, recipe.data.pairs, recipe.data.randaugment)
     check_no_stale_build_lock()
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
     check_writable(recipe.run_path)

@@ -222,3 +222,12 @@ def test_a_build_lock_left_by_a_killed_build_is_one_error_and_a_fresh_one_is_not
     assert prepare_error(base_flags) == (
         f"{lock} is a build lock 120 minutes old, left by a build that was killed: every rank would wait on it "
         f"forever. Remove it (rm {lock}) if no build is running")
+
+
+def test_sampling_options_the_loader_cannot_use_are_one_error_before_any_rank_starts(base_flags):
+    assert prepare_error(base_flags + ["--data.pairs", "every_image"]) == (
+        "pairs 'every_image' is unknown; use one of random_caption, every_caption")
+    assert prepare_error(base_flags + ["--data.randaugment", "[2, 12]"]) == (
+        "randaugment (ops, magnitude) (2, 12) needs ops >= 0 and 0 <= magnitude <= 10")
+    assert prepare_error(base_flags + ["--data.crop_scale", "[0.9, 0.5]"]) == (
+        "crop_scale (0.9, 0.5) must satisfy 0 < low <= high <= 1; fix it")
