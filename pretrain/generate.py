@@ -33,6 +33,7 @@ from pretrain.model.multimodal_lm import MultimodalLM, MultimodalLMError
 from pretrain.train.reliability.files import replace_text
 
 EXAMPLES = 4  # rows of each task kept with their pixels for the example page
+DEFAULT_PROMPT = "Describe the image briefly."  # the instruction for caption shards, which carry none
 
 
 def user_turn(prompt: str) -> list[dict]:
@@ -47,8 +48,10 @@ def answer_batch(model: MultimodalLM, images: list[torch.Tensor], prompts: list[
     pad = model.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-    out = model.generate(normalize(torch.stack(images)), input_ids, mask, **options)
-    return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+    weight = next(model.parameters())  # where the model is, in its precision (a ZeRO-3 partition says it too)
+    pixels = normalize(torch.stack(images)).to(weight.device, weight.dtype)
+    out = model.generate(pixels, input_ids.to(weight.device), mask.to(weight.device), **options)
+    return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.cpu()]
 
 
 class Request(NamedTuple):
@@ -86,20 +89,33 @@ def answer_row(request: Request, answer: str) -> dict:
     return {**row, "references": meta.get("captions", [])}
 
 
-def answer_shards(model: MultimodalLM, spec: str, prompt: str, limit: int, batch_size: int,
-                  options: dict) -> tuple[list[dict], Counter, list[tuple[dict, torch.Tensor]]]:
+def answer_shards(model: MultimodalLM, spec: str, prompt: str, limit: int, batch_size: int, options: dict,
+                  rank: int = 0, world: int = 1) -> tuple[list[dict], Counter, dict[str, torch.Tensor]]:
     """One row (key, task, prompt, answer, references) per usable sample, at most `limit` per task (0: all);
-    skip counts; the pixels of the first EXAMPLES rows of each task (the example page)."""
-    skipped, rows, examples, per_task = Counter(), [], [], Counter()
+    skip counts; the pixels of the first EXAMPLES samples of each task, by key (the example page).
+
+    With `world` > 1 (the ranks of a ZeRO-3 engine, `options` with synced_gpus) every rank reads the same
+    stream and answers batches rank, rank + world, ...: each round every rank calls generate() once (an
+    idle rank repeats the round's first batch and drops the answers), as ZeRO-3 needs every rank in every
+    forward. The rows are this rank's."""
+    skipped, rows, first, per_task = Counter(), [], {}, Counter()
     requests = shard_requests(spec, prompt, model.encoder_config.image_size, skipped, limit)
-    while chunk := list(itertools.islice(requests, batch_size)):
-        answers = answer_batch(model, [c.pixels for c in chunk], [c.prompt for c in chunk], options)
-        for request, answer in zip(chunk, answers):
-            rows.append(answer_row(request, answer))
+    while (batches := [list(itertools.islice(requests, batch_size)) for _ in range(world)])[0]:
+        for request in itertools.chain(*batches):
             per_task[request.meta["task"]] += 1
             if per_task[request.meta["task"]] <= EXAMPLES:
-                examples.append((rows[-1], request.pixels))
-    return rows, skipped, examples
+                first[request.key] = request.pixels
+        mine = batches[rank] or batches[0]
+        answers = answer_batch(model, [c.pixels for c in mine], [c.prompt for c in mine], options)
+        if batches[rank]:
+            rows.extend(answer_row(request, answer) for request, answer in zip(mine, answers))
+    return rows, skipped, first
+
+
+def examples_of(rows: list[dict], first: dict[str, torch.Tensor]) -> list[tuple[dict, torch.Tensor]]:
+    """The example page's rows with their pixels, in stream order."""
+    by_key = {row["key"]: row for row in rows}
+    return [(by_key[key], pixels) for key, pixels in first.items() if key in by_key]
 
 
 def shard_metrics(rows: list[dict], skipped: Counter) -> dict:
@@ -115,12 +131,11 @@ def shard_metrics(rows: list[dict], skipped: Counter) -> dict:
     return metrics
 
 
-def instruct_metrics(model: MultimodalLM, spec: str, limit: int, batch_size: int,
-                     max_new_tokens: int) -> tuple[dict, list[tuple[dict, torch.Tensor]]]:
-    """Greedy answers to a held-out instruction set (at most `limit` per task), scored against its references;
-    and the example rows with their pixels."""
-    rows, skipped, examples = answer_shards(model, spec, "Describe the image briefly.", limit, batch_size,
-                                            {"max_new_tokens": max_new_tokens, "do_sample": False})
+def instruct_metrics(rows: list[dict], skipped: Counter,
+                     first: dict[str, torch.Tensor]) -> tuple[dict, list[tuple[dict, torch.Tensor]]]:
+    """The held-out metrics of answered rows (shard_metrics plus the example rows); and the examples with
+    their pixels."""
+    examples = examples_of(rows, first)
     return {**shard_metrics(rows, skipped), "examples": [row for row, _ in examples]}, examples
 
 
@@ -140,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", type=Path, help="one image file")
     source.add_argument("--data", help="a shard set (instruction or caption shards)")
-    parser.add_argument("--prompt", default="Describe the image briefly.",
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
                         help="the instruction (with --image, and for caption shards)")
     parser.add_argument("--out", type=Path, default=Path("answers.jsonl"), help="JSONL of answers (with --data)")
     parser.add_argument("--limit", type=int, default=0, help="answer at most this many samples (0: all)")

@@ -114,22 +114,28 @@ class InstructTask:
         return lambda tokens: 6 * lm_params * tokens + encoder
 
     def evaluate(self, engine, eval_data, setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:
-        """Rank 0 captions held-out samples with a gathered CPU copy (generation lengths differ, and ZeRO-3
-        needs every rank in every forward); the others wait."""
-        copy = gathered_copy(engine.module, self, setup)
-        metrics = {}
-        if dist.get_rank() == 0:
-            from pretrain.generate import instruct_metrics
+        """Every rank answers its share of the held-out samples on the partitioned model (generate() with
+        synced_gpus: ZeRO-3 needs every rank in every forward); rank 0 gathers the rows and scores them."""
+        from pretrain.generate import DEFAULT_PROMPT, answer_shards, instruct_metrics
 
-            metrics, examples = instruct_metrics(copy.eval(), eval_data, setup.recipe.eval.samples,
-                                                 setup.recipe.eval.batch_size, setup.recipe.eval.max_new_tokens)
-            save_eval_json(setup.recipe.run_path / "instruct_eval.json", metrics)
+        recipe, model, world = setup.recipe, engine.module.model, dist.get_world_size()
+        options = {"max_new_tokens": recipe.eval.max_new_tokens, "do_sample": False, "synced_gpus": world > 1}
+        was_training = model.training
+        model.eval()
+        rows, skipped, first = answer_shards(model, eval_data, DEFAULT_PROMPT, recipe.eval.samples,
+                                             recipe.eval.batch_size, options, rank(), world)
+        model.train(was_training)
+        every_rank = [None] * world if rank() == 0 else None
+        dist.gather_object(rows, every_rank, dst=0)
+        metrics = {}
+        if rank() == 0:
+            metrics, examples = instruct_metrics([row for part in every_rank for row in part], skipped, first)
+            save_eval_json(recipe.run_path / "instruct_eval.json", metrics)
             log.scalars(step, eval_scalars(metrics))
             if examples:
                 log.image("eval/instruct_examples", answers_picture(examples), step)
             scores = {k: metrics[k] for k in ("captioning", "vqa") if k in metrics}
             tqdm.write(f"[step {step}] held-out instructions: {json.dumps(scores)}")
-        dist.barrier()
         return metrics
 
     def export(self, engine, setup) -> Path:

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data_pipeline.lm_tokenizer import shard_texts
 from data_pipeline.make_instructions import main as make_instructions
+from pretrain.generate import DEFAULT_PROMPT, answer_shards
 from pretrain.model.multimodal_lm import MultimodalLM
 from tests.helpers.jobs import PORT, check, losses, run
 from tests.helpers.multimodal import write_export, write_lm
@@ -85,6 +86,11 @@ def test_a_two_rank_zero3_run_resumes_bit_exactly(jobs, parts):
     assert digest(dict(first.named_parameters())) == digest(dict(second.named_parameters()))
     evaluation = json.loads((a / "instruct_eval.json").read_text())  # eval.samples 4 of each task
     assert evaluation["samples"] == 8 and evaluation["captioning"]["captions"] == evaluation["vqa"]["questions"] == 4
+    # both ranks answered on the partitioned model (batches of 4: one each), as one process answers from the export
+    alone, _, _ = answer_shards(first.eval(), str(parts["set"] / "val"), DEFAULT_PROMPT, 4, 4,
+                                {"max_new_tokens": 6, "do_sample": False})
+    assert sorted(map(json.dumps, evaluation["examples"])) == sorted(map(json.dumps, alone))
+    assert len({row["task"] for row in alone}) == 2
     assert 0 <= evaluation["captioning"]["bleu4"] <= 1 and 0 <= evaluation["vqa"]["accuracy"] <= 1
     events = EventAccumulator(str(a))
     events.Reload()
