@@ -53,8 +53,9 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     launcher+=(--no_ssh --node_rank "${NODE_RANK:?NO_SSH=1 needs NODE_RANK}")
   else
     # Remote ranks start over ssh with a bare environment; DeepSpeed forwards what .deepspeed_env lists.
-    env | grep -E '^(NCCL_|FI_|UCX_|CUDA_DEVICE_MAX_CONNECTIONS=|HF_|TOKENIZERS_PARALLELISM=|ENTRY=)' > "$ROOT/.deepspeed_env" || true
-    echo "PYTHONPATH=$PYTHONPATH" >> "$ROOT/.deepspeed_env"
+    # (the runner reads it from the directory it starts in, and runs remote ranks in that directory)
+    env | grep -E '^(NCCL_|FI_|UCX_|CUDA_DEVICE_MAX_CONNECTIONS=|HF_|TOKENIZERS_PARALLELISM=|ENTRY=)' > .deepspeed_env || true
+    echo "PYTHONPATH=$PYTHONPATH" >> .deepspeed_env
   fi
 else
   GPUS_PER_NODE="${GPUS_PER_NODE:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}"
@@ -62,12 +63,12 @@ else
 fi
 
 # Fail fast, once, on a bad recipe, missing data or a wrong DeepSpeed config, before any rank starts.
+# Ranks run in this directory too, so relative paths mean the same to the check and to them.
 WORLD_SIZE="$world" "$PYTHON" -m "pretrain.$ENTRY" --validate-only "$@"
-cd "$ROOT"
 # SIGUSR1 (SLURM's warning before the time limit) is for the ranks: they finish the step, checkpoint and
 # exit 0. Its default action would kill DeepSpeed's launcher processes first, so they ignore it (inherited).
 trap '' USR1
-exec "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" "$0" "$@"
+exec "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" "$ROOT/launch/pretrain.sh" "$@"
 ":"""
 # Python part: what every rank runs (the DeepSpeed launcher appends --local_rank=N).
 import importlib

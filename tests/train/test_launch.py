@@ -3,13 +3,14 @@
 Real `bash launch/pretrain.sh` jobs (2 CPU ranks, ZeRO-3 over gloo) on the session's synthetic shards.
 """
 
+import os
 import re
 import socket
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.jobs import DEEPSPEED, PORT, TINY_JOB, check, losses, recipe_flags, run
+from tests.helpers.jobs import DEEPSPEED, PORT, REPO, TINY_JOB, check, losses, recipe_flags, run
 
 pytestmark = pytest.mark.slow
 INJECTOR = str(Path(__file__).parent / "fault_injection")
@@ -56,7 +57,8 @@ def test_a_port_taken_after_the_launcher_checked_it_is_the_same_line_from_rank_0
 
 
 def test_one_node_without_master_port_picks_a_free_one(synthetic_shards, tokenizer_dir, tmp_path, monkeypatch):
-    """As torchrun --standalone does: a second job on the machine starts while the default port is held."""
+    """As torchrun --standalone does: a second job on the machine starts while the default port is held. The
+    job is started from another directory by a relative path, as a cluster script may start it."""
     monkeypatch.delenv("MASTER_PORT", raising=False)
     held = socket.socket()
     try:
@@ -65,7 +67,8 @@ def test_one_node_without_master_port_picks_a_free_one(synthetic_shards, tokeniz
     except OSError:  # someone else holds it already: the case this test is about
         pass
     try:
-        proc = check(run(["bash", "launch/pretrain.sh",
+        script = os.path.relpath(REPO / "launch" / "pretrain.sh", tmp_path)
+        proc = check(run(["bash", "-c", f'cd "{tmp_path}" && exec bash "{script}" "$@"', "launcher",
                           *recipe_flags(synthetic_shards, tokenizer_dir, tmp_path, ONE_STEP)],
                          env={"GPUS_PER_NODE": "2"}, timeout=300))
     finally:
