@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data_pipeline import make_train_loader
-from data_pipeline.instructions import tokenize_conversation
+from data_pipeline.instructions import has_assistant_turn, tokenize_conversation
 from pretrain.distributed import rank
 from pretrain.eval.picture import answers_picture
 from pretrain.eval.retrieval import save_eval_json
@@ -164,7 +164,7 @@ def conversation_targets(meta: dict, *, tokenizer, image_tokens: int, max_len: i
     """A sample's conversation as LM tensors; None (the loader counts it as no_targets) when it has none or is
     longer than max_len."""
     messages = meta.get("conversations")
-    if not messages or not any(m.get("role") == "assistant" for m in messages):
+    if not messages or not has_assistant_turn(messages):
         return None
     return tokenize_conversation(messages, tokenizer, image_tokens, max_len)
 

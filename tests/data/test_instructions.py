@@ -71,6 +71,17 @@ def test_a_conversation_without_assistant_turns_is_one_error(lm_tokenizer):
         tokenize_conversation(conversation()[:1], lm_tokenizer, image_tokens=1, max_len=64)
 
 
+def test_the_loader_skips_a_sample_without_an_answer_instead_of_stopping_the_run(lm_tokenizer):
+    from pretrain.instruct.task import conversation_targets
+
+    def targets(messages):
+        return conversation_targets({"conversations": messages}, tokenizer=lm_tokenizer, image_tokens=1, max_len=96)
+
+    empty_answer = [conversation()[0], {"role": "assistant", "content": ""}]
+    assert targets(empty_answer) is None and targets(conversation()[:1]) is None and targets([]) is None
+    assert labelled_ids(targets(conversation()))  # a conversation with answers is trained
+
+
 def test_a_conversation_longer_than_max_len_is_skipped(lm_tokenizer):
     assert tokenize_conversation(conversation(), lm_tokenizer, image_tokens=5, max_len=20) is None
 
