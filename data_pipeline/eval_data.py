@@ -18,6 +18,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected
 from data_pipeline.samples import cleaned_captions, image_id_of, parse_sample, read_samples
 from data_pipeline.shards import resolve_shards
+from data_pipeline.text import MAX_WORDS
 from data_pipeline.transforms import eval_image, normalize
 
 
@@ -72,7 +73,7 @@ def _ids(ids: torch.Tensor, rows: torch.Tensor, pad: torch.Tensor) -> torch.Tens
 
 
 def load_eval_data(
-    spec, tokenizer, *, image_size: int, max_len: int, max_words: int = 30, max_pixels: int = DEFAULT_MAX_PIXELS
+    spec, tokenizer, *, image_size: int, max_len: int, max_words: int = MAX_WORDS, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> EvalData:
     """Read every sample of `spec` in manifest order; images that cannot be decoded are skipped and counted."""
     skipped: Counter = Counter()

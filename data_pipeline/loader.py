@@ -35,6 +35,7 @@ from data_pipeline.images import DEFAULT_MAX_PIXELS
 from data_pipeline.loader_worker import LoaderConfig, WorkerStream, WorkerTask, survive_scheduler_signals
 from data_pipeline.samples import count_pairs
 from data_pipeline.shards import ShardSet, check_shards
+from data_pipeline.text import MAX_WORDS
 from data_pipeline.transforms import RandAugment
 
 PAIR_MODES = ("random_caption", "every_caption")
@@ -52,16 +53,19 @@ def _worker_start_method(num_workers: int) -> str | None:
     return None
 
 
+def epoch_sizes(shard_set: ShardSet, pairs: str, mode: str, max_words: int = MAX_WORDS) -> dict[str, int]:
+    """What an epoch visits per shard: its images, or in every_caption mode its (image, caption) pairs."""
+    every_pair = pairs == "every_caption" and mode == "epoch"
+    return {s.path: count_pairs(s.path, max_words) if every_pair else s.num_samples for s in shard_set.shards}
+
+
 class TrainLoader:
     """Iterable over batch dicts; one epoch per iter() in epoch mode, endless in resampled mode."""
 
     def __init__(self, shard_set: ShardSet, tokenizer, config: LoaderConfig, pin_memory: bool = False):
         self.shard_set, self.tokenizer, self.config, self.pin_memory = shard_set, tokenizer, config, pin_memory
         self.num_readers = max(1, config.num_workers)
-        # what an epoch visits per shard: its images, or in every_caption mode its (image, caption) pairs
-        every_pair = config.pairs == "every_caption" and config.mode == "epoch"
-        self._sizes = {s.path: count_pairs(s.path, config.max_words) if every_pair else s.num_samples
-                       for s in shard_set.shards}
+        self._sizes = epoch_sizes(shard_set, config.pairs, config.mode, config.max_words)
         total = sum(self._sizes.values())
         counted = all(source.counted for source in shard_set.sources)  # resampled shards may have no manifest
         self._len = total // (config.world_size * config.batch_size) if counted else None
@@ -238,7 +242,7 @@ def make_train_loader(
     hflip: bool = False,  # on: a flipped image's caption has "left" and "right" swapped
     randaugment: tuple[int, int] | None = None,  # (ops, magnitude); ALBEF: (2, 7)
     pairs: str = "random_caption",
-    max_words: int = 30,
+    max_words: int = MAX_WORDS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shuffle_buffer: int = 1000,
     max_bad_fraction: float | None = None,

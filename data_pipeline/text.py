@@ -8,8 +8,10 @@ _SPACES = re.compile(r"\s+")
 # keeps combining marks and drops other numbers, so the tokenizer's pattern spells the classes out.
 _PUNCTUATION_ONIGURUMA = r"[^\p{L}\p{N}_\s']"
 
+MAX_WORDS = 30  # words kept of a caption (ALBEF's pre_caption max_words)
 
-def clean_caption(caption: str, max_words: int = 30) -> str:
+
+def clean_caption(caption: str, max_words: int = MAX_WORDS) -> str:
     """Return the caption lowercased, without punctuation, single-spaced, at most `max_words` words."""
     text = _PUNCTUATION.sub(" ", caption.lower())
     words = _SPACES.sub(" ", text).strip().split(" ")

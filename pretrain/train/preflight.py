@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline import check_shards, load_tokenizer
-from data_pipeline.loader import check_sampling_options
+from data_pipeline.loader import check_sampling_options, epoch_sizes
 from data_pipeline.tokenizer import caption_sample, tokenizer_fit
 from pretrain import compat
 from pretrain.model import ModelConfig, model_preset
@@ -70,11 +70,13 @@ def check_text_length(recipe: Recipe, config: ModelConfig) -> None:
 def prepare(args: argparse.Namespace) -> Setup:
     resume = args.resume
     recipe = load_recipe(args.recipe, args)
+    check_limits(recipe)  # (prepare_run checks them again, for the other apps)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     train_set = check_shards(recipe.data.train, world_size=world_size, num_workers=recipe.data.num_workers,
                              mode=recipe.data.mode)
-    forwards_per_epoch = math.ceil(train_set.num_samples / (recipe.schedule.micro_batch_size * world_size))
+    epoch = sum(epoch_sizes(train_set, recipe.data.pairs, recipe.data.mode).values())  # images, or pairs
+    forwards_per_epoch = math.ceil(epoch / (recipe.schedule.micro_batch_size * world_size))
     model_config = build_model_config(recipe.model, tokenizer, forwards_per_epoch, recipe.schedule.grad_accum)
     check_text_length(recipe, model_config)
     if recipe.data.val:
@@ -97,7 +99,7 @@ def check_no_stale_build_lock() -> None:
 def prepare_run(recipe: RunRecipe, resume: str, world_size: int) -> dict:
     """The checks every training app shares: fault limits, the DeepSpeed config (returned), a writable run
     directory, and checkpoints that agree with --resume."""
-    check_fault_limits(recipe)
+    check_limits(recipe)
     check_sampling_options(recipe.data.crop_scale, recipe.data.pairs, recipe.data.randaugment)
     check_no_stale_build_lock()
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world_size)
@@ -144,17 +146,23 @@ def check_teacher_precision(config: ModelConfig, ds_config: dict, name: str) -> 
                           "cpu_zero3.json, or turn momentum distillation off")
 
 
-def check_fault_limits(recipe: RunRecipe) -> None:
-    limits = {
-        "checkpoint.keep": (recipe.checkpoint.keep, recipe.checkpoint.keep >= 1, "keep at least 1 checkpoint"),
+def check_limits(recipe: RunRecipe) -> None:
+    """Sizes, counts and fault limits out of range: one line each, before anything divides by them."""
+    at_least_1 = {"schedule.micro_batch_size": recipe.schedule.micro_batch_size,
+                  "schedule.grad_accum": recipe.schedule.grad_accum, "schedule.max_steps": recipe.schedule.max_steps,
+                  "logging.every": recipe.logging.every, "eval.batch_size": recipe.eval.batch_size,
+                  "checkpoint.keep": recipe.checkpoint.keep}
+    at_least_0 = {"schedule.warmup_steps": recipe.schedule.warmup_steps,
+                  "schedule.exit_at_step": recipe.schedule.exit_at_step, "checkpoint.every": recipe.checkpoint.every,
+                  "eval.every": recipe.eval.every, "optim.max_nonfinite_steps": recipe.optim.max_nonfinite_steps,
+                  "dist.watchdog_minutes": recipe.dist.watchdog_minutes}
+    limits = {name: (value, value >= 1, "use 1 or more") for name, value in at_least_1.items()}
+    limits |= {name: (value, value >= 0, "use 0 or more") for name, value in at_least_0.items()}
+    limits |= {
         "data.max_bad_fraction": (recipe.data.max_bad_fraction, 0 <= recipe.data.max_bad_fraction <= 1,
                                   "use a fraction between 0 and 1"),
-        "optim.max_nonfinite_steps": (recipe.optim.max_nonfinite_steps, recipe.optim.max_nonfinite_steps >= 0,
-                                      "use 0 (never stop) or more"),
         "dist.timeout_minutes": (recipe.dist.timeout_minutes, recipe.dist.timeout_minutes > 0,
                                  "a hung collective must end: use minutes > 0"),
-        "dist.watchdog_minutes": (recipe.dist.watchdog_minutes, recipe.dist.watchdog_minutes >= 0,
-                                  "use 0 (off) or more"),
     }  # fmt: skip
     for name, (value, valid, fix) in limits.items():
         if not valid:

@@ -194,7 +194,9 @@ def test_model_section_fields_reach_the_model_config_and_alpha_ramps_over_one_ep
     config = prepare(parse_args(flags)).model_config
     assert (config.fusion, config.dropout, config.momentum_distillation, config.queue_size,
             config.itm_negative_hardness) == ("co_attention", 0.1, True, 64, 0.25)
-    assert config.distill_alpha_ramp_steps == 3  # 40 training pairs / (8 per rank x 2 ranks), rounded up
+    assert config.distill_alpha_ramp_steps == 3  # 40 training images / (8 per rank x 2 ranks), rounded up
+    every_pair = prepare(parse_args(flags + ["--data.pairs", "every_caption"])).model_config
+    assert every_pair.distill_alpha_ramp_steps == 13  # the epoch is 200 (image, caption) pairs: 5 per image
     assert config.momentum_every == 1  # one forward per optimizer update
     assert prepare(parse_args(flags + ["--schedule.grad_accum", "2"])).model_config.momentum_every == 2
     ramp = prepare(parse_args(flags + ["--model.overrides", "{distill_alpha_ramp_steps: 7}"])).model_config
@@ -231,3 +233,8 @@ def test_sampling_options_the_loader_cannot_use_are_one_error_before_any_rank_st
         "randaugment (ops, magnitude) (2, 12) needs ops >= 0 and 0 <= magnitude <= 10")
     assert prepare_error(base_flags + ["--data.crop_scale", "[0.9, 0.5]"]) == (
         "crop_scale (0.9, 0.5) must satisfy 0 < low <= high <= 1; fix it")
+
+
+def test_a_batch_of_0_is_one_error_before_the_epoch_length_divides_by_it(base_flags):
+    assert prepare_error(base_flags + ["--schedule.micro_batch_size", "0"]) == (
+        "schedule.micro_batch_size is 0: use 1 or more")

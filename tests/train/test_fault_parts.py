@@ -22,7 +22,7 @@ from pretrain.train.checkpoint import (
     newest_checkpoint,
 )
 from pretrain.train.metrics import TrainLog
-from pretrain.train.preflight import check_fault_limits
+from pretrain.train.preflight import check_limits
 from pretrain.train.recipe import RecipeError, recipe_from_dict
 from pretrain.train.reliability import watchdog as watchdog_module
 from pretrain.train.reliability.faults import NonFiniteSteps, RunHalted, is_collective_failure, lost_contact
@@ -38,11 +38,16 @@ from tests.helpers.ranks import run_on_ranks
      ({"optim": {"max_nonfinite_steps": -1}}, "optim.max_nonfinite_steps is -1"),
      ({"dist": {"timeout_minutes": 0}}, "dist.timeout_minutes is 0.0: a hung collective must end"),
      ({"dist": {"watchdog_minutes": -2}}, "dist.watchdog_minutes is -2.0"),
-     ({"checkpoint": {"keep": 0}}, "checkpoint.keep is 0")],
+     ({"checkpoint": {"keep": 0}}, "checkpoint.keep is 0"),
+     ({"schedule": {"grad_accum": 0}}, "schedule.grad_accum is 0: use 1 or more$"),
+     ({"schedule": {"max_steps": -1}}, "schedule.max_steps is -1: use 1 or more$"),
+     ({"logging": {"every": 0}}, "logging.every is 0: use 1 or more$"),
+     ({"eval": {"batch_size": 0}}, "eval.batch_size is 0: use 1 or more$"),
+     ({"schedule": {"warmup_steps": -5}}, "schedule.warmup_steps is -5: use 0 or more$")],
 )  # fmt: skip
-def test_fault_limits_are_checked_before_any_rank_starts(override, message):
+def test_limits_are_checked_before_any_rank_starts(override, message):
     with pytest.raises(RecipeError, match=message):
-        check_fault_limits(recipe_from_dict(override))
+        check_limits(recipe_from_dict(override))
 
 
 def make_checkpoint(ckpt_dir, step: int, ranks: int) -> None:
