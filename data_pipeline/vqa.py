@@ -20,6 +20,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.eval_data import _rank_batches
 from data_pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected
 from data_pipeline.samples import parse_sample, read_samples
+from data_pipeline.shard_io import ShardReader
 from data_pipeline.shards import resolve_shards
 from data_pipeline.transforms import eval_image, normalize
 
@@ -56,7 +57,7 @@ class VQATargets:
 def shard_metadata(spec) -> Iterator[dict]:
     """The json member of every sample of `spec`, without reading an image into Python."""
     for shard in resolve_shards(spec).shards:
-        with open(shard.path, "rb") as stream:
+        with ShardReader(shard.path, Counter()) as stream:  # local or remote alike
             for member in wds.tariterators.tar_file_iterator(stream, select_files=lambda n: n.endswith(".json")):
                 try:
                     yield json.loads(member["data"].decode("utf-8"))

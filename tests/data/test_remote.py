@@ -16,6 +16,7 @@ import torch
 from data_pipeline import DataError, check_shards, make_train_loader, shard_io
 from data_pipeline.index_shards import main as index_shards
 from data_pipeline.manifest import MANIFEST, file_sha256
+from data_pipeline.vqa import answer_vocabulary
 from tests.helpers.data import image_bytes, read_split, write_tar
 
 
@@ -219,3 +220,9 @@ def test_foreign_shards_are_indexed_without_being_rewritten(server, tokenizer, q
     assert stats == {"seen": 20, "padded": 0, "skipped": {}, "read_retries": 0}
     assert index_shards([f"{server.url}/laion"]) == 2
     assert "cannot be listed; name its shards with a brace pattern" in capsys.readouterr().err
+
+
+def test_the_vqa_answer_vocabulary_reads_served_shards_as_local_ones(server, vqa_shards):
+    shutil.copytree(vqa_shards["train"], server.root / "vqa")
+    served, local = answer_vocabulary(f"{server.url}/vqa", 5), answer_vocabulary(str(vqa_shards["train"]), 5)
+    assert served == local and local.total > 0 and len(local.answers) == 5
