@@ -32,9 +32,6 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, rows: list[int]) -> LabelledImages:
-        return LabelledImages(self.classes, [self.images[i] for i in rows], self.labels[rows], self.skipped)
-
 
 def read_labelled_images(spec: str, *, split: str = "test", image_column: str = "image",
                          label_column: str = "label", max_pixels: int = DEFAULT_MAX_PIXELS) -> LabelledImages:

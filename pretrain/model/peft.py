@@ -146,10 +146,6 @@ def _is_adapter_weight(name: str) -> bool:
     return re.search(r"\.(down|up)\.(weight|bias)$", name) is not None
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight and put the plain linear layers back (for export)."""

@@ -119,10 +119,6 @@ def train_flops_by_component(
     return {name: (1 + _BACKWARD_RATIO.get(name, 2.0)) * flops for name, flops in forward.items()}
 
 
-def forward_flops_per_sample(config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15) -> float:
-    return sum(forward_flops_by_component(config, text_tokens, mlm_probability).values())
-
-
 def train_flops_per_sample(config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15) -> float:
     """Forward + backward FLOPs of one training sample (ITC + ITM + MLM) whose caption has `text_tokens`
     real tokens, `mlm_probability` of them masked."""
