@@ -93,8 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--itm-rerank-k", type=int, default=None,
                         help="re-rank the top k by the ITM head (ALBEF: 256 for COCO 5k, 128 for Flickr30k 1k; "
                         "default: eval.itm_rerank_k of the run's recipe.yaml, else 0)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write eval.json (default: the run "
-                        "directory the checkpoint is in, else the current directory)")
+    parser.add_argument("--out", type=Path, default=None, help="eval.json's path, or a directory to write it in "
+                        "(default: the run directory the checkpoint is in, else the current directory)")
     return parser.parse_args(argv)
 
 
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics, _ = evaluate_retrieval(model.to(device), data, args.batch_size, args.itm_rerank_k, device)
-    out = args.out or (args.checkpoint.parent if recipe is not None else Path.cwd()) / "eval.json"
+    out = args.out or (args.checkpoint.parent if recipe is not None else Path.cwd())
+    out = out / "eval.json" if out.is_dir() else out
     save_eval_json(out, metrics)
     print(format_table(metrics))
     warning = non_finite_warning(metrics)

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
                         help="the instruction (with --image, and for caption shards)")
     parser.add_argument("--out", type=Path, default=Path("answers.jsonl"), help="JSONL of answers (with --data)")
-    parser.add_argument("--limit", type=int, default=0, help="answer at most this many samples (0: all)")
+    parser.add_argument("--limit", type=int, default=0, help="answer at most this many samples of each task (0: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (1: greedy)")

@@ -71,6 +71,10 @@ def test_an_export_without_a_run_writes_eval_json_in_the_current_directory(run_d
     assert main(["--checkpoint", str(export), "--data", str(synthetic_shards["val"])]) == 0
     assert json.loads((work / "eval.json").read_text())["itm_rerank_k"] == 0  # built-in default without a run
     assert sorted(p.name for p in export.parent.rglob("eval.json")) == []
+    results = tmp_path / "results"  # --out a directory: eval.json in it
+    results.mkdir()
+    assert main(["--checkpoint", str(export), "--data", str(synthetic_shards["val"]), "--out", str(results)]) == 0
+    assert json.loads((results / "eval.json").read_text()) == json.loads((work / "eval.json").read_text())
 
 
 def test_a_checkpoints_directory_takes_the_tokenizer_the_run_trained_with(run_dir, tokenizer):
