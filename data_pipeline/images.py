@@ -40,6 +40,12 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     return image
 
 
+def check_min_side(image: Image.Image, min_side: int) -> None:
+    """Reject an image whose shorter side is under `min_side` (from the header: nothing is decoded)."""
+    if min(image.size) < min_side:
+        raise ImageRejected("image_too_small", f"{image.width}x{image.height}: shorter side < {min_side}")
+
+
 def load_rgb(image: Image.Image) -> Image.Image:
     """Fully decode (so truncated files fail here, not later) and convert to RGB (no copy if it is RGB)."""
     try:
@@ -77,8 +83,7 @@ def prepare_for_shard(
     Images whose shorter side is under `min_side` are rejected as `image_too_small`, from the header alone.
     """
     image = open_checked(data, max_pixels)
-    if min(image.size) < min_side:
-        raise ImageRejected("image_too_small", f"{image.width}x{image.height}: shorter side < {min_side}")
+    check_min_side(image, min_side)
     is_jpeg = image.format == "JPEG"
     original = image.size
     rgb = load_rgb(image)

@@ -244,6 +244,7 @@ def make_train_loader(
     pairs: str = "random_caption",
     max_words: int = MAX_WORDS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = 0,
     shuffle_buffer: int = 1000,
     max_bad_fraction: float | None = None,
     pin_memory: bool = False,
@@ -276,5 +277,6 @@ def make_train_loader(
         RandAugment(*randaugment) if randaugment and randaugment[0] else None,
         pairs,
         sample_targets,
+        min_side,
     )
     return TrainLoader(shard_set, tokenizer, config, pin_memory)

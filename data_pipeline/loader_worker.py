@@ -52,6 +52,7 @@ class LoaderConfig:
     # a task's per-sample targets from the sample's json (e.g. data_pipeline.vqa.VQATargets): a dict of
     # tensors stacked into batch keys of their own, or None to skip the sample (counted as no_targets)
     sample_targets: Callable[[dict], dict | None] | None = None
+    min_side: int = 0  # shorter side under this: skipped as image_too_small (shards from other writers)
 
 
 @dataclass
@@ -172,7 +173,7 @@ class _WorkerRun:
         try:
             pixels = train_image(
                 parsed.image, rng, size=config.image_size, scale=config.crop_scale, flip=flip,
-                augment=config.randaugment, max_pixels=config.max_pixels,
+                augment=config.randaugment, max_pixels=config.max_pixels, min_side=config.min_side,
             )  # fmt: skip
         except ImageRejected as rejected:
             self.skipped[rejected.reason] += 1

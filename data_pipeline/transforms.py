@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageEnhance, ImageStat
 
-from data_pipeline.images import DEFAULT_MAX_PIXELS, open_checked
+from data_pipeline.images import DEFAULT_MAX_PIXELS, check_min_side, open_checked
 from data_pipeline.jpeg import decode_rgb
 
 # CLIP/ALBEF statistics; the model room normalizes nothing itself.
@@ -117,10 +117,13 @@ def train_image(
     flip: bool = False,
     augment: RandAugment | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = 0,
 ) -> torch.Tensor:
     """Random resized crop, then the mirror image if `flip`, then `augment`, to uint8 [3, size, size] (ALBEF's
-    order). The caller decides the flip: it must mirror the caption too (text.mirror_caption)."""
+    order). The caller decides the flip: it must mirror the caption too (text.mirror_caption). An image whose
+    shorter side is under `min_side` is rejected as image_too_small."""
     image = open_checked(data, max_pixels)
+    check_min_side(image, min_side)
     box = random_crop_box(*image.size, rng, scale)
     rgb, box = _decode_for(image, box, size)
     out = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box)

@@ -161,7 +161,8 @@ class VQATask(FinetuneTask):
             world_size=world, num_workers=recipe.data.num_workers, seed=recipe.seed, image_size=image_size,
             max_len=recipe.data.max_len, mode=recipe.data.mode, mlm_probability=recipe.data.mlm_probability,
             crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip, randaugment=recipe.data.randaugment,
-            pairs=recipe.data.pairs, max_bad_fraction=recipe.data.max_bad_fraction, sample_targets=targets)
+            pairs=recipe.data.pairs, max_bad_fraction=recipe.data.max_bad_fraction, min_side=recipe.data.min_side,
+            sample_targets=targets)
         eval_data = None
         if recipe.data.val:
             eval_data = load_vqa_eval(recipe.data.val, setup.tokenizer, targets, image_size=image_size,

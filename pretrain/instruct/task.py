@@ -101,7 +101,7 @@ class InstructTask:
             image_size=self.encoder_config.image_size, max_len=self.encoder_config.max_position,
             mode=recipe.data.mode, mlm_probability=0.0, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip,
             randaugment=recipe.data.randaugment, max_bad_fraction=recipe.data.max_bad_fraction,
-            sample_targets=targets)
+            min_side=recipe.data.min_side, sample_targets=targets)
         return loader, recipe.data.val
 
     def flops_per_sample(self, setup) -> Callable[[float], float]:

@@ -155,7 +155,7 @@ def check_limits(recipe: RunRecipe) -> None:
     at_least_0 = {"schedule.warmup_steps": recipe.schedule.warmup_steps,
                   "schedule.exit_at_step": recipe.schedule.exit_at_step, "checkpoint.every": recipe.checkpoint.every,
                   "eval.every": recipe.eval.every, "optim.max_nonfinite_steps": recipe.optim.max_nonfinite_steps,
-                  "dist.watchdog_minutes": recipe.dist.watchdog_minutes}
+                  "dist.watchdog_minutes": recipe.dist.watchdog_minutes, "data.min_side": recipe.data.min_side}
     limits = {name: (value, value >= 1, "use 1 or more") for name, value in at_least_1.items()}
     limits |= {name: (value, value >= 0, "use 0 or more") for name, value in at_least_0.items()}
     limits |= {

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.images import DEFAULT_MIN_SIDE
+
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -70,6 +72,9 @@ class DataSection:
     mlm_probability: float = _help("fraction of caption tokens masked for MLM", 0.15)
     max_bad_fraction: float = _help("stop with an error once more than this fraction of the samples a loader "
                                     "worker read were skipped as broken (1.0: never)", 0.1)
+    min_side: int = _help("skip training images whose shorter side is under this, counted as image_too_small "
+                          "(make shards' MIN_SIDE already drops them; this catches shards from other writers; "
+                          "0: keep all)", DEFAULT_MIN_SIDE)
 
 
 @dataclass

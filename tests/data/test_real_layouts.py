@@ -5,16 +5,20 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
 from PIL import Image
 
 from data_pipeline import DataError
+from data_pipeline.images import DEFAULT_MIN_SIDE
 from data_pipeline.make_shards import main as make_shards
 from data_pipeline.manifest import read_manifest
 from data_pipeline.shards import check_shards
-from tests.helpers.data import image_bytes, read_split, write_coco
+from pretrain.train.recipe import recipe_from_dict
+from pretrain.train.task import build_caption_data
+from tests.helpers.data import image_bytes, read_split, write_coco, write_tar
 
 
 def shard(tmp_path: Path, *args: str) -> Path:
@@ -123,6 +127,20 @@ def test_small_truncated_and_undecodable_images_are_counted_apart(tmp_path):
     lower = shard(tmp_path / "lower", "--root", str(tmp_path / "coco"), "--splits", "train", "--min-side", "8")
     assert image_ids(lower / "train") == [1, 2]
 
+
+def test_the_recipe_skips_small_images_in_shards_make_shards_did_not_write(tmp_path, tokenizer):
+    """Shards from another writer (img2dataset) may hold thumbnails; data.min_side drops them in training."""
+    images = {"ok0": image_bytes(), "tiny": image_bytes(8, 8), "ok1": image_bytes(), "ok2": image_bytes()}
+    write_tar(tmp_path / "other.tar", [m for key, data in images.items() for m in
+                                       ((f"{key}.jpg", data), (f"{key}.txt", b"a red square"))])
+    data = {"train": str(tmp_path / "other.tar"), "val": None, "num_workers": 0, "max_bad_fraction": 1.0}
+    recipe = recipe_from_dict({"data": data})
+    assert recipe.data.min_side == DEFAULT_MIN_SIDE == 64  # the default make shards' MIN_SIDE has
+    setup = SimpleNamespace(recipe=recipe, model_config=SimpleNamespace(image_size=32), tokenizer=tokenizer)
+    recipe.schedule.micro_batch_size = 4  # one batch: every sample is read, the skipped one padded
+    loader, _ = build_caption_data(setup, rank=0, world=1)
+    assert {key for batch in loader for key in batch["keys"]} == {"ok0", "ok1", "ok2"}
+    assert loader.skip_counts() == {"image_too_small": 1}
 
 def karpathy_coco(path: Path) -> None:
     """dataset_coco.json as released: 2014 paths and names; image 3 is in val2014 but train2017."""
