@@ -273,7 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--root",
         help="dataset directory (coco: annotations/ + {train,val}2017/ or 2014/; flickr30k: "
-        "flickr30k-images/ + results.csv or results_20130124.token)",
+        "flickr30k-images/ or flickr30k_images/ + results.csv or results_20130124.token)",
     )
     parser.add_argument(
         "--karpathy-json",

@@ -1,4 +1,7 @@
-"""Flickr30k: flickr30k-images/ with the Karpathy split file, or with the plain caption file.
+"""Flickr30k: the images with the Karpathy split file, or with the plain caption file.
+
+The official download unpacks to flickr30k-images/ next to results_20130124.token; Kaggle's to
+flickr30k_images/ holding results.csv and the images' flickr30k_images/ folder.
 
 The Karpathy file carries the split of every image. The plain caption files carry none, so their images
 are split by image-id hash (sources.hash_split_rule): train, val and test never share an image.
@@ -21,6 +24,7 @@ from data_pipeline.sources import (
 from data_pipeline.sources.karpathy import read_karpathy
 
 CAPTION_FILES = ("results_20130124.token", "results.csv")
+IMAGE_FOLDERS = ("flickr30k-images", "flickr30k_images")  # official, Kaggle
 # the Kaggle results.csv has a line whose second separator is a space: `2199200615.jpg| 4 A dog ...`
 _NUMBER_THEN_CAPTION = re.compile(rb"\s*\d+\s+(.*)", re.DOTALL)
 
@@ -33,7 +37,7 @@ def read_flickr30k(
     holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
 ) -> SourceSplit:
     root = Path(root)
-    image_dir = root / "flickr30k-images"
+    image_dir = next((root / name for name in IMAGE_FOLDERS if (root / name).is_dir()), root / IMAGE_FOLDERS[0])
     if karpathy_json is not None:
         return read_karpathy(karpathy_json, image_dir, split)
     check_hash_split(split, "the plain Flickr30k caption file")

@@ -37,11 +37,11 @@ def noise_jpeg(size: int = 200) -> bytes:
     return buffer.getvalue()
 
 
-def write_flickr_csv(root: Path, names: list[str], extra_lines: bytes = b"") -> None:
-    (root / "flickr30k-images").mkdir(parents=True)
+def write_flickr_csv(root: Path, names: list[str], extra_lines: bytes = b"", images: str = "flickr30k-images") -> None:
+    (root / images).mkdir(parents=True)
     lines = [b"image_name| comment_number| comment"]
     for name in names:
-        (root / "flickr30k-images" / name).write_bytes(image_bytes())
+        (root / images / name).write_bytes(image_bytes())
         lines += [f"{name}| {n}| caption {n} of {name}".encode() for n in range(2)]
     (root / "results.csv").write_bytes(b"\n".join(lines) + b"\n" + extra_lines)
 
@@ -67,6 +67,13 @@ def test_flickr_plain_captions_split_disjointly_by_image_id_hash(tmp_path):
     with pytest.raises(SystemExit):
         shard(tmp_path / "restval", *root, "--splits", "restval")
 
+
+def test_flickr_as_kaggle_unpacks_it_is_read(tmp_path):
+    """Kaggle's Flickr30k: flickr30k_images/ holds results.csv and the images' own flickr30k_images/."""
+    root = tmp_path / "flickr30k_images"
+    write_flickr_csv(root, ["1000092795.jpg", "10002456.jpg"], images="flickr30k_images")
+    out = shard(tmp_path, "--source", "flickr30k", "--root", str(root), "--splits", "train")  # both hash >= 0.1
+    assert image_ids(out / "train") == [10002456, 1000092795]
 
 def test_flickr_karpathy_file_keeps_its_own_splits(tmp_path):
     (tmp_path / "flickr30k-images").mkdir()
