@@ -138,11 +138,12 @@ def eval_image(data: bytes, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
     """The whole image resized (bicubic, aspect not kept) to uint8 [3, size, size].
 
     ALBEF's and BLIP's retrieval evaluation protocol: no crop, so nothing a caption mentions is cut off and
-    reported numbers compare with theirs.
+    reported numbers compare with theirs. Decoded whole (no JPEG draft reduction, unlike training) so the
+    export's AutoImageProcessor, which decodes whole, gives these pixels for every image size.
     """
     image = open_checked(data, max_pixels)
-    rgb, box = _decode_for(image, (0, 0, *image.size), size)
-    return to_uint8_tensor(rgb.resize((size, size), Image.Resampling.BICUBIC, box=box))
+    rgb = decode_rgb(image, image.size)
+    return to_uint8_tensor(rgb.resize((size, size), Image.Resampling.BICUBIC))
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
