@@ -42,7 +42,9 @@ def decode_rgb(image: Image.Image, wanted: tuple[int, int], turbo: bool = True) 
     if image.format != "JPEG":
         return load_rgb(image)
     scale = draft_scale(image.size, wanted)
-    data = image.fp.getvalue() if turbo and simplejpeg is not None and isinstance(image.fp, io.BytesIO) else None
+    # CMYK goes to PIL: simplejpeg converts it to RGB itself, one level apart from PIL (and the HF processor)
+    usable = turbo and simplejpeg is not None and isinstance(image.fp, io.BytesIO) and image.mode in ("RGB", "L")
+    data = image.fp.getvalue() if usable else None
     if data is not None:
         try:
             # libjpeg-turbo picks the smallest scale n/8 keeping both sides at least this: exactly 1/scale

@@ -34,12 +34,13 @@ def export(tokenizer, tmp_path_factory):
 
 
 def images(size: int) -> list[bytes]:
-    """A PNG, a grayscale PNG, a JPEG under twice the input size and one over four times it (real photos at the
-    tiny preset's 64 px: the training loader decodes those at a DCT draft reduction, evaluation whole)."""
+    """A PNG, a grayscale PNG, a JPEG under twice the input size, one over four times it (real photos at the
+    tiny preset's 64 px: the training loader decodes those at a DCT draft reduction, evaluation whole) and a
+    CMYK JPEG (PIL converts it to RGB)."""
     ramp = ramp_with_marker(3 * size // 2, size + 7, (10, 12, 30, 20))
     photo = ramp_with_marker(5 * size, 4 * size + 3, (40, 30, 90, 70))
     return [encoded(ramp, "PNG"), encoded(ramp.convert("L"), "PNG"), encoded(ramp, "JPEG", quality=85),
-            encoded(photo, "JPEG", quality=85)]
+            encoded(photo, "JPEG", quality=85), encoded(ramp.convert("CMYK"), "JPEG", quality=85)]
 
 
 def clip_normalised(pixels: torch.Tensor) -> torch.Tensor:
