@@ -35,9 +35,10 @@ def train(args: argparse.Namespace, arm: str, stage: int, base: Path) -> Path:
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
     flags = ["--recipe", f"instruct_stage{stage}_synthetic", "--name", name, "--logging.run_dir", str(args.run_dir),
              "--base.path", str(base), "--lm.name", str(args.lm), "--data.train", str(args.run_dir / arm / "train"),
-             "--data.val", str(args.run_dir / "held_out" / "val"), "--schedule.max_steps", str(steps),
-             "--schedule.warmup_steps", str(max(1, steps // 10)), "--eval.samples", str(args.samples),
+             "--data.val", str(args.run_dir / "held_out" / "val"), "--eval.samples", str(args.samples),
              "--checkpoint.every", "0", "--resume", "auto"]
+    if steps:  # otherwise the recipe's own schedule
+        flags += ["--schedule.max_steps", str(steps), "--schedule.warmup_steps", str(max(1, steps // 10))]
     env = {**os.environ, "ENTRY": "instruct", "GPUS_PER_NODE": "2", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", "launch/pretrain.sh", *flags], cwd=REPO, env=env, text=True, capture_output=True)
     if proc.returncode:
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions", type=Path, default=Path("data/shards/synthetic"), help="caption shard set")
     parser.add_argument("--vqa", type=Path, default=None, help="VQA shard set (both arms train on its questions)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-instruct-templates"))
-    parser.add_argument("--stage1-steps", type=int, default=60)
-    parser.add_argument("--stage2-steps", type=int, default=60)
+    parser.add_argument("--stage1-steps", type=int, default=0, help="0: the stage-1 recipe's (60)")
+    parser.add_argument("--stage2-steps", type=int, default=0, help="0: the stage-2 recipe's (400)")
     parser.add_argument("--samples", type=int, default=64, help="held-out samples evaluated per task")
     args = parser.parse_args(argv)
     make_set(args, args.run_dir / "held_out", "val", 0)
