@@ -22,6 +22,7 @@ from data_pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected
 from data_pipeline.samples import parse_sample, read_samples
 from data_pipeline.shard_io import ShardReader
 from data_pipeline.shards import resolve_shards
+from data_pipeline.text import clean_caption
 from data_pipeline.transforms import eval_image, normalize
 
 AGREEING_ANNOTATORS_FOR_FULL_SCORE = 3
@@ -121,6 +122,10 @@ def load_vqa_eval(spec, tokenizer, targets: VQATargets, *, image_size: int, max_
         if parsed is None or target is None:
             skipped["no_answers"] += parsed is not None
             continue
+        question = clean_caption(parsed.captions[0])  # as the training loader reads it
+        if not question:
+            skipped["no_caption"] += 1
+            continue
         try:
             eval_image(parsed.image, size=image_size, max_pixels=max_pixels)
         except ImageRejected as rejected:
@@ -128,7 +133,7 @@ def load_vqa_eval(spec, tokenizer, targets: VQATargets, *, image_size: int, max_
             continue
         keys.append(parsed.key)
         images.append(parsed.image)
-        questions.append(parsed.captions[0])
+        questions.append(question)
         scores.append(target["answer_scores"])
         types.append(str(parsed.meta.get("question_type", "")))
     if not keys:

@@ -13,9 +13,10 @@ from data_pipeline.samples import parse_sample, read_samples
 from data_pipeline.sources.vqa import normalise_answer, read_vqa
 from data_pipeline.synthetic import SPLIT_ID_BASE as CAPTION_ID_BASE
 from data_pipeline.synthetic_vqa import QUESTION_TYPES, scene_questions
-from data_pipeline.vqa import VQATargets, answer_vocabulary, soft_scores
+from data_pipeline.vqa import VQATargets, answer_vocabulary, load_vqa_eval, soft_scores
 from pretrain.eval.vqa import accuracy_by_type
 from pretrain.model.vqa import predicted_scores
+from pretrain.train.export import cleaning_tokenizer
 
 
 def test_soft_scores_and_accuracy_on_a_toy_case_with_known_answers():
@@ -83,3 +84,23 @@ def test_the_loader_adds_soft_score_targets_from_each_sample(vqa_shards, synthet
         answer_vocabulary(synthetic_shards["train"], 10)
     assert str(err.value) == (f"no sample in {synthetic_shards['train']!r} has answers: point the VQA task at shards "
                               "made with make_shards --source vqa")
+
+
+def test_evaluation_reads_each_question_as_training_does_with_the_runs_and_the_exports_tokenizer(vqa_shards,
+                                                                                                  tokenizer):
+    """Questions are cleaned as training cleans them (lowercase, no punctuation) before tokenising: uncleaned, every
+    synthetic question's '?' was an [UNK] training never showed, but only with the run's tokenizer (the export's
+    cleans in its normalizer), so a saved adapter evaluated with it lost the run's own evaluation's accuracy."""
+    paths = [str(p) for p in sorted(vqa_shards["val"].glob("*.tar"))]
+    questions = [parse_sample(raw, Counter()).captions[0] for raw in read_samples(paths, Counter())]
+    assert all(question.endswith("?") for question in questions)
+    targets = VQATargets(answer_vocabulary(vqa_shards["val"], 100).answers)
+    data = load_vqa_eval(vqa_shards["val"], tokenizer, targets, image_size=64, max_len=16)
+    exported = load_vqa_eval(vqa_shards["val"], cleaning_tokenizer(tokenizer, 32), targets, image_size=64, max_len=16)
+    assert len(data) == len(questions) and tokenizer.unk_token_id not in data.input_ids
+    assert torch.equal(data.input_ids, exported.input_ids) and torch.equal(data.attention_mask, exported.attention_mask)
+    loader = make_train_loader(vqa_shards["val"], tokenizer, batch_size=8, rank=0, world_size=1, num_workers=0,
+                               seed=0, image_size=64, max_len=16, crop_scale=(1.0, 1.0), sample_targets=targets)
+    batch = next(iter(loader))
+    rows = [data.keys.index(key) for key in batch["keys"]]
+    assert torch.equal(batch["input_ids"], data.input_ids[rows])
