@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine (controller + compute node, munge auth), for trying
-# launch/slurm.sbatch and running tests/launch/test_slurm.py without a real cluster. Needs root and the
+# launch/slurm.sbatch and running tests/train/test_slurm.py without a real cluster. Needs root and the
 # Debian/Ubuntu packages:  apt-get install -y slurm-wlm munge
 #   sudo bash launch/slurm_dev_cluster.sh start    # writes /etc/slurm/slurm.conf, starts munged, slurmctld, slurmd
 #   sudo bash launch/slurm_dev_cluster.sh stop

@@ -1,6 +1,6 @@
-"""`launch/slurm.sbatch` submitted for real: a finished job, `scancel --signal=USR1 --batch`, and `scontrol
-requeue`. Skipped where no SLURM cluster answers (CI); `sudo bash launch/slurm_dev_cluster.sh start` brings
-up a one-node cluster on a developer machine. Jobs ask for 2 CPUs: 2 CPU ranks of the tiny recipe."""
+"""`launch/slurm.sbatch` submitted for real: a finished job, `scancel --signal=USR1` with and without `--batch`,
+and `scontrol requeue`. Skipped where no SLURM cluster answers (CI); `sudo bash launch/slurm_dev_cluster.sh
+start` brings up a one-node cluster on a developer machine. Jobs ask for 2 CPUs: 2 CPU ranks of the tiny recipe."""
 
 import json
 import os
@@ -77,13 +77,16 @@ def test_a_job_runs_as_written_and_leaves_no_hostfile(synthetic_shards, tokenize
     assert not list((tmp_path / "tmp").glob("tmp.*")) and not list((REPO / "runs").glob("hostfile-*"))  # mktemp's
 
 
-def test_usr1_to_the_batch_shell_checkpoints_and_exits_0(synthetic_shards, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("to", [["--batch"], []])  # the batch shell passes it on; without: every step's process
+def test_usr1_checkpoints_and_exits_0(synthetic_shards, tokenizer_dir, tmp_path, to):
     job = submit(tmp_path, {"schedule.max_steps": 200}, shards=synthetic_shards, tokenizer_dir=tokenizer_dir)
     wait_for(lambda: steps_logged(tmp_path / "tiny-synthetic"))
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    subprocess.run(["scancel", "--signal=USR1", *to, job], check=True)
     state = finished(job)
     log = job_log(tmp_path, job)
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    # no task died of the signal: srun would end the step then, and kill a checkpoint taking over KillWait
+    assert "srun: error" not in log, log[-3000:]
     (stopped,) = re.findall(r"\[slurm.sbatch\] exiting at step (\d+) on SIGUSR1 with a checkpoint", log)
     assert 1 <= int(stopped) < 200
     assert (tmp_path / "tiny-synthetic" / "checkpoints" / "latest").read_text() == f"step{int(stopped):08d}"
