@@ -14,10 +14,12 @@ and tested for (`tests/test_compat.py` fails when an upgrade breaks one):
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
+from typing import IO
 
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
@@ -61,6 +63,17 @@ def deepspeed_shm_buffer(rank: int) -> Path:
     parts = ("deepspeed_allreduce_buffer", os.getuid(), os.environ.get("MASTER_ADDR", ""),
              os.environ.get("MASTER_PORT", ""), rank)
     return Path("/dev/shm", "_".join(map(str, parts)))
+
+
+def unlink_when_closed(path: Path) -> IO[bytes]:
+    """A pipe whose closing removes `path`: closed by this process, or by the kernel when it dies (SIGKILL
+    included). A background shell outside this process's tree does it, as a launcher kills a failed job's
+    process trees and a rank spinning inside DeepSpeed's init never returns to Python to clean up."""
+    # an asynchronous list's stdin is /dev/null: the pipe goes to it as fd 3
+    watch = 'exec 3<&0; (trap "" HUP INT TERM; cat <&3; rm -f "$1") >/dev/null 2>&1 &'
+    shell = subprocess.Popen(["sh", "-c", watch, "sh", str(path)], stdin=subprocess.PIPE)
+    shell.wait()  # returns at once; the background subshell holds the pipe's read end
+    return shell.stdin
 
 
 def release_deepspeed_shm_buffers() -> None:

@@ -32,7 +32,8 @@ def start_distributed(section: DistSection) -> None:
 
     On CPU, DeepSpeed maps a /dev/shm all-reduce buffer per rank and spins until every rank's exists: a rank
     that got that far when another failed to start was killed there and left its buffer behind. So every rank
-    first proves the group works (a barrier), and a failure after that unlinks this rank's buffer name."""
+    first proves the group works (a barrier), and whatever happens after that, this rank's buffer name is
+    unlinked when init is over or the rank is gone."""
     compat.warn_if_untested()
     try:
         dist.init_process_group(backend=section.backend, timeout=section.timeout)
@@ -45,12 +46,10 @@ def start_distributed(section: DistSection) -> None:
         deepspeed.init_distributed(dist_backend=section.backend, timeout=section.timeout)
         return
     dist.barrier()
-    try:
+    # A rank that fails inside init leaves the others spinning there, mapped, until the launcher kills them
+    with compat.unlink_when_closed(compat.deepspeed_shm_buffer(dist.get_rank())):
         deepspeed.init_distributed(dist_backend=section.backend, timeout=section.timeout)
         compat.release_deepspeed_shm_buffers()
-    except BaseException:
-        compat.deepspeed_shm_buffer(dist.get_rank()).unlink(missing_ok=True)
-        raise
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

@@ -79,12 +79,14 @@ def test_one_node_without_master_port_picks_a_free_one(synthetic_shards, tokeniz
     assert not shm_buffers(int(ports.pop()))
 
 
-def test_a_failed_start_leaves_no_shm_buffer(synthetic_shards, tokenizer_dir, tmp_path):
-    """Rank 0 dies as soon as it has joined the group. Before, rank 1 went on into DeepSpeed's CPU all-reduce
-    set-up, mapped its /dev/shm buffer, spun there waiting for rank 0's, was killed and left the buffer."""
+@pytest.mark.parametrize("fault", ["exit_init@0:0", "exit_ds_init@0:0"])
+def test_a_failed_start_leaves_no_shm_buffer(synthetic_shards, tokenizer_dir, tmp_path, fault):
+    """Rank 0 dies as soon as it has joined the group, or inside DeepSpeed's init. Before, rank 1 went on into
+    DeepSpeed's CPU all-reduce set-up, mapped its /dev/shm buffer, spun there waiting for rank 0's, was killed
+    and left the buffer (the second case leaked until the name was handed to a process outside the job)."""
     proc = run(["bash", "launch/pretrain.sh", *recipe_flags(synthetic_shards, tokenizer_dir, tmp_path, ONE_STEP)],
                env={"GPUS_PER_NODE": "2", "MASTER_PORT": PORT, "PYTHONPATH": INJECTOR,
-                    "VLPRETRAIN_FAULT": "exit_init@0:0"}, timeout=300, new_session=True)
+                    "VLPRETRAIN_FAULT": fault}, timeout=300, new_session=True)
     assert proc.returncode != 0
     assert "spawned" in proc.stdout + proc.stderr  # the ranks did start
     assert not shm_buffers(proc.port)

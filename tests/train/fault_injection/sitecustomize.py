@@ -17,6 +17,8 @@ training ranks (launcher processes are left alone):
                  does on preemption; DeepSpeed's launcher passes it on to the ranks and waits for them)
       term_self  the rank sends SIGTERM to itself only during the step (the other ranks must stop with it)
       exit_init  the rank exits as soon as it has joined the process group (a failed start; give step 0)
+      exit_ds_init  the rank fails 5 s into DeepSpeed's init_distributed, past the group's barrier, while the
+                 others have mapped their /dev/shm buffers there and wait for its own (give step 0)
     VLPRETRAIN_PROBE=<dir>   each rank appends a JSON line per step to <dir>/rank<r>.jsonl: the step,
                              whether DeepSpeed applied it, and a digest of the rank's parameter
                              partition before and after it
@@ -130,6 +132,14 @@ if "LOCAL_RANK" in os.environ and any(name in os.environ for name in PROBES):
         if HERE and KIND == "exit_init":
             os._exit(1)
 
+    def faulty_ds_init(*args, **kwargs):
+        time.sleep(5)
+        raise RuntimeError("injected: this rank failed inside deepspeed.init_distributed")
+
+    if HERE and KIND == "exit_ds_init":
+        import deepspeed
+
+        deepspeed.init_distributed = faulty_ds_init
     train_module.train_step = faulty_train_step
     train_module.restore = recording_restore
     train_module.save_checkpoint = faulty_save_checkpoint
