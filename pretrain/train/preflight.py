@@ -8,17 +8,21 @@ instead of a traceback from inside a collective.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from data_pipeline import check_shards, load_tokenizer
 from data_pipeline.loader import check_sampling_options, epoch_sizes
 from data_pipeline.tokenizer import caption_sample, tokenizer_fit
 from pretrain import compat
-from pretrain.model import ModelConfig, model_preset
+from pretrain.model import ALBEF, ModelConfig, model_preset
 from pretrain.train.checkpoint import CheckpointError, check_resumable
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.recipe import ModelSection, Recipe, RecipeError, RunRecipe, load_recipe
@@ -42,10 +46,14 @@ def build_model_config(section: ModelSection, tokenizer, steps_per_epoch: int = 
     """The preset with the section's fields and overrides; distillation's alpha ramps over `steps_per_epoch`
     training forwards (ALBEF: the first epoch) and its teacher takes one EMA step per optimizer update of
     `forwards_per_update` forwards, unless the overrides say otherwise."""
-    fields = {"fusion": section.fusion, "dropout": section.dropout, "queue_size": section.queue_size,
+    fields = {"fusion": section.fusion, "patch_stem": section.patch_stem, "dropout": section.dropout,
+              "queue_size": section.queue_size,
               "momentum_distillation": section.momentum_distillation,
               "itm_negative_hardness": section.itm_negative_hardness}
     overrides = {"vocab_size": len(tokenizer), **fields, **section.overrides}
+    if section.vit and overrides["patch_stem"] != "linear":
+        raise RecipeError(f"model.vit loads a ViTModel's linear patch embedding, which patch_stem "
+                          f"{overrides['patch_stem']!r} does not have: set model.patch_stem linear")
     if overrides["momentum_distillation"]:
         overrides.setdefault("distill_alpha_ramp_steps", steps_per_epoch)
         overrides.setdefault("momentum_every", forwards_per_update)
@@ -82,9 +90,33 @@ def prepare(args: argparse.Namespace) -> Setup:
     if recipe.data.val:
         check_shards(recipe.data.val, world_size=1, num_workers=1)
     ds_config = prepare_run(recipe, resume, world_size)
+    if resume == "auto":
+        check_same_model(recipe.run_path, model_config)
     check_teacher_precision(model_config, ds_config, recipe.dist.ds_config)
     warnings = [tokenizer_fit_warning(recipe, tokenizer)] if int(os.environ.get("RANK", "0")) == 0 else []
     return Setup(recipe, tokenizer, model_config, ds_config, world_size, [w for w in warnings if w])
+
+
+def check_same_model(run_path: Path, config: ModelConfig) -> None:
+    """Checkpoints load only into a model with the same parameters: name the fields that changed (say, a
+    recipe's new default) rather than fail inside DeepSpeed's load with missing keys. Other changes (loss
+    weights, dropout, a schedule-derived ramp) may continue a run."""
+    saved_file = run_path / "model_config.json"
+    if not ((run_path / "checkpoints" / "latest").is_file() and saved_file.is_file()):
+        return
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    before = ModelConfig(**{k: v for k, v in json.loads(saved_file.read_text()).items() if k in fields})
+    if _state_shapes(before) == _state_shapes(config):
+        return
+    old, new = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (before, config))
+    changed = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new) if old[k] != new[k])
+    raise RecipeError(f"run {run_path} holds checkpoints of another model ({changed}): they cannot continue in "
+                      "this one; pass --name to start a new run, or set those back")
+
+
+def _state_shapes(config: ModelConfig) -> dict[str, tuple]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return {name: tuple(t.shape) for name, t in ALBEF(config).state_dict().items()}
 
 
 def check_no_stale_build_lock() -> None:

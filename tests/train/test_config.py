@@ -27,7 +27,7 @@ def exactly(message: str) -> str:
 def test_shipped_recipes_load():
     tiny = load_recipe("tiny_synthetic")
     base = load_recipe("albef_base_coco_flickr")
-    assert tiny.model.preset == "tiny" and tiny.dist.backend == "gloo"
+    assert tiny.model.preset == "tiny" and tiny.dist.backend == "gloo" and tiny.model.patch_stem == "conv"
     assert base.model.preset == "base" and base.dist.ds_config.endswith("zero3.json")
 
 
@@ -186,14 +186,32 @@ def test_a_fresh_start_over_existing_checkpoints_is_refused(base_flags, tmp_path
     assert prepare(parse_args(base_flags + ["--name", "earlier", "--resume", "auto"])).recipe.run_path == ckpt.parent
 
 
+def test_resuming_checkpoints_of_another_model_names_what_changed(base_flags, tmp_path, monkeypatch):
+    ckpt = tmp_path / "earlier" / "checkpoints"
+    (ckpt / "step00000004").mkdir(parents=True)
+    for rank in (0, 1):
+        (ckpt / "step00000004" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"x")
+    (ckpt / "latest").write_text("step00000004")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    resume = base_flags + ["--name", "earlier", "--resume", "auto"]
+    saved = prepare(parse_args(resume)).model_config  # the linear stem the test jobs pin
+    # an older run's file lacks fields added since: they read as their defaults
+    older = {k: v for k, v in dataclasses.asdict(saved).items() if k != "weight_itm"}
+    (ckpt.parent / "model_config.json").write_text(json.dumps(older))
+    assert prepare(parse_args(resume + ["--model.dropout", "0.1"])).model_config.dropout == 0.1  # same weights
+    assert prepare_error(resume + ["--model.patch_stem", "conv"]) == (
+        f"run {ckpt.parent} holds checkpoints of another model (patch_stem 'linear' -> 'conv'): they cannot continue "
+        "in this one; pass --name to start a new run, or set those back")
+
+
 def test_model_section_fields_reach_the_model_config_and_alpha_ramps_over_one_epoch(base_flags, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     flags = base_flags + ["--schedule.micro_batch_size", "8", "--model.fusion", "co_attention", "--model.dropout",
                           "0.1", "--model.momentum_distillation", "true", "--model.queue_size", "64",
-                          "--model.itm_negative_hardness", "0.25"]
+                          "--model.itm_negative_hardness", "0.25", "--model.patch_stem", "conv"]
     config = prepare(parse_args(flags)).model_config
     assert (config.fusion, config.dropout, config.momentum_distillation, config.queue_size,
-            config.itm_negative_hardness) == ("co_attention", 0.1, True, 64, 0.25)
+            config.itm_negative_hardness, config.patch_stem) == ("co_attention", 0.1, True, 64, 0.25, "conv")
     assert config.distill_alpha_ramp_steps == 3  # 40 training images / (8 per rank x 2 ranks), rounded up
     every_pair = prepare(parse_args(flags + ["--data.pairs", "every_caption"])).model_config
     assert every_pair.distill_alpha_ramp_steps == 13  # the epoch is 200 (image, caption) pairs: 5 per image
@@ -205,6 +223,9 @@ def test_model_section_fields_reach_the_model_config_and_alpha_ramps_over_one_ep
     assert prepare_error(base_flags + ["--model.queue_size", "64"]) == (
         "model: queue_size 64 needs momentum_distillation: the queue holds the momentum encoders' features; turn "
         "it on or set queue_size 0")
+    assert prepare_error(base_flags + ["--model.patch_stem", "conv", "--model.vit", "google/vit-base-patch16-224"]) == (
+        "model.vit loads a ViTModel's linear patch embedding, which patch_stem 'conv' does not have: set "
+        "model.patch_stem linear")
     assert prepare_error(base_flags + ["--model.fusion", "merged"]) == (
         "model: fusion 'merged' is unknown; use one of cross_attention, co_attention")
     assert prepare_error(base_flags + ["--model.momentum_distillation", "true", "--dist.ds_config", "zero3"]) == (
