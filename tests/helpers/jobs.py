@@ -28,9 +28,10 @@ TINY_JOB = {"schedule.max_steps": 8, "schedule.warmup_steps": 2, "schedule.micro
 
 def recipe_flags(shards: dict, tokenizer_dir: Path, run_dir: Path, *overrides: dict, val: bool = False) -> list[str]:
     """`--recipe tiny_synthetic` on the session's synthetic shards and tokenizer, writing runs under `run_dir`,
-    evaluating on the validation shards only with `val`, then `--key value` for each override (later wins)."""
+    evaluating on the validation shards only with `val`, with ViT's linear patch stem (the presets' own, whose export
+    has a Hugging Face image encoder), then `--key value` for each override (later wins)."""
     flags = {"recipe": "tiny_synthetic", "data.train": shards["train"], "data.val": shards["val"] if val else "null",
-             "data.tokenizer": tokenizer_dir, "logging.run_dir": run_dir}
+             "data.tokenizer": tokenizer_dir, "logging.run_dir": run_dir, "model.patch_stem": "linear"}
     for more in overrides:
         flags |= more
     return [part for key, value in flags.items() for part in (f"--{key}", str(value))]
