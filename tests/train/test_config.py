@@ -5,6 +5,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,12 +175,18 @@ def test_user_errors_are_caught_before_any_process_group(base_flags, tmp_path, t
     assert prepare(parse_args(longer)).model_config.max_position == 40
 
 
-def test_a_fresh_start_over_existing_checkpoints_is_refused(base_flags, tmp_path, monkeypatch):
-    ckpt = tmp_path / "earlier" / "checkpoints"
+def two_rank_checkpoint(run_dir) -> Path:
+    """A complete-looking step-4 checkpoint of 2 ranks (placeholder files): what preflight looks at."""
+    ckpt = run_dir / "checkpoints"
     (ckpt / "step00000004").mkdir(parents=True)
     for rank in (0, 1):
         (ckpt / "step00000004" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"x")
     (ckpt / "latest").write_text("step00000004")
+    return ckpt
+
+
+def test_a_fresh_start_over_existing_checkpoints_is_refused(base_flags, tmp_path, monkeypatch):
+    ckpt = two_rank_checkpoint(tmp_path / "earlier")
     assert prepare_error(base_flags + ["--name", "earlier"]) == (
         f"run {ckpt.parent} already has checkpoints: pass --resume auto to continue it, or --name to start a new run")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -187,11 +194,7 @@ def test_a_fresh_start_over_existing_checkpoints_is_refused(base_flags, tmp_path
 
 
 def test_resuming_checkpoints_of_another_model_names_what_changed(base_flags, tmp_path, monkeypatch):
-    ckpt = tmp_path / "earlier" / "checkpoints"
-    (ckpt / "step00000004").mkdir(parents=True)
-    for rank in (0, 1):
-        (ckpt / "step00000004" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"x")
-    (ckpt / "latest").write_text("step00000004")
+    ckpt = two_rank_checkpoint(tmp_path / "earlier")
     monkeypatch.setenv("WORLD_SIZE", "2")
     resume = base_flags + ["--name", "earlier", "--resume", "auto"]
     saved = prepare(parse_args(resume)).model_config  # the linear stem the test jobs pin
