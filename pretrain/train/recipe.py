@@ -44,8 +44,8 @@ class ModelSection:
     vit: str | None = _help("HF name or local dir of a ViTModel to initialise the image encoder", None)
     bert: str | None = _help("HF name or local dir of a BertModel to initialise text + fusion encoders", None)
     fusion: str = _help("cross_attention (ALBEF) | co_attention (ViLBERT's two streams)", "cross_attention")
-    patch_stem: str = _help("linear (ViT's patch embedding; exported as a Hugging Face ViTModel) | conv (a small "
-                            "conv stem: learns shape sooner, its image encoder is not exported for HF)", "linear")
+    patch_stem: str = _help("linear (ViT's patch embedding; exported as a Hugging Face ViTModel) | conv (ViT_C's "
+                            "conv stem: aligns faster on the synthetic default, no HF image encoder)", "linear")
     dropout: float = _help("BERT dropout in the text and fusion encoders (BERT, ALBEF: 0.1)", 0.0)
     momentum_distillation: bool = _help("ALBEF's momentum distillation for ITC and MLM (EMA teacher, "
                                         "distill_alpha ramped over the first epoch)", False)
