@@ -124,20 +124,26 @@ def encode_eval_set(model, data, batch_size: int, device: torch.device, dtype: t
     return out
 
 
+def this_ranks_rows(rows: int, rows_per_call: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous share of range(rows), padded to a whole number of calls of rows_per_call by
+    repeating the last row (every rank must run the same number of forward passes: ZeRO-3 gathers
+    collectively), and which of them are not padding."""
+    rank, world = distributed.rank(), distributed.world_size()
+    per_rank = math.ceil(math.ceil(rows / world) / rows_per_call) * rows_per_call
+    local = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device)
+    return local.clamp(max=rows - 1), local < rows
+
+
 @torch.no_grad()
 def _itm_rerank(model, query_embeds, cand_embeds, text_mask, sim, k: int, batch_size: int,
                 image_queries: bool) -> torch.Tensor:
     """Scores [queries, candidates] (float64, CPU) with each query's ITC top k re-ranked by the ITM head;
     query rows are split across ranks."""
-    rank, world = distributed.rank(), distributed.world_size()
     rows, k = sim.shape[0], min(k, sim.shape[1])
     topk = finite_or_last(sim).topk(k, dim=1).indices  # topk takes NaN for the largest value
     rows_per_call = max(1, batch_size // k)
-    per_rank = math.ceil(math.ceil(rows / world) / rows_per_call) * rows_per_call
-    # Past the last row, repeat it: every rank must run the same number of forward passes.
-    local_rows = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=sim.device).clamp(max=rows - 1)
     local_logits = []
-    for chunk in local_rows.split(rows_per_call):
+    for chunk in this_ranks_rows(rows, rows_per_call, sim.device)[0].split(rows_per_call):
         cand = topk[chunk].reshape(-1)
         query = query_embeds[chunk].repeat_interleave(k, dim=0)
         if image_queries:
@@ -202,7 +208,7 @@ def itm_triple_accuracy(model, enc: dict, sim: torch.Tensor, batch_size: int) ->
     """ITM accuracy on held-out triples: each image with its first caption (a match), and two non-matches a
     training batch would offer as hard negatives, the hardest in its block of ITM_BLOCK images by ITC: the
     other image's caption ITC ranks highest for the image, and the other image it ranks highest for the
-    caption. Always answering "no match" scores 2/3. Every rank computes all of it (the same passes)."""
+    caption. Always answering "no match" scores 2/3. The images are split across ranks."""
     first = {}
     for index, image_id in enumerate(enc["text_ids"].tolist()):
         first.setdefault(image_id, index)
@@ -215,14 +221,15 @@ def itm_triple_accuracy(model, enc: dict, sim: torch.Tensor, batch_size: int) ->
     block_sim = block_sim.fill_diagonal_(float("-inf"))
     negative_caption, negative_image = captions[block_sim.argmax(dim=1)], block_sim.argmax(dim=0)
     image_embeds, text_embeds, mask = enc["image_embeds"], enc["text_embeds"], enc["text_mask"]
-    correct = 0
-    for chunk in rows.split(batch_size):
+    local_rows, real = this_ranks_rows(len(rows), batch_size, sim.device)
+    correct = torch.zeros(1, dtype=torch.long, device=sim.device)
+    for chunk, counted in zip(local_rows.split(batch_size), real.split(batch_size), strict=True):
         triples = ((chunk, captions[chunk], 1), (chunk, negative_caption[chunk], 0),
                    (negative_image[chunk], captions[chunk], 0))
         for images, texts, label in triples:
             logits = model.itm_logits(image_embeds[images], text_embeds[texts], mask[texts])
-            correct += int((logits.argmax(dim=1) == label).sum())
-    return correct / (3 * len(rows))
+            correct += ((logits.argmax(dim=1) == label) & counted).sum()
+    return int(gather_no_grad(correct).sum()) / (3 * len(rows))
 
 
 def _rows_not_finite(scores: torch.Tensor) -> int:
