@@ -19,20 +19,23 @@ from pretrain.train.preflight import prepare
 def main() -> None:
     setup = prepare(parse_args(sys.argv[1:]))
     start_distributed(setup.recipe.dist)
-    engine = build_engine(setup)
-    expected = pretrained_state_dict(setup.model_config, vit=setup.recipe.model.vit, bert=setup.recipe.model.bert)
-    params = dict(engine.module.named_parameters())
-    worst, partitioned = 0.0, 0
-    for name, value in expected.items():
-        param = params[name]
-        partitioned += int(param.ds_tensor.numel() < param.ds_numel)
-        with deepspeed.zero.GatheredParameters([param]):
-            worst = max(worst, (param.detach().float() - value.float()).abs().max().item())
-    seeds = [None] * dist.get_world_size()
-    dist.all_gather_object(seeds, torch.initial_seed())
-    if dist.get_rank() == 0:
-        print(json.dumps({"loaded": len(expected), "partitioned": partitioned, "max_abs_diff": worst,
-                          "names": sorted(expected), "rank_seeds": seeds}))
+    try:
+        engine = build_engine(setup)
+        expected = pretrained_state_dict(setup.model_config, vit=setup.recipe.model.vit, bert=setup.recipe.model.bert)
+        params = dict(engine.module.named_parameters())
+        worst, partitioned = 0.0, 0
+        for name, value in expected.items():
+            param = params[name]
+            partitioned += int(param.ds_tensor.numel() < param.ds_numel)
+            with deepspeed.zero.GatheredParameters([param]):
+                worst = max(worst, (param.detach().float() - value.float()).abs().max().item())
+        seeds = [None] * dist.get_world_size()
+        dist.all_gather_object(seeds, torch.initial_seed())
+        if dist.get_rank() == 0:
+            print(json.dumps({"loaded": len(expected), "partitioned": partitioned, "max_abs_diff": worst,
+                              "names": sorted(expected), "rank_seeds": seeds}))
+    finally:
+        dist.destroy_process_group()  # as pretrain.train.loop: gloo's threads must stop before teardown
 
 
 if __name__ == "__main__":
