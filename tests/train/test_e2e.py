@@ -305,10 +305,8 @@ def test_pretrained_hf_weights_land_in_zero3_partitions_and_ranks_train_with_see
 
     hf_vit().save_pretrained(tmp_path / "vit")  # the tiny preset's ViT and BERT (2 text + 2 fusion layers), seeded
     hf_bert(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "bert")
-    flags = ["--recipe", "tiny_synthetic", "--data.train", str(synthetic_shards["train"]), "--data.val", "null",
-             "--data.tokenizer", str(tokenizer_dir), "--logging.run_dir", str(tmp_path / "runs"),
-             "--model.vit", str(tmp_path / "vit"), "--model.bert", str(tmp_path / "bert"),
-             "--model.patch_stem", "linear"]  # fmt: skip
+    flags = recipe_flags(synthetic_shards, tokenizer_dir, tmp_path / "runs",
+                         {"model.vit": tmp_path / "vit", "model.bert": tmp_path / "bert"})
     launch = ["--num_gpus", "2", "--master_port", str(free_port()), "tests/train/zero3_pretrained_probe.py"]
     proc = check(run(DEEPSPEED + launch + flags, env={"PYTHONPATH": str(REPO)}))
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"loaded"')))
