@@ -78,8 +78,9 @@ class FinetuneTask:
 
     @staticmethod
     def task_config(config: ModelConfig) -> ModelConfig:
-        """The base's config without momentum distillation: fine-tuning runs the online model alone."""
-        return replace(config, momentum_distillation=False, queue_size=0)
+        """The base's config without momentum distillation (fine-tuning runs the online model alone) or the
+        caption-word objective (a pretraining signal: the task's own loss is what fine-tuning optimises)."""
+        return replace(config, momentum_distillation=False, queue_size=0, weight_words=0.0)
 
     def load_weights(self, model: nn.Module, setup) -> None:
         copy_weights(pretrained_part(model, self.pretrained_prefix), self.base_state)

@@ -26,6 +26,7 @@ from .objectives import (
     ITCResult,
     QueuedFeatures,
     at_least_fp32,
+    caption_words_loss,
     itc_distill_loss,
     itc_loss,
     itm_loss,
@@ -43,6 +44,7 @@ class ALBEFOutput(NamedTuple):
     loss_itc: Tensor
     loss_itm: Tensor
     loss_mlm: Tensor
+    loss_words: Tensor  # caption-word classification (0 unless config.weight_words)
     itm_accuracy: Tensor
     mlm_accuracy: Tensor  # fraction of this rank's masked tokens predicted right
     temperature: Tensor
@@ -90,6 +92,8 @@ class ALBEF(nn.Module):
         self.text_proj = nn.Linear(config.text_hidden, config.embed_dim)
         self.itm_head = nn.Linear(config.text_hidden, 2)
         self.mlm_head = MLMHead(config, self.text_encoder.embeddings.word_embeddings)
+        if config.weight_words:  # absent otherwise: ALBEF's parameters and exports stay as they are
+            self.words_head = nn.Linear(config.vision_hidden, config.vocab_size)
         self.temp = nn.Parameter(torch.full([1], config.temperature_init))  # shape [1]: ZeRO-3 needs it
         self.momentum = MomentumTeacher(config, backend) if config.momentum_distillation else None
         self.apply(self.init_weights)
@@ -187,11 +191,16 @@ class ALBEF(nn.Module):
         if self.momentum is not None and self.training:
             self.momentum.update(self, teacher, batch["image_ids"])  # queue the batch, one EMA step
         c = self.config
+        loss_words = torch.zeros_like(loss_mlm)
+        if c.weight_words:
+            loss_words = caption_words_loss(self.words_head(image_embeds[:, 0]), batch["input_ids"], mask)
         return ALBEFOutput(
-            loss=c.weight_itc * itc.loss + c.weight_itm * loss_itm + c.weight_mlm * loss_mlm,
+            loss=(c.weight_itc * itc.loss + c.weight_itm * loss_itm + c.weight_mlm * loss_mlm
+                  + c.weight_words * loss_words),
             loss_itc=itc.loss,
             loss_itm=loss_itm,
             loss_mlm=loss_mlm,
+            loss_words=loss_words,
             itm_accuracy=itm_accuracy,
             mlm_accuracy=mlm_accuracy,
             temperature=temperature.detach().squeeze(),

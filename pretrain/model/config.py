@@ -49,6 +49,10 @@ class ModelConfig:
     weight_itc: float = 1.0
     weight_itm: float = 1.0
     weight_mlm: float = 1.0
+    # caption-word classification from the image [CLS] (SuperClass; objectives.caption_words_loss); ALBEF: 0.
+    # A direct signal for what the image must show: the from-scratch encoder of the embedded default learns
+    # shape from it, which ITC, ITM and MLM alone do not teach it within its budget (docs/alignment.md)
+    weight_words: float = 0.0
     # ITM's negatives are drawn by softmax(hardness * ITC logit): 1 as ALBEF (nearly always the hardest pair
     # once the temperature is low), 0 uniformly from the other images of the batch
     itm_negative_hardness: float = 1.0

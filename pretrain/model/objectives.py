@@ -1,4 +1,4 @@
-"""ALBEF's three objectives, each one function that owns its whole computation.
+"""ALBEF's three objectives and the optional caption-word one, each one function that owns its whole computation.
 
 Under torch.distributed, ITC scores each rank's rows against the global batch (features gathered with
 gradient; memory O(B_local x B_global)), so averaging the ranks' gradients equals one process on the
@@ -149,3 +149,18 @@ def mlm_loss(mlm_head: nn.Module, masked_text: Tensor, mlm_labels: Tensor, teach
     count = masked.sum().clamp(min=1)
     accuracy = (logits.detach().argmax(dim=1) == labels).sum() / count
     return total / count, accuracy
+
+
+def caption_words_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Caption-word classification (SuperClass, Huang et al. 2024, after Joulin et al. 2016): from the image
+    alone, which vocabulary tokens its caption contains. `logits` [B, V] come from the image; the target is
+    the caption's token set (each token once however often it occurs), normalised to sum 1, against the
+    softmax over the vocabulary. Padding and each caption's first and last real token ([CLS], [SEP]) are
+    not words."""
+    words = attention_mask.bool().clone()
+    words[:, 0] = False
+    words[torch.arange(len(words), device=words.device), attention_mask.sum(dim=1) - 1] = False
+    logits = at_least_fp32(logits)
+    present = torch.zeros_like(logits).scatter_add_(1, input_ids, words.to(logits.dtype)).clamp_(max=1)
+    targets = present / present.sum(dim=1, keepdim=True).clamp(min=1)
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()

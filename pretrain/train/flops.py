@@ -106,6 +106,8 @@ def forward_flops_by_component(
     # fusion text streams per sample: positive, hard-negative text, masked text (own image), hard-negative image
     terms = _encoders_and_heads(config, text_tokens, mlm_probability, streams=4, images=2)
     terms["heads.itm"] = _linear(3, config.text_hidden, 2)  # the positive and the two hard negatives
+    if config.weight_words:
+        terms["heads.words"] = _linear(1, config.vision_hidden, config.vocab_size)
     if config.momentum_distillation:  # the teacher fuses the masked text with its own image only
         terms["momentum.teacher"] = sum(_encoders_and_heads(config, text_tokens, mlm_probability, 1, 1).values())
     return terms

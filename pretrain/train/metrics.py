@@ -112,12 +112,12 @@ def _logged_step(line: str) -> float:
 
 
 def console_line(step: int, max_steps: int, values: dict[str, float]) -> str:
-    keys = ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/itm_accuracy", "train/mlm_accuracy",
+    keys = ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "loss/words", "train/itm_accuracy", "train/mlm_accuracy",
             "train/vqa_score", "train/lr",
             "train/grad_norm", "perf/samples_per_s", "perf/mfu", "perf/data_wait_fraction")
     parts = [f"step {step}/{max_steps}"]
     for key in keys:
-        if key in values:
+        if key in values and not (key == "loss/words" and values[key] == 0):  # 0: the objective is off
             parts.append(f"{key.split('/')[-1]} {values[key]:.4g}")
     return " | ".join(parts)
 

@@ -49,7 +49,7 @@ def build_model_config(section: ModelSection, tokenizer, steps_per_epoch: int = 
     fields = {"fusion": section.fusion, "patch_stem": section.patch_stem, "dropout": section.dropout,
               "queue_size": section.queue_size,
               "momentum_distillation": section.momentum_distillation,
-              "itm_negative_hardness": section.itm_negative_hardness}
+              "itm_negative_hardness": section.itm_negative_hardness, "weight_words": section.caption_words_weight}
     overrides = {"vocab_size": len(tokenizer), **fields, **section.overrides}
     if section.vit and overrides["patch_stem"] != "linear":
         raise RecipeError(f"model.vit loads a ViTModel's linear patch embedding, which patch_stem "

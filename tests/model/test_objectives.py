@@ -6,7 +6,14 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pretrain.model.objectives import ITCResult, itc_loss, itm_loss, mlm_loss, sample_itm_negatives
+from pretrain.model.objectives import (
+    ITCResult,
+    caption_words_loss,
+    itc_loss,
+    itm_loss,
+    mlm_loss,
+    sample_itm_negatives,
+)
 from tests.helpers.ranks import average_over_ranks, run_on_ranks
 
 
@@ -223,6 +230,27 @@ def test_mlm_accuracy_counts_the_masked_tokens_predicted_right():
         logits[row, col, token] = 5.0  # right at (0,1), (0,3), (1,3); wrong at (0,2), (1,0); (0,0) is not masked
     _, accuracy = mlm_loss(torch.nn.Identity(), logits, labels)
     assert accuracy.item() == pytest.approx(3 / 5)
+
+
+def test_caption_words_loss_is_cross_entropy_against_each_captions_word_set():
+    """Per caption: minus the mean log-probability of its distinct words; [CLS], [SEP] and padding excluded,
+    a repeated word counted once."""
+    logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    input_ids = torch.tensor([[2, 7, 5, 7, 3, 0], [2, 6, 3, 0, 0, 0]])  # [CLS] words [SEP] [PAD]...
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    logp = F.log_softmax(logits, dim=1)
+    expected = (-(logp[0, 7] + logp[0, 5]) / 2 - logp[1, 6]) / 2
+    assert caption_words_loss(logits, input_ids, mask).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_caption_words_loss_falls_as_the_logits_favour_the_captions_words():
+    input_ids, mask = torch.tensor([[2, 4, 8, 3]]), torch.ones(1, 4, dtype=torch.long)
+    logits = torch.zeros(1, 10, requires_grad=True)
+    loss = caption_words_loss(logits, input_ids, mask)
+    assert loss.item() == pytest.approx(math.log(10))
+    loss.backward()
+    # the gradient raises exactly the two words (and, the softmax being shared, lowers every other token)
+    assert (logits.grad[0, [4, 8]] < 0).all() and (logits.grad[0, [0, 1, 2, 3, 5, 6, 7, 9]] > 0).all()
 
 
 def test_mlm_distillation_mixes_the_teacher_distribution_into_the_target():

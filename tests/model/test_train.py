@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.model import ALBEF
 from pretrain.model.attention import CrossAttention, SelfAttention, TextCrossAttention
+from pretrain.model.objectives import caption_words_loss
 from pretrain.model.vit import VisionTransformer
 from pretrain.train.flops import forward_flops_by_component, train_flops_by_component, train_flops_per_sample
 from tests.helpers.model import make_batch, tiny_config
@@ -148,7 +149,25 @@ def _counted_flops(model: ALBEF, batch: dict) -> dict[str, int]:
     return {str(op): n / len(batch["input_ids"]) for op, n in counter.get_flop_counts()["Global"].items()}
 
 
-_HEADS = {"vision_proj": "heads.itc", "text_proj": "heads.itc", "itm_head": "heads.itm", "mlm_head": "heads.mlm"}
+
+def test_caption_words_objective_adds_its_loss_and_trains_only_the_image_side():
+    """weight_words adds the caption-word loss of the image [CLS]; its gradient reaches the image encoder and
+    its head, never the text side. Off (ALBEF), the head does not exist and the loss is 0."""
+    torch.manual_seed(0)
+    assert not hasattr(ALBEF(tiny_config()), "words_head")
+    model = ALBEF(tiny_config(weight_words=0.5, weight_itc=0.0, weight_itm=0.0, weight_mlm=0.0))
+    batch = make_batch(model.config)
+    out, grads = _grads(model, batch)
+    assert out.loss_words > 0 and torch.isclose(out.loss, 0.5 * out.loss_words)
+    with torch.no_grad():
+        head = model.words_head(model.image_encoder(batch["pixel_values"].double())[:, 0])
+    assert out.loss_words.item() == pytest.approx(
+        caption_words_loss(head, batch["input_ids"], batch["attention_mask"]).item(), rel=1e-12)
+    trained = {n.split(".")[0] for n, g in grads.items() if g.abs().sum() > 0}
+    assert trained == {"image_encoder", "words_head"}
+
+_HEADS = {"vision_proj": "heads.itc", "text_proj": "heads.itc", "itm_head": "heads.itm", "mlm_head": "heads.mlm",
+          "words_head": "heads.words"}
 _ENCODERS = {"image_encoder": "vision", "text_encoder": "text", "fusion_encoder": "fusion"}
 
 
@@ -188,8 +207,8 @@ def _forward_flops_by_component(model: ALBEF, batch: dict) -> tuple[dict[str, fl
 
 
 @pytest.mark.parametrize("variant", [{}, {"fusion": "co_attention"}, {"momentum_distillation": True},
-                                     {"patch_stem": "conv"}],
-                         ids=["cross_attention", "co_attention", "momentum_distillation", "conv_stem"])
+                                     {"patch_stem": "conv"}, {"weight_words": 1.0}],
+                         ids=["cross_attention", "co_attention", "momentum_distillation", "conv_stem", "words"])
 def test_train_flops_match_the_flop_counter_term_by_term(variant):
     """Every term of the formula equals what the counter sees the modules run, exactly (integers in floats):
     dropping any term (the cross-attention products, the patch embedding, a head, co-attention's image

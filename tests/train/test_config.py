@@ -211,10 +211,12 @@ def test_model_section_fields_reach_the_model_config_and_alpha_ramps_over_one_ep
     monkeypatch.setenv("WORLD_SIZE", "2")
     flags = base_flags + ["--schedule.micro_batch_size", "8", "--model.fusion", "co_attention", "--model.dropout",
                           "0.1", "--model.momentum_distillation", "true", "--model.queue_size", "64",
-                          "--model.itm_negative_hardness", "0.25", "--model.patch_stem", "conv"]
+                          "--model.itm_negative_hardness", "0.25", "--model.patch_stem", "conv",
+                          "--model.caption_words_weight", "0.5"]
     config = prepare(parse_args(flags)).model_config
     assert (config.fusion, config.dropout, config.momentum_distillation, config.queue_size,
-            config.itm_negative_hardness, config.patch_stem) == ("co_attention", 0.1, True, 64, 0.25, "conv")
+            config.itm_negative_hardness, config.patch_stem, config.weight_words) == (
+        "co_attention", 0.1, True, 64, 0.25, "conv", 0.5)
     assert config.distill_alpha_ramp_steps == 3  # 40 training images / (8 per rank x 2 ranks), rounded up
     every_pair = prepare(parse_args(flags + ["--data.pairs", "every_caption"])).model_config
     assert every_pair.distill_alpha_ramp_steps == 13  # the epoch is 200 (image, caption) pairs: 5 per image
