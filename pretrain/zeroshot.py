@@ -1,9 +1,10 @@
 """`python -m pretrain.zeroshot`: zero-shot image classification with prompt templates and a verbalizer.
 
 Each class is written as text (every template filled with every label word of the class) and scored by ITC
-against each image; --itm-rerank-k re-orders each image's top k classes by the ITM head. With --prompt, a
-learned context from `python -m pretrain.prompt_tune` takes the templates' place. Writes zeroshot.json and
-confusion.png to --out, and with --run-dir both to that run's TensorBoard too.
+against each image, or with --scorer words by the caption-word head's probability of its label words (a model
+trained with model.caption_words_weight); --itm-rerank-k re-orders each image's top k classes by the ITM
+head. With --prompt, a learned context from `python -m pretrain.prompt_tune` takes the templates' place.
+Writes zeroshot.json and confusion.png to --out, and with --run-dir both to that run's TensorBoard too.
 
     python -m pretrain.zeroshot --checkpoint runs/tiny-synthetic/export --data data/zeroshot/shape/test \\
         --templates data/zeroshot/shape/templates.txt --verbalizer data/zeroshot/shape/verbalizer.yaml --out out/
@@ -31,6 +32,7 @@ from pretrain.eval.classification import (
     encode_images,
     encode_prompts,
     itm_rerank,
+    word_scores,
 )
 from pretrain.eval.picture import confusion_picture
 from pretrain.eval.prompts import BUILTIN_TEMPLATES, class_prompts, load_templates, load_verbalizer
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="YAML/JSON mapping class -> label word(s) (default: the class name, _ as space)")
     parser.add_argument("--prompt", type=Path, default=None,
                         help="learned context file from `python -m pretrain.prompt_tune` (replaces --templates)")
+    parser.add_argument("--scorer", choices=("itc", "words"), default="itc",
+                        help="itc: image feature against each class's prompts; words: the caption-word head's "
+                             "probability of each class's label words (templates unused)")
     parser.add_argument("--itm-rerank-k", type=int, default=0, help="re-rank each image's top k classes by ITM")
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: as pretrain.evaluate finds it)")
     parser.add_argument("--max-len", type=int, default=None, help="prompt length in tokens (default: the run's)")
@@ -111,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default=None, help="TensorBoard tag (default: the data's last two path parts)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.scorer == "words" and args.prompt is not None:
+        print("error: --prompt holds learned context for ITC scoring; drop it or use --scorer itc", file=sys.stderr)
+        return 2
     try:
         data = read_labelled_images(args.data, split=args.split, image_column=args.image_column,
                                     label_column=args.label_column)
@@ -129,13 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         prompts = encode_context_prompts(model, tokenizer, context, verbalizer, data.classes, max_len, device)
     else:
         prompts = hand_prompts(model, tokenizer, templates, verbalizer, data.classes, max_len, device)
-    scores = class_scores(images, prompts, len(data.classes))
+    if args.scorer == "words":
+        try:
+            scores = word_scores(model, tokenizer, images, verbalizer, data.classes, device)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    else:
+        scores = class_scores(images, prompts, len(data.classes))
     if args.itm_rerank_k > 0:
         scores = itm_rerank(model, images, prompts, scores, args.itm_rerank_k, args.batch_size, device)
     metrics = classification_metrics(scores, images.labels, data.classes)
     metrics.update(classes=data.classes, templates=templates, prompt=str(args.prompt) if args.prompt else None,
-                   label_words=verbalizer, itm_rerank_k=args.itm_rerank_k, skipped=data.skipped)
-    if templates is not None and len(templates) > 1:
+                   label_words=verbalizer, scorer=args.scorer, itm_rerank_k=args.itm_rerank_k, skipped=data.skipped)
+    if args.scorer == "itc" and templates is not None and len(templates) > 1:
         metrics["single_template_top1"] = single_template_top1(model, tokenizer, images, templates, verbalizer,
                                                                data.classes, max_len, device)
     write_outputs(args, metrics)
@@ -156,8 +171,8 @@ def write_outputs(args: argparse.Namespace, metrics: dict) -> None:
             writer.add_image(f"zeroshot/{tag}/confusion", picture)
             writer.add_text(f"zeroshot/{tag}/prompts", json.dumps({"templates": metrics["templates"],
                                                                     "label_words": metrics["label_words"]}))
-    print(f"zero-shot on {metrics['num_images']} images / {metrics['num_classes']} classes "
-          f"(ITM re-rank k={metrics['itm_rerank_k']}): top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}")
+    print(f"zero-shot on {metrics['num_images']} images / {metrics['num_classes']} classes ({metrics['scorer']} "
+          f"scores, ITM re-rank k={metrics['itm_rerank_k']}): top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}")
     for template, top1 in metrics.get("single_template_top1", {}).items():
         print(f"  template {template!r}: top-1 {top1:.3f}")
     print(f"wrote {args.out / 'zeroshot.json'} and {args.out / 'confusion.png'}")

@@ -1,8 +1,9 @@
 """Image classification with class prompts: image features, class scores, ITM re-ranking, accuracy metrics.
 
 Scores are ITC cosine similarities between an image's feature and each class embedding
-(pretrain.model.prompting.class_embeddings). ITM re-ranking orders each image's top k classes by the fusion
-encoder's match margin, averaged over the class's prompts, and keeps them above the other classes.
+(pretrain.model.prompting.class_embeddings), or, for a model trained with the caption-word objective, its
+word head's log-probabilities of each class's label words. ITM re-ranking orders each image's top k classes
+by the fusion encoder's match margin, averaged over the class's prompts, and keeps them above the others.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from data_pipeline import clean_caption
+from data_pipeline import DataError, clean_caption
 from data_pipeline.collate import tokenize
 from data_pipeline.labelled_images import LabelledImages
 from data_pipeline.transforms import eval_image, normalize
@@ -24,6 +25,7 @@ from pretrain.model.prompting import LearnedContext, class_embeddings, insert_co
 @dataclass
 class ImageFeatures:
     feats: torch.Tensor  # [N, E] normalised ITC features
+    cls: torch.Tensor  # [N, D_v] image [CLS] states (the caption-word head's input)
     labels: torch.Tensor  # [N]
     embeds: torch.Tensor | None  # [N, tokens, D_v] image token states, kept only for ITM re-ranking
 
@@ -43,14 +45,16 @@ def encode_images(model: ALBEF, data: LabelledImages, batch_size: int, device: t
                   keep_tokens: bool = False, desc: str = "images") -> ImageFeatures:
     """Every image once (eval transform), with a progress bar; the frozen encoder's features are cached by callers."""
     size = model.config.image_size
-    feats, embeds = [], []
+    feats, cls, embeds = [], [], []
     for begin in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
         pixels = normalize(torch.stack([eval_image(b, size=size) for b in data.images[begin : begin + batch_size]]))
         tokens, feat = model.encode_image(pixels.to(device))
         feats.append(feat.float().cpu())
+        cls.append(tokens[:, 0].cpu())
         if keep_tokens:
             embeds.append(tokens.cpu())
-    return ImageFeatures(torch.cat(feats), data.labels.clone(), torch.cat(embeds) if keep_tokens else None)
+    return ImageFeatures(torch.cat(feats), torch.cat(cls), data.labels.clone(),
+                         torch.cat(embeds) if keep_tokens else None)
 
 
 @torch.no_grad()
@@ -65,6 +69,28 @@ def encode_prompts(model: ALBEF, tokenizer, prompts: list[str], owner: list[int]
 def class_scores(images: ImageFeatures, prompts: Prompts, num_classes: int) -> torch.Tensor:
     """[N, C] cosine similarities of each image with each class embedding."""
     return images.feats @ class_embeddings(prompts.feats, prompts.owner, num_classes).T
+
+
+@torch.no_grad()
+def word_scores(model: ALBEF, tokenizer, images: ImageFeatures, verbalizer: dict[str, list[str]],
+                classes: list[str], device: torch.device) -> torch.Tensor:
+    """[N, C] from the caption-word head (model.caption_words_weight > 0): the mean log-probability of a label
+    word's tokens, averaged over the class's label words. No templates: the head reads words, not sentences."""
+    if not hasattr(model, "words_head"):
+        raise DataError("the model was trained without the caption-word objective (model.caption_words_weight 0), "
+                        "so it has no word head: use --scorer itc")
+    log_probs = model.words_head(images.cls.to(device)).float().log_softmax(dim=1).cpu()
+    columns = []
+    for name in classes:
+        per_word = []
+        for word in verbalizer[name]:
+            ids = tokenizer(clean_caption(word), add_special_tokens=False)["input_ids"]
+            if not ids or tokenizer.unk_token_id in ids:
+                raise DataError(f"label word {word!r} of class {name!r} is not in the tokenizer's vocabulary, so the "
+                                "word head cannot score it: give the class other words in --verbalizer")
+            per_word.append(log_probs[:, ids].mean(dim=1))
+        columns.append(torch.stack(per_word).mean(dim=0))
+    return torch.stack(columns, dim=1)
 
 
 @torch.no_grad()

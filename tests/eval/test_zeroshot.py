@@ -12,7 +12,13 @@ from PIL import Image
 from data_pipeline import DataError, clean_caption
 from data_pipeline.collate import tokenize
 from data_pipeline.labelled_images import few_shot_rows, read_labelled_images
-from pretrain.eval.classification import class_scores, classification_metrics, encode_images, itm_rerank
+from pretrain.eval.classification import (
+    class_scores,
+    classification_metrics,
+    encode_images,
+    itm_rerank,
+    word_scores,
+)
 from pretrain.eval.prompts import load_templates, load_verbalizer
 from pretrain.model import ALBEF
 from pretrain.model.prompting import class_embeddings
@@ -26,9 +32,9 @@ FOLDER = {"blue_thing": [(40, 70, 220), (60, 90, 200)], "green": [(30, 170, 60),
           "red": [(220, 30, 30), (200, 60, 40)]}
 
 
-def tiny_model(tokenizer, seed: int = 0) -> ALBEF:
+def tiny_model(tokenizer, seed: int = 0, **config) -> ALBEF:
     torch.manual_seed(seed)  # ALBEF's init draws from the global generator
-    return ALBEF(dataclasses.replace(tiny_config(image_size=32), vocab_size=len(tokenizer))).eval()
+    return ALBEF(dataclasses.replace(tiny_config(image_size=32, **config), vocab_size=len(tokenizer))).eval()
 
 
 def png(colour) -> bytes:
@@ -71,6 +77,28 @@ def test_class_embeddings_on_a_toy_model_equal_a_hand_computation(tokenizer):
         mean = torch.stack([F.normalize(f, dim=0) for f in feats]).mean(0)
         assert torch.allclose(got[label].double(), mean / mean.norm(), atol=1e-5)
     assert not torch.allclose(got[0], got[1], atol=1e-3)
+
+
+def test_word_scores_average_the_heads_log_probabilities_over_tokens_then_label_words(image_folder, tokenizer):
+    model = tiny_model(tokenizer, weight_words=1.0)
+    images = encode_images(model, read_labelled_images(str(image_folder)), 4, CPU)
+    verbalizer = {"circle": ["circle", "round shape"], "square": ["square"]}
+    got = word_scores(model, tokenizer, images, verbalizer, ["circle", "square"], CPU)
+    with torch.no_grad():
+        log_probs = model.words_head(images.cls).double().log_softmax(dim=1)
+    ids = {word: tokenizer(word, add_special_tokens=False)["input_ids"] for word in ("circle", "round shape", "square")}
+    assert len(ids["round shape"]) >= 2  # a label word of several tokens: their mean
+    circle = (log_probs[:, ids["circle"]].mean(1) + log_probs[:, ids["round shape"]].mean(1)) / 2
+    assert torch.allclose(got[:, 0].double(), circle, atol=1e-5)
+    assert torch.allclose(got[:, 1].double(), log_probs[:, ids["square"][0]], atol=1e-5)
+
+
+def test_word_scores_need_the_word_head_and_words_the_tokenizer_knows(image_folder, tokenizer):
+    images = encode_images(tiny_model(tokenizer), read_labelled_images(str(image_folder)), 4, CPU)
+    with pytest.raises(DataError, match="without the caption-word objective.*--scorer itc"):
+        word_scores(tiny_model(tokenizer), tokenizer, images, {"red": ["red"]}, ["red"], CPU)
+    with pytest.raises(DataError, match="label word '€€' of class 'red' is not in the tokenizer's vocabulary"):
+        word_scores(tiny_model(tokenizer, weight_words=1.0), tokenizer, images, {"red": ["€€"]}, ["red"], CPU)
 
 
 def test_accuracy_on_known_answers():
@@ -133,6 +161,24 @@ def test_the_cli_gives_the_same_result_on_both_readers(image_folder, tmp_path, t
     assert len(metrics["single_template_top1"]) == len(load_templates("photo"))
     assert sum(map(sum, metrics["confusion"])) == 6
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_the_cli_scores_by_the_word_head_and_refuses_a_learned_context_with_it(image_folder, tmp_path, tokenizer,
+                                                                             capsys):
+    from pretrain.train.export import save_export
+
+    model = tiny_model(tokenizer, weight_words=1.0)
+    save_export(model, tokenizer, tmp_path / "export")
+    base = ["--checkpoint", str(tmp_path / "export"), "--data", str(image_folder), "--scorer", "words"]
+    assert zeroshot_main([*base, "--out", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "zeroshot.json").read_text())
+    data = read_labelled_images(str(image_folder))
+    expected = word_scores(model, tokenizer, encode_images(model, data, 4, CPU),
+                           load_verbalizer(None, data.classes), data.classes, CPU).argmax(1)
+    assert metrics["scorer"] == "words" and "single_template_top1" not in metrics
+    assert metrics["top1"] == pytest.approx((expected == data.labels).double().mean().item())
+    capsys.readouterr()  # the runs' progress bars
+    assert "--prompt holds learned context for ITC" in error_of([*base, "--prompt", "x", "--out", "y"], capsys)
 
 
 def error_of(argv, capsys) -> str:
