@@ -89,8 +89,9 @@ def test_zero3_partitions_parameters_across_ranks(runs):
     for count in held.values():
         assert abs(count - total / 2) / total < 0.01  # each rank really holds about half
     # Initialisation reached the partitioned parameters: an uninitialised (zero) [CLS] token meets a
-    # LayerNorm with eps 1e-12 and the first gradient norm is ~1e4.
-    assert losses(runs["root"] / "A")[1]["train/grad_norm"] < 100
+    # LayerNorm with eps 1e-12 and the first gradient norm is ~1e4 (initialised: ~115 with the recipe's
+    # caption-word loss at weight 30).
+    assert losses(runs["root"] / "A")[1]["train/grad_norm"] < 1000
 
 
 def test_training_lowers_the_loss(runs):
