@@ -34,7 +34,9 @@ def collate_train(
     max_len: int,
     mlm_probability: float,
     generator: torch.Generator,
+    swapped: list[str | None] | None = None,
 ) -> dict:
+    """The batch contract's fields; with `swapped` (each caption's word-swapped copy or None) the swap fields too."""
     text = tokenize(tokenizer, captions, max_len)
     mlm_input_ids, mlm_labels = mask_tokens(
         text["input_ids"],
@@ -44,7 +46,7 @@ def collate_train(
         generator=generator,
         mlm_probability=mlm_probability,
     )
-    return {
+    batch = {
         "pixel_values": normalize(torch.stack(pixels)),
         "input_ids": text["input_ids"],
         "attention_mask": text["attention_mask"],
@@ -52,4 +54,20 @@ def collate_train(
         "mlm_labels": mlm_labels,
         "image_ids": torch.tensor(image_ids, dtype=torch.long),
         "keys": keys,
+    }
+    if swapped is not None:
+        batch.update(tokenize_swapped(tokenizer, swapped, captions, text["input_ids"], max_len))
+    return batch
+
+
+def tokenize_swapped(tokenizer, swapped: list[str | None], captions: list[str], input_ids: torch.Tensor,
+                     max_len: int) -> dict[str, torch.Tensor]:
+    """Hard-negative captions tokenized like the captions; a row without one repeats its caption and is not
+    valid, nor is one whose swapped word truncation cut off (it would equal its positive)."""
+    text = tokenize(tokenizer, [s if s is not None else c for s, c in zip(swapped, captions)], max_len)
+    has_swap = torch.tensor([s is not None for s in swapped], dtype=torch.bool)
+    return {
+        "swap_input_ids": text["input_ids"],
+        "swap_attention_mask": text["attention_mask"],
+        "swap_valid": has_swap & (text["input_ids"] != input_ids).any(dim=1),
     }

@@ -35,7 +35,7 @@ from data_pipeline.images import DEFAULT_MAX_PIXELS
 from data_pipeline.loader_worker import LoaderConfig, WorkerStream, WorkerTask, survive_scheduler_signals
 from data_pipeline.samples import count_pairs
 from data_pipeline.shards import ShardSet, check_shards
-from data_pipeline.text import MAX_WORDS
+from data_pipeline.text import MAX_WORDS, check_swap_groups
 from data_pipeline.transforms import RandAugment
 
 PAIR_MODES = ("random_caption", "every_caption")
@@ -249,6 +249,7 @@ def make_train_loader(
     max_bad_fraction: float | None = None,
     pin_memory: bool = False,
     sample_targets=None,
+    swap_groups: list[list[str]] | None = None,  # NegCLIP word swaps: each batch gets swap_* fields (collate.py)
 ) -> TrainLoader:
     """The loader for one rank. Raises DataError for unusable specs or options before any work starts."""
     if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0:
@@ -257,6 +258,7 @@ def make_train_loader(
             f"num_workers={num_workers}; fix the data options"
         )
     check_sampling_options(crop_scale, pairs, randaugment)
+    check_swap_groups(swap_groups or [])
     shard_set = check_shards(spec, world_size=world_size, num_workers=num_workers, mode=mode)
     config = LoaderConfig(
         batch_size,
@@ -278,5 +280,6 @@ def make_train_loader(
         pairs,
         sample_targets,
         min_side,
+        tuple(tuple(group) for group in swap_groups or []),
     )
     return TrainLoader(shard_set, tokenizer, config, pin_memory)

@@ -21,7 +21,7 @@ from data_pipeline.collate import collate_train
 from data_pipeline.errors import DataError
 from data_pipeline.images import ImageRejected
 from data_pipeline.samples import caption_pairs, image_id_of, parse_sample, random_caption, read_samples
-from data_pipeline.text import mirror_caption
+from data_pipeline.text import mirror_caption, swap_word
 from data_pipeline.transforms import RandAugment, train_image
 
 # below this many samples a skipped fraction says little; the bound is checked once past it
@@ -53,6 +53,8 @@ class LoaderConfig:
     # tensors stacked into batch keys of their own, or None to skip the sample (counted as no_targets)
     sample_targets: Callable[[dict], dict | None] | None = None
     min_side: int = 0  # shorter side under this: skipped as image_too_small (shards from other writers)
+    # groups of interchangeable words: each caption also gets a copy with one swapped (hard negative); () off
+    swap_groups: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass
@@ -148,9 +150,9 @@ class _WorkerRun:
             self._check_bad_fraction(final=False)
         self._check_bad_fraction(final=True)
 
-    def _process(self, sample: dict) -> tuple[torch.Tensor, str, str, dict] | None:
-        """Pixels, one cleaned caption, the key and the task's targets; None (reason counted) for an unusable
-        sample.
+    def _process(self, sample: dict) -> tuple[torch.Tensor, str, str | None, str, dict] | None:
+        """Pixels, one cleaned caption, its word-swapped copy (None: off, or no group word), the key and the
+        task's targets; None (reason counted) for an unusable sample.
 
         A flipped image gets the mirrored caption ("left" and "right" swapped): pixels and words stay true."""
         config = self.config
@@ -178,7 +180,9 @@ class _WorkerRun:
         except ImageRejected as rejected:
             self.skipped[rejected.reason] += 1
             return None
-        return pixels, mirror_caption(caption) if flip else caption, parsed.key, targets
+        caption = mirror_caption(caption) if flip else caption
+        swapped = swap_word(caption, config.swap_groups, rng) if config.swap_groups else None
+        return pixels, caption, swapped, parsed.key, targets
 
     def _padded(self, samples: Iterator, needed: int) -> Iterator:
         """Exactly `needed` samples: the stream's first ones again if it falls short."""
@@ -214,7 +218,7 @@ class _WorkerRun:
             )
 
     def _collate(self, chunk: list, index: int) -> dict:
-        pixels, captions, keys, targets = (list(column) for column in zip(*chunk))
+        pixels, captions, swapped, keys, targets = (list(column) for column in zip(*chunk))
         generator = torch.Generator().manual_seed(hash_seed(f"mlm-{self.tag}-{index}"))
         batch = collate_train(
             pixels,
@@ -225,6 +229,7 @@ class _WorkerRun:
             max_len=self.config.max_len,
             mlm_probability=self.config.mlm_probability,
             generator=generator,
+            swapped=swapped if self.config.swap_groups else None,
         )
         batch.update({name: torch.stack([t[name] for t in targets]) for name in targets[0]})
         batch["_stats"] = {

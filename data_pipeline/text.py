@@ -1,6 +1,11 @@
-"""ALBEF-style caption cleaning: lowercase, punctuation to spaces, whitespace collapsed, words capped."""
+"""ALBEF-style caption cleaning (lowercase, punctuation to spaces, whitespace collapsed, words capped) and the
+caption edits of augmentation: mirroring, word swaps for hard negatives."""
 
+import random
 import re
+from collections.abc import Sequence
+
+from data_pipeline.errors import DataError
 
 _PUNCTUATION = re.compile(r"[^\w\s']")
 _SPACES = re.compile(r"\s+")
@@ -37,3 +42,34 @@ def mirror_caption(caption: str) -> str:
     lowercase caption; "right" meaning "correct" is swapped too: rare, where a flip without the swap gets
     every left and right wrong)."""
     return _LEFT_RIGHT.sub(lambda word: "right" if word.group(1) == "left" else "left", caption)
+
+
+def check_swap_groups(groups: Sequence[Sequence[str]]) -> None:
+    """Word groups for `swap_word`: each of at least two distinct single lowercase words as cleaned captions
+    spell them, no word in two groups. Raises DataError naming the first problem."""
+    group_of: dict[str, int] = {}
+    for index, group in enumerate(groups):
+        words = list(group)
+        if len(set(words)) != len(words) or len(words) < 2:
+            problem = "repeats a word" if len(words) >= 2 else "needs at least two words"
+            raise DataError(f"swap group {words} {problem}: give each group two or more distinct words in "
+                            "data.swap_negatives")
+        for word in words:
+            if not isinstance(word, str) or not word or clean_caption(word) != word or " " in word:
+                raise DataError(f"swap word {word!r} is not a single lowercase word without punctuation (as cleaned "
+                                "captions spell it): fix data.swap_negatives")
+            if group_of.setdefault(word, index) != index:
+                raise DataError(f"swap word {word!r} is in two groups: keep it in one of data.swap_negatives")
+
+
+def swap_word(caption: str, groups: Sequence[Sequence[str]], rng: random.Random) -> str | None:
+    """A hard-negative caption (NegCLIP): one occurrence of a group's word, drawn uniformly, replaced by another
+    word of its group, drawn uniformly; None when the (cleaned) caption holds no group word."""
+    group_of = {word: group for group in groups for word in group}
+    words = caption.split(" ")
+    places = [index for index, word in enumerate(words) if word in group_of]
+    if not places:
+        return None
+    place = rng.choice(places)
+    words[place] = rng.choice([word for word in group_of[words[place]] if word != words[place]])
+    return " ".join(words)
