@@ -17,7 +17,16 @@ from .hf_io import (
     vit_state_dict_to_ours,
 )
 from .momentum import FeatureQueue, MomentumTeacher, Teacher, online_config, online_state_dict
-from .objectives import ITCResult, QueuedFeatures, itc_distill_loss, itc_loss, itm_loss, mlm_loss, sample_itm_negatives
+from .objectives import (
+    HardNegatives,
+    ITCResult,
+    QueuedFeatures,
+    itc_distill_loss,
+    itc_loss,
+    itm_loss,
+    mlm_loss,
+    sample_itm_negatives,
+)
 from .padding import KeyPadding
 
 __all__ = [
@@ -27,6 +36,7 @@ __all__ = [
     "FUSIONS",
     "FeatureQueue",
     "HFWeightsError",
+    "HardNegatives",
     "ITCResult",
     "ImageStreams",
     "KeyPadding",

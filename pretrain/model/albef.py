@@ -23,6 +23,7 @@ from .fusion import build_fusion_encoder
 from .heads import MLMHead
 from .momentum import MomentumTeacher, Teacher
 from .objectives import (
+    HardNegatives,
     ITCResult,
     QueuedFeatures,
     at_least_fp32,
@@ -150,10 +151,14 @@ class ALBEF(nn.Module):
         return _ClampBackInside.apply(self.temp, self.config.temperature_min, self.config.temperature_max)
 
     def contrast(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, temperature: Tensor,
-                 teacher: Teacher | None) -> ITCResult:
-        """ITC: over the global batch, or distilled from the teacher against its batch and queued keys."""
+                 teacher: Teacher | None, hard_negatives: HardNegatives | None = None) -> ITCResult:
+        """ITC: over the global batch (and its hard-negative captions), or distilled from the teacher against its
+        batch and queued keys."""
         if teacher is None:
-            return itc_loss(image_feat, text_feat, image_ids, temperature)
+            return itc_loss(image_feat, text_feat, image_ids, temperature, hard_negatives)
+        if hard_negatives is not None:
+            raise ValueError("swap_* hard-negative captions are for plain ITC: momentum distillation has no use "
+                             "for them; turn one of the two off")
         queue = self.momentum.queue
         queued = QueuedFeatures(queue.image_feat, queue.text_feat, queue.image_ids)
         return itc_distill_loss(image_feat, text_feat, image_ids, temperature, teacher.image_feat, teacher.text_feat,
@@ -168,13 +173,17 @@ class ALBEF(nn.Module):
     def forward(self, batch: dict) -> ALBEFOutput:
         mask = batch["attention_mask"]
         image_embeds, image_feat = self.encode_image(batch["pixel_values"])
-        both = self.text_encoder(
-            torch.cat([batch["input_ids"], batch["mlm_input_ids"]]), KeyPadding(torch.cat([mask, mask]).bool())
-        )
-        text_embeds, masked_text_embeds = both.chunk(2)
+        # one text encoder pass: clean and masked captions, and the hard-negative ones if the batch has them
+        swap = "swap_input_ids" in batch
+        texts = [batch["input_ids"], batch["mlm_input_ids"]] + ([batch["swap_input_ids"]] if swap else [])
+        masks = [mask, mask] + ([batch["swap_attention_mask"]] if swap else [])
+        all_text = self.text_encoder(torch.cat(texts), KeyPadding(torch.cat(masks).bool()))
+        text_embeds, masked_text_embeds, *swapped_embeds = all_text.chunk(len(texts))
+        hard_negatives = HardNegatives(self.text_feature(swapped_embeds[0]), batch["swap_valid"]) if swap else None
         temperature = self.temperature()
         teacher = self.momentum(batch) if self.momentum is not None else None
-        itc = self.contrast(image_feat, self.text_feature(text_embeds), batch["image_ids"], temperature, teacher)
+        itc = self.contrast(image_feat, self.text_feature(text_embeds), batch["image_ids"], temperature, teacher,
+                            hard_negatives)
 
         negative_texts, negative_images = sample_itm_negatives(itc, self.config.itm_negative_hardness)
         # Fusion pass 1: each image with its caption, a hard-negative caption and its masked caption.

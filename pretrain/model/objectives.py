@@ -30,20 +30,42 @@ class ITCResult(NamedTuple):
     negative_sim: Tensor  # mean cosine similarity of the other pairs in the global batch
 
 
-def itc_loss(image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, temperature: Tensor) -> ITCResult:
+class HardNegatives(NamedTuple):
+    """One extra caption per local row (NegCLIP: the row's caption with a word swapped): ITC features [B, E]
+    and whether the row holds one [B] (bool; False: the row's caption had nothing to swap)."""
+
+    text_feat: Tensor
+    valid: Tensor
+
+
+def itc_loss(image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, temperature: Tensor,
+             hard_negatives: HardNegatives | None = None) -> ITCResult:
     """Image-text contrastive loss: symmetric InfoNCE over the global batch, the target mass spread evenly
     over every caption of the same image. Similarities are computed in fp32 whatever the model's dtype:
-    a bf16 logit of magnitude ~14 would be rounded to steps of 0.0625."""
+    a bf16 logit of magnitude ~14 would be rounded to steps of 0.0625. With `hard_negatives` the global
+    batch's valid ones are extra image-to-text columns without target mass (text-to-image is unchanged); the
+    result's similarities still cover the batch's captions only."""
     with torch.autocast(image_feat.device.type, enabled=False):
         image_feat, text_feat, temperature = map(at_least_fp32, (image_feat, text_feat, temperature))
         sim_i2t = image_feat @ gather_with_grad(text_feat).T / temperature
         sim_t2i = text_feat @ gather_with_grad(image_feat).T / temperature
+        logits_i2t = sim_i2t
+        if hard_negatives is not None:
+            logits_i2t = torch.cat([sim_i2t, _hard_negative_logits(image_feat, hard_negatives, temperature)], dim=1)
     positives = image_ids[:, None] == gather_no_grad(image_ids)[None, :]
     targets = positives.to(sim_i2t.dtype) / positives.sum(dim=1, keepdim=True)
-    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(dim=1).mean()
+    # the extra columns' log-probabilities are dropped, not multiplied by 0: a masked one is -inf
+    loss_i2t = -(F.log_softmax(logits_i2t, dim=1)[:, : sim_i2t.shape[1]] * targets).sum(dim=1).mean()
     loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets).sum(dim=1).mean()
     return ITCResult((loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i, positives,
                      *_similarity_statistics(sim_i2t, temperature, positives))
+
+
+def _hard_negative_logits(image_feat: Tensor, hard_negatives: HardNegatives, temperature: Tensor) -> Tensor:
+    """[B_local, B_global]: each image against the global batch's hard negatives, -inf where a row has none."""
+    text_feat = gather_with_grad(at_least_fp32(hard_negatives.text_feat))
+    valid = gather_no_grad(hard_negatives.valid.to(torch.uint8)).bool()  # gloo gathers no bool tensors
+    return (image_feat @ text_feat.T / temperature).masked_fill(~valid[None, :], float("-inf"))
 
 
 @torch.no_grad()
