@@ -82,6 +82,14 @@ class DataSection:
 
 
 @dataclass
+class PretrainDataSection(DataSection):
+    swap_negatives: list[list[str]] = _help("groups of interchangeable words, e.g. [[circle, square, triangle]]: each "
+                                            "caption's copy with one group word swapped is an extra image-to-text "
+                                            "ITC negative (NegCLIP; [] off; not with momentum_distillation)",
+                                            factory=list)
+
+
+@dataclass
 class OptimSection:
     lr: float = _help("peak learning rate", 1e-4)
     min_lr_ratio: float = _help("final learning rate as a fraction of the peak (cosine floor)", 0.01)
@@ -158,6 +166,7 @@ class RunRecipe:
 @dataclass
 class Recipe(RunRecipe):
     name: str = run_name("tiny-synthetic")
+    data: PretrainDataSection = field(default_factory=PretrainDataSection)
     model: ModelSection = field(default_factory=ModelSection)
 
 
@@ -176,6 +185,10 @@ def _coerce(value, annotation, where: str):
         annotation = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     try:
+        if origin is list:
+            if not isinstance(value, list | tuple):
+                raise TypeError
+            return [_coerce(v, args[0], where) for v in value]
         if origin is tuple:
             if not isinstance(value, list | tuple) or len(value) != len(args):
                 raise TypeError
@@ -196,7 +209,7 @@ def _coerce(value, annotation, where: str):
             return value
     except (TypeError, ValueError):
         pass
-    name = getattr(annotation, "__name__", str(annotation))
+    name = str(annotation) if origin is list else getattr(annotation, "__name__", str(annotation))
     raise RecipeError(f"recipe key {where} must be {name}, got {value!r}: fix the value in the recipe "
                       "or on the command line")
 

@@ -42,7 +42,7 @@ class PretrainTask:
         model.start_momentum_teacher()  # from the final weights (a no-op without momentum distillation)
 
     def build_data(self, setup, rank: int, world: int):
-        return build_caption_data(setup, rank, world)
+        return build_caption_data(setup, rank, world, swap_groups=setup.recipe.data.swap_negatives)
 
     def flops_per_sample(self, setup) -> Callable[[float], float]:
         return partial(train_flops_per_sample, setup.model_config, mlm_probability=setup.recipe.data.mlm_probability)
@@ -58,15 +58,17 @@ class PretrainTask:
         return run_path / "export"
 
 
-def build_caption_data(setup, rank: int, world: int):
-    """The caption loader of the batch contract and, with data.val, the retrieval evaluation set."""
+def build_caption_data(setup, rank: int, world: int, swap_groups: list[list[str]] | None = None):
+    """The caption loader of the batch contract (with word-swapped hard negatives for `swap_groups`) and, with
+    data.val, the retrieval evaluation set."""
     recipe, image_size = setup.recipe, setup.model_config.image_size
     loader = make_train_loader(
         recipe.data.train, setup.tokenizer, batch_size=recipe.schedule.micro_batch_size, rank=rank,
         world_size=world, num_workers=recipe.data.num_workers, seed=recipe.seed, image_size=image_size,
         max_len=recipe.data.max_len, mode=recipe.data.mode, mlm_probability=recipe.data.mlm_probability,
         crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip, randaugment=recipe.data.randaugment,
-        pairs=recipe.data.pairs, max_bad_fraction=recipe.data.max_bad_fraction, min_side=recipe.data.min_side)
+        pairs=recipe.data.pairs, max_bad_fraction=recipe.data.max_bad_fraction, min_side=recipe.data.min_side,
+        swap_groups=swap_groups)
     eval_data = None
     if recipe.data.val:
         eval_data = load_eval_data(recipe.data.val, setup.tokenizer, image_size=image_size,
