@@ -113,3 +113,21 @@ def test_a_swap_that_truncation_cuts_off_is_not_valid(synthetic_shards, tokenize
         assert torch.equal(batch["swap_valid"], ~same)
     cut = torch.cat([b["swap_valid"] for b in short])
     assert (cut <= whole).all() and cut.sum() < whole.sum()
+
+
+def test_a_resumed_loader_draws_the_swaps_an_uninterrupted_one_draws(synthetic_shards, tokenizer):
+    options = dict(batch_size=3, rank=0, world_size=1, num_workers=2, seed=7, image_size=32, max_len=24,
+                   hflip=True, swap_groups=[SHAPES])
+    spec = str(synthetic_shards["train"])
+    uninterrupted = list(make_train_loader(spec, tokenizer, **options))
+    interrupted_loader = make_train_loader(spec, tokenizer, **options)
+    consumed = iter(interrupted_loader)
+    for _ in range(5):
+        next(consumed)
+    resumed = make_train_loader(spec, tokenizer, **options)
+    resumed.load_state_dict(interrupted_loader.state_dict())
+    rest = list(resumed)
+    assert len(rest) == len(uninterrupted) - 5
+    for first, second in zip(uninterrupted[5:], rest, strict=True):
+        assert first["keys"] == second["keys"]
+        assert all(torch.equal(first[name], second[name]) for name in SWAP_KEYS)
