@@ -120,12 +120,12 @@ def test_a_resumed_loader_draws_the_swaps_an_uninterrupted_one_draws(synthetic_s
                    hflip=True, swap_groups=[SHAPES])
     spec = str(synthetic_shards["train"])
     uninterrupted = list(make_train_loader(spec, tokenizer, **options))
-    interrupted_loader = make_train_loader(spec, tokenizer, **options)
-    consumed = iter(interrupted_loader)
+    interrupted = make_train_loader(spec, tokenizer, **options)
+    consumed = iter(interrupted)
     for _ in range(5):
         next(consumed)
     resumed = make_train_loader(spec, tokenizer, **options)
-    resumed.load_state_dict(interrupted_loader.state_dict())
+    resumed.load_state_dict(interrupted.state_dict())
     rest = list(resumed)
     assert len(rest) == len(uninterrupted) - 5
     for first, second in zip(uninterrupted[5:], rest, strict=True):
