@@ -2,8 +2,9 @@
 optionally with momentum distillation (momentum.py).
 
 One forward runs every module the same number of times on every rank (ZeRO-3 requires it): the ViT
-once, the text encoder once on clean + masked text together, the fusion encoder twice (the image's
-own streams, then each caption with a hard-negative image); with momentum distillation the teacher once.
+once, the text encoder once on clean + masked text together (+ the word-swapped captions when the batch has
+them: extra ITC negatives), the fusion encoder twice (the image's own streams, then each caption with a
+hard-negative image); with momentum distillation the teacher once.
 """
 
 from __future__ import annotations
