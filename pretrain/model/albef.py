@@ -153,17 +153,14 @@ class ALBEF(nn.Module):
 
     def contrast(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, temperature: Tensor,
                  teacher: Teacher | None, hard_negatives: HardNegatives | None = None) -> ITCResult:
-        """ITC: over the global batch (and its hard-negative captions), or distilled from the teacher against its
-        batch and queued keys."""
+        """ITC over the global batch and its hard-negative captions: plain, or distilled from the teacher against
+        its batch and queued keys."""
         if teacher is None:
             return itc_loss(image_feat, text_feat, image_ids, temperature, hard_negatives)
-        if hard_negatives is not None:
-            raise ValueError("swap_* hard-negative captions are for plain ITC: momentum distillation has no use "
-                             "for them; turn one of the two off")
         queue = self.momentum.queue
         queued = QueuedFeatures(queue.image_feat, queue.text_feat, queue.image_ids)
         return itc_distill_loss(image_feat, text_feat, image_ids, temperature, teacher.image_feat, teacher.text_feat,
-                                queued, teacher.alpha)
+                                queued, teacher.alpha, hard_negatives)
 
     def masked_lm(self, masked_text: Tensor, mlm_labels: Tensor, teacher: Teacher | None) -> tuple[Tensor, Tensor]:
         """MLM loss and masked-token accuracy, the targets mixed with the teacher's distribution if there is one."""

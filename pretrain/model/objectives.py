@@ -87,13 +87,14 @@ class QueuedFeatures(NamedTuple):
 
 def itc_distill_loss(image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, temperature: Tensor,
                      teacher_image_feat: Tensor, teacher_text_feat: Tensor, queue: QueuedFeatures,
-                     alpha: Tensor | float) -> ITCResult:
+                     alpha: Tensor | float, hard_negatives: HardNegatives | None = None) -> ITCResult:
     """ITC with momentum distillation (ALBEF): each rank's online features against the teacher's keys, the
     global batch's then the queue's (no gradient through the keys). Positives are the keys of the same image
     id, queued ones included (image ids are non-negative; empty slots take no part). The target is
     (1 - alpha) * the ground truth (spread evenly over the positives) + alpha * the teacher's own softmax
-    similarities over the same keys. The result's similarities and positives cover the global batch's keys
-    only (what ITM draws its negatives from)."""
+    similarities over the same keys. `hard_negatives` are extra image-to-text columns without target mass, as
+    in `itc_loss`. The result's similarities and positives cover the global batch's keys only (what ITM draws
+    its negatives from)."""
     batch_ids = gather_no_grad(image_ids)
     key_ids = torch.cat([batch_ids, queue.image_ids])
     with torch.autocast(image_feat.device.type, enabled=False):
@@ -106,17 +107,21 @@ def itc_distill_loss(image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, t
         with torch.no_grad():
             teacher_i2t = teacher_image_feat.to(dtype) @ text_keys.T / temperature
             teacher_t2i = teacher_text_feat.to(dtype) @ image_keys.T / temperature
+        extra_i2t = None if hard_negatives is None else _hard_negative_logits(image_feat, hard_negatives, temperature)
     empty = (key_ids < 0)[None, :]
     positives = image_ids[:, None] == key_ids[None, :]
     truth = positives.to(sim_i2t.dtype) / positives.sum(dim=1, keepdim=True)
 
-    def distilled(sim: Tensor, teacher_sim: Tensor) -> Tensor:
+    def distilled(sim: Tensor, teacher_sim: Tensor, extra: Tensor | None = None) -> Tensor:
         lowest = torch.finfo(sim.dtype).min  # not -inf: 0 * log(0) must be 0 at an empty slot, not NaN
         with torch.no_grad():
             targets = alpha * teacher_sim.masked_fill(empty, lowest).softmax(dim=1) + (1 - alpha) * truth
-        return -(F.log_softmax(sim.masked_fill(empty, lowest), dim=1) * targets).sum(dim=1).mean()
+        logits = sim.masked_fill(empty, lowest)
+        if extra is not None:  # dropped after the softmax, as in itc_loss
+            logits = torch.cat([logits, extra], dim=1)
+        return -(F.log_softmax(logits, dim=1)[:, : sim.shape[1]] * targets).sum(dim=1).mean()
 
-    loss = (distilled(sim_i2t, teacher_i2t) + distilled(sim_t2i, teacher_t2i)) / 2
+    loss = (distilled(sim_i2t, teacher_i2t, extra_i2t) + distilled(sim_t2i, teacher_t2i)) / 2
     in_batch = len(batch_ids)
     sim_i2t, sim_t2i, positives = sim_i2t[:, :in_batch], sim_t2i[:, :in_batch], positives[:, :in_batch]
     return ITCResult(loss, sim_i2t, sim_t2i, positives, *_similarity_statistics(sim_i2t, temperature, positives))

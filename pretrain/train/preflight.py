@@ -76,15 +76,12 @@ def check_text_length(recipe: Recipe, config: ModelConfig) -> None:
                           "model.overrides.max_position")
 
 
-def check_swap_negatives(recipe: Recipe, config: ModelConfig) -> None:
-    """Word groups that can be swapped, and a loss that uses the swapped captions (plain ITC)."""
+def check_swap_negatives(recipe: Recipe) -> None:
+    """Word groups that can be swapped."""
     try:
         check_swap_groups(recipe.data.swap_negatives)
     except DataError as err:
         raise RecipeError(str(err)) from None
-    if recipe.data.swap_negatives and config.momentum_distillation:
-        raise RecipeError("data.swap_negatives adds negatives to plain ITC, which momentum distillation replaces: "
-                          "set model.momentum_distillation false or data.swap_negatives []")
 
 
 def prepare(args: argparse.Namespace) -> Setup:
@@ -99,7 +96,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     forwards_per_epoch = math.ceil(epoch / (recipe.schedule.micro_batch_size * world_size))
     model_config = build_model_config(recipe.model, tokenizer, forwards_per_epoch, recipe.schedule.grad_accum)
     check_text_length(recipe, model_config)
-    check_swap_negatives(recipe, model_config)
+    check_swap_negatives(recipe)
     if recipe.data.val:
         check_shards(recipe.data.val, world_size=1, num_workers=1)
     ds_config = prepare_run(recipe, resume, world_size)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.model import ALBEF
-from pretrain.model.objectives import HardNegatives, itc_loss
+from pretrain.model.objectives import HardNegatives, QueuedFeatures, itc_distill_loss, itc_loss
 from tests.helpers.model import make_batch, tiny_config
 from tests.helpers.ranks import average_over_ranks, run_on_ranks
 
@@ -104,9 +104,36 @@ def test_albef_uses_the_batch_swap_fields_in_itc_only():
     torch.testing.assert_close(valid[1:], plain[1:], rtol=1e-10, atol=0)  # ITM and MLM untouched (same draws)
 
 
-def test_albef_refuses_swap_fields_with_momentum_distillation():
-    batch = make_batch(tiny_config(), batch_size=2)
-    batch |= {"swap_input_ids": batch["input_ids"], "swap_attention_mask": batch["attention_mask"],
-              "swap_valid": torch.ones(2, dtype=torch.bool)}
-    with pytest.raises(ValueError, match="momentum distillation"):
-        ALBEF(tiny_config(momentum_distillation=True))(batch)
+def test_distilled_itc_with_hard_negatives_equals_a_hand_computation():
+    image, text, swapped = _features(3, seed=2)
+    teacher_image, teacher_text, _ = _features(3, seed=3)
+    ids, valid, temperature, alpha = [4, 5, 6], [True, False, True], 0.1, 0.4
+    queue = QueuedFeatures(*_features(2, seed=4)[:2], torch.tensor([4, -1]))  # one filled slot, one empty
+    result = itc_distill_loss(image, text, torch.tensor(ids), torch.tensor([temperature], dtype=torch.float64),
+                              teacher_image, teacher_text, queue, alpha, HardNegatives(swapped, torch.tensor(valid)))
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+        return sum(x * y for x, y in zip(a.tolist(), b.tolist())) / temperature
+
+    def softmax(values: list[float]) -> list[float]:
+        total = sum(math.exp(v) for v in values)
+        return [math.exp(v) / total for v in values]
+
+    key_ids = ids + [4]  # the batch's keys, then the queue's filled slot
+    text_keys, image_keys = [*teacher_text, queue.text_feat[0]], [*teacher_image, queue.image_feat[0]]
+    i2t = t2i = 0.0
+    for i in range(3):
+        truth = [1 / key_ids.count(ids[i]) if k == ids[i] else 0.0 for k in key_ids]
+        for own, keys, teacher, extra in ((image[i], text_keys, teacher_image[i], swapped), (text[i], image_keys,
+                                                                                             teacher_text[i], None)):
+            targets = [alpha * p + (1 - alpha) * t for p, t in zip(softmax([dot(teacher, k) for k in keys]), truth)]
+            logits = [dot(own, k) for k in keys]
+            negatives = [] if extra is None else [dot(own, extra[k]) for k in range(3) if valid[k]]
+            lse = math.log(sum(math.exp(v) for v in logits + negatives))
+            row = -sum(t * (v - lse) for v, t in zip(logits, targets)) / 3
+            i2t, t2i = (i2t + row, t2i) if extra is not None else (i2t, t2i + row)
+    assert result.loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-12)
+    assert result.sim_i2t.shape == (3, 3)  # the batch's keys only
+    plain = itc_distill_loss(image, text, torch.tensor(ids), torch.tensor([temperature], dtype=torch.float64),
+                             teacher_image, teacher_text, queue, alpha)
+    assert result.loss.item() > plain.loss.item() + 0.01  # the negatives took part

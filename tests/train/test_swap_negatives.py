@@ -21,8 +21,10 @@ def _prepare_error(flags: list[str]) -> str:
     return str(err.value)
 
 
-def test_swap_negatives_are_off_by_default_and_parsed_from_the_command_line(base_flags):
-    assert load_recipe("tiny_synthetic").data.swap_negatives == []
+def test_swap_negatives_are_the_default_shapes_and_parsed_from_the_command_line(base_flags):
+    assert load_recipe("tiny_synthetic").data.swap_negatives == [["circle", "square", "triangle", "diamond"]]
+    off = parse_args(["--recipe", "tiny_synthetic", "--data.swap_negatives", "[]"])
+    assert load_recipe(off.recipe, off).data.swap_negatives == []
     args = parse_args(["--recipe", "tiny_synthetic", "--data.swap_negatives", "[[circle, square], [red, blue]]"])
     assert load_recipe(args.recipe, args).data.swap_negatives == [["circle", "square"], ["red", "blue"]]
     setup = prepare(parse_args(base_flags + ["--data.swap_negatives", "[[circle, square, triangle, diamond]]"]))
@@ -39,6 +41,3 @@ def test_unusable_swap_negatives_are_one_error_before_any_rank_starts(base_flags
         "data.swap_negatives")
     assert _prepare_error(base_flags + [flag, "[[circle, square], [square, red]]"]) == (
         "swap word 'square' is in two groups: keep it in one of data.swap_negatives")
-    assert _prepare_error(base_flags + [flag, "[[circle, square]]", "--model.momentum_distillation", "true"]) == (
-        "data.swap_negatives adds negatives to plain ITC, which momentum distillation replaces: set "
-        "model.momentum_distillation false or data.swap_negatives []")
