@@ -65,10 +65,10 @@ def _image_stream_layer(c: ModelConfig, image_tokens: float, length: float) -> d
 
 
 def _encoders_and_heads(
-    c: ModelConfig, length: float, mlm_probability: float, streams: int, images: int
+    c: ModelConfig, length: float, mlm_probability: float, streams: int, images: int, texts: int = 2
 ) -> dict[str, float]:
-    """One sample's forward through the ViT, the text encoder (clean and masked text), the fusion encoder on
-    `streams` text streams over `images` images, and the heads."""
+    """One sample's forward through the ViT, the text encoder on `texts` captions (clean and masked, + the
+    word-swapped one), the fusion encoder on `streams` text streams over `images` images, and the heads."""
     image_tokens = c.num_patches + 1
     co_attention = c.fusion == "co_attention"
     terms = {
@@ -78,8 +78,8 @@ def _encoders_and_heads(
             + 2 * _linear(image_tokens, c.vision_hidden, c.vision_mlp)
         ),
         "vision.self_attention": c.vision_layers * _attention(image_tokens, image_tokens, c.vision_hidden),
-        "text.projections": 2 * c.text_layers * _bert_projections(c, length),  # clean and masked text
-        "text.self_attention": 2 * c.text_layers * _attention(length, length, c.text_hidden),
+        "text.projections": texts * c.text_layers * _bert_projections(c, length),
+        "text.self_attention": texts * c.text_layers * _attention(length, length, c.text_hidden),
         "fusion.projections": c.fusion_layers * streams * (
             _bert_projections(c, length) + _linear(length, c.text_hidden, 2 * c.text_hidden)  # + cross query, out
         ),
@@ -88,7 +88,7 @@ def _encoders_and_heads(
         "fusion.cross_key_value": c.fusion_layers * (streams if co_attention else images)
         * _linear(image_tokens, c.vision_hidden, 2 * c.text_hidden),
         "fusion.cross_attention": c.fusion_layers * streams * _attention(length, image_tokens, c.text_hidden),
-        "heads.itc": _linear(1, c.vision_hidden, c.embed_dim) + _linear(1, c.text_hidden, c.embed_dim),
+        "heads.itc": _linear(1, c.vision_hidden, c.embed_dim) + (texts - 1) * _linear(1, c.text_hidden, c.embed_dim),
         "heads.mlm": _linear(mlm_probability * length, c.text_hidden, c.text_hidden + c.vocab_size),
     }  # fmt: skip
     if co_attention:
@@ -98,13 +98,15 @@ def _encoders_and_heads(
 
 
 def forward_flops_by_component(
-    config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15
+    config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15, swap_negatives: bool = False
 ) -> dict[str, float]:
     """Forward FLOPs of one sample per component: `*.projections` are an encoder's linear layers,
     `*_attention` the attention products (scores and weighted sum of values) of its layers; co-attention adds
-    its image stream's (`fusion.image_*`), momentum distillation its teacher's forward (`momentum.teacher`)."""
+    its image stream's (`fusion.image_*`), momentum distillation its teacher's forward (`momentum.teacher`);
+    `swap_negatives` (data.swap_negatives) is one more caption through the text encoder and ITC's projection."""
     # fusion text streams per sample: positive, hard-negative text, masked text (own image), hard-negative image
-    terms = _encoders_and_heads(config, text_tokens, mlm_probability, streams=4, images=2)
+    terms = _encoders_and_heads(config, text_tokens, mlm_probability, streams=4, images=2,
+                                texts=3 if swap_negatives else 2)
     terms["heads.itm"] = _linear(3, config.text_hidden, 2)  # the positive and the two hard negatives
     if config.weight_words:
         terms["heads.words"] = _linear(1, config.vision_hidden, config.vocab_size)
@@ -114,14 +116,15 @@ def forward_flops_by_component(
 
 
 def train_flops_by_component(
-    config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15
+    config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15, swap_negatives: bool = False
 ) -> dict[str, float]:
     """Forward + backward FLOPs of one sample per component (see `forward_flops_by_component`)."""
-    forward = forward_flops_by_component(config, text_tokens, mlm_probability)
+    forward = forward_flops_by_component(config, text_tokens, mlm_probability, swap_negatives)
     return {name: (1 + _BACKWARD_RATIO.get(name, 2.0)) * flops for name, flops in forward.items()}
 
 
-def train_flops_per_sample(config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15) -> float:
+def train_flops_per_sample(config: ModelConfig, text_tokens: float, mlm_probability: float = 0.15,
+                           swap_negatives: bool = False) -> float:
     """Forward + backward FLOPs of one training sample (ITC + ITM + MLM) whose caption has `text_tokens`
     real tokens, `mlm_probability` of them masked."""
-    return sum(train_flops_by_component(config, text_tokens, mlm_probability).values())
+    return sum(train_flops_by_component(config, text_tokens, mlm_probability, swap_negatives).values())

@@ -45,7 +45,8 @@ class PretrainTask:
         return build_caption_data(setup, rank, world, swap_groups=setup.recipe.data.swap_negatives)
 
     def flops_per_sample(self, setup) -> Callable[[float], float]:
-        return partial(train_flops_per_sample, setup.model_config, mlm_probability=setup.recipe.data.mlm_probability)
+        return partial(train_flops_per_sample, setup.model_config, mlm_probability=setup.recipe.data.mlm_probability,
+                       swap_negatives=bool(setup.recipe.data.swap_negatives))
 
     def evaluate(self, engine, eval_data, setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:
         return run_retrieval_evaluation(engine, eval_data, setup, step, log, dtype)

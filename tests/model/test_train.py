@@ -207,25 +207,31 @@ def _forward_flops_by_component(model: ALBEF, batch: dict) -> tuple[dict[str, fl
 
 
 @pytest.mark.parametrize("variant", [{}, {"fusion": "co_attention"}, {"momentum_distillation": True},
-                                     {"patch_stem": "conv"}, {"weight_words": 1.0}],
-                         ids=["cross_attention", "co_attention", "momentum_distillation", "conv_stem", "words"])
+                                     {"patch_stem": "conv"}, {"weight_words": 1.0}, {"swap_negatives": True}],
+                         ids=["cross_attention", "co_attention", "momentum_distillation", "conv_stem", "words",
+                              "swap_negatives"])
 def test_train_flops_match_the_flop_counter_term_by_term(variant):
     """Every term of the formula equals what the counter sees the modules run, exactly (integers in floats):
     dropping any term (the cross-attention products, the patch embedding, a head, co-attention's image
     stream, the teacher...) or miscounting its backward fails."""
     torch.manual_seed(0)
+    swap = variant.pop("swap_negatives", False)
     config = tiny_config(attention="eager", **variant)  # the counter sees eager attention's matmuls
     model = ALBEF(config)
     batch = make_batch(config, batch_size=4, length=12)
     batch["attention_mask"].fill_(1)  # no padding: the padded kernels then do exactly the counted work
+    if swap:  # the data side's word-swapped captions (any other tokens cost the same)
+        batch |= {"swap_input_ids": batch["input_ids"].flip(0), "swap_attention_mask": batch["attention_mask"],
+                  "swap_valid": torch.ones(4, dtype=torch.bool)}
     masked_fraction = (batch["mlm_labels"] != -100).float().mean().item()
     size, rel = len(batch["input_ids"]), 1e-9
     # ITC's similarity matrices, which the formula leaves out: 2 directions of [B, E] x [E, B] per batch, and
     # as many for the teacher's targets (no queue here).
     itc_similarities = 2 * 2 * size * config.embed_dim * (2 if config.momentum_distillation else 1)
+    itc_similarities += 2 * size * config.embed_dim if swap else 0  # each image against the swapped captions
 
     counted, outside_modules = _forward_flops_by_component(model, batch)
-    formula = forward_flops_by_component(config, 12, masked_fraction)
+    formula = forward_flops_by_component(config, 12, masked_fraction, swap)
     assert outside_modules == itc_similarities  # nothing but ITC runs outside the modules sorted above
     assert counted.keys() == formula.keys()
     for name, flops in formula.items():
@@ -239,9 +245,9 @@ def test_train_flops_match_the_flop_counter_term_by_term(variant):
     # online side only (the keys are the teacher's), and none for the teacher's own.
     backward_similarities = itc_similarities / 2 if config.momentum_distillation else 2 * itc_similarities
     counted_train = sum(_counted_flops(model, batch).values()) - itc_similarities - backward_similarities
-    predicted = train_flops_per_sample(config, 12, masked_fraction)
+    predicted = train_flops_per_sample(config, 12, masked_fraction, swap)
     assert counted_train == pytest.approx(predicted, rel=rel)
-    assert sum(train_flops_by_component(config, 12, masked_fraction).values()) == predicted
+    assert sum(train_flops_by_component(config, 12, masked_fraction, swap).values()) == predicted
 
 
 def test_padding_costs_no_projection_flops():
