@@ -1,5 +1,5 @@
-"""Issue 13's ablation: what each piece of ALBEF's objective, and the caption-word one, buys on the embedded
-default.
+"""Issue 13's ablation: what each piece of ALBEF's objective, and the caption-word and word-swap ones, buy on
+the embedded default.
 
 Trains one run per row, one after the other, with `launch/pretrain.sh --recipe tiny_synthetic` (2 CPU ranks
 unless GPUS_PER_NODE says otherwise), the same steps, seed, data and order for every row, and evaluates each
@@ -7,7 +7,7 @@ at its last step on the 1,000 val images: text-to-image and image-to-text R@1/5/
 hard-triple ITM accuracy, and the masked-token accuracy (the last logged training batch's). Prints one JSON
 object, the rows side by side, then a Markdown table.
 
-    python -m benchmarks.ablation [--steps 120] [--out /tmp/ablation] [--rows itc,itm,mlm,mod,queue,co_attention,words]
+    python -m benchmarks.ablation [--steps 120] [--out /tmp/ablation] [--rows itc,mlm,words,swap]
 
 A row whose run directory already holds an eval.json of the same steps is read, not trained again.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_NAME = "tiny-synthetic"  # the recipe's `name`: runs land in <run_dir>/<name>
-ALBEF = ["--model.caption_words_weight", "0"]  # the recipe's caption-word objective off: ALBEF's own losses
+NO_SWAP = ["--data.swap_negatives", "[]"]  # the recipe's word-swap ITC negatives off
+ALBEF = ["--model.caption_words_weight", "0", *NO_SWAP]  # ALBEF's own losses only
 ROWS: dict[str, tuple[str, list[str]]] = {
     "itc": ("ITC only", [*ALBEF, "--model.overrides", "{weight_itm: 0, weight_mlm: 0}"]),
     "itm": ("+ ITM", [*ALBEF, "--model.overrides", "{weight_mlm: 0}"]),
@@ -31,7 +32,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "mod": ("+ MoD", [*ALBEF, "--model.momentum_distillation", "true"]),
     "queue": ("+ queue (1,024)", [*ALBEF, "--model.momentum_distillation", "true", "--model.queue_size", "1024"]),
     "co_attention": ("co-attention instead of cross-attention", [*ALBEF, "--model.fusion", "co_attention"]),
-    "words": ("+ caption words (the default)", []),
+    "words": ("+ caption words", NO_SWAP),
+    "swap": ("+ word-swap ITC negatives (the default)", []),
 }
 
 
