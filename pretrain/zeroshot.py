@@ -133,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     images = encode_images(model, data, args.batch_size, device, keep_tokens=args.itm_rerank_k > 0)
-    if templates is None:
-        prompts = encode_context_prompts(model, tokenizer, context, verbalizer, data.classes, max_len, device)
-    else:
-        prompts = hand_prompts(model, tokenizer, templates, verbalizer, data.classes, max_len, device)
+    prompts = None  # the word head reads no prompts; ITC scoring and ITM re-ranking do
+    if args.scorer == "itc" or args.itm_rerank_k > 0:
+        if templates is None:
+            prompts = encode_context_prompts(model, tokenizer, context, verbalizer, data.classes, max_len, device)
+        else:
+            prompts = hand_prompts(model, tokenizer, templates, verbalizer, data.classes, max_len, device)
     if args.scorer == "words":
         try:
             scores = word_scores(model, tokenizer, images, verbalizer, data.classes, device)

@@ -177,6 +177,15 @@ def test_the_cli_scores_by_the_word_head_and_refuses_a_learned_context_with_it(i
                            load_verbalizer(None, data.classes), data.classes, CPU).argmax(1)
     assert metrics["scorer"] == "words" and "single_template_top1" not in metrics
     assert metrics["top1"] == pytest.approx((expected == data.labels).double().mean().item())
+    # ITM re-ranks the word head's top 2 with the hand prompts, which only re-ranking encodes
+    assert zeroshot_main([*base, "--templates", "photo", "--itm-rerank-k", "2", "--out", str(tmp_path / "rr")]) == 0
+    images = encode_images(model, data, 4, CPU, keep_tokens=True)
+    verbalizer = load_verbalizer(None, data.classes)
+    prompts = hand_prompts(model, tokenizer, load_templates("photo"), verbalizer, data.classes, 32, CPU)
+    reranked = itm_rerank(model, images, prompts, word_scores(model, tokenizer, images, verbalizer, data.classes, CPU),
+                          2, 4, CPU).argmax(1)
+    metrics = json.loads((tmp_path / "rr" / "zeroshot.json").read_text())
+    assert metrics["top1"] == pytest.approx((reranked == data.labels).double().mean().item())
     capsys.readouterr()  # the runs' progress bars
     assert "--prompt holds learned context for ITC" in error_of([*base, "--prompt", "x", "--out", "y"], capsys)
 
