@@ -117,7 +117,7 @@ def console_line(step: int, max_steps: int, values: dict[str, float]) -> str:
             "train/grad_norm", "perf/samples_per_s", "perf/mfu", "perf/data_wait_fraction")
     parts = [f"step {step}/{max_steps}"]
     for key in keys:
-        if key in values and not (key == "loss/words" and values[key] == 0):  # 0: the objective is off
+        if key in values and not (key.startswith("loss/") and values[key] == 0):  # exactly 0: an objective off
             parts.append(f"{key.split('/')[-1]} {values[key]:.4g}")
     return " | ".join(parts)
 
