@@ -25,7 +25,7 @@ from pretrain.model.prompting import LearnedContext, class_embeddings, insert_co
 @dataclass
 class ImageFeatures:
     feats: torch.Tensor  # [N, E] normalised ITC features
-    cls: torch.Tensor  # [N, D_v] image [CLS] states (the caption-word head's input)
+    words_input: torch.Tensor  # [N, D_v] what the caption-word head reads (ALBEF.words_input)
     labels: torch.Tensor  # [N]
     embeds: torch.Tensor | None  # [N, tokens, D_v] image token states, kept only for ITM re-ranking
 
@@ -45,15 +45,15 @@ def encode_images(model: ALBEF, data: LabelledImages, batch_size: int, device: t
                   keep_tokens: bool = False, desc: str = "images") -> ImageFeatures:
     """Every image once (eval transform), with a progress bar; the frozen encoder's features are cached by callers."""
     size = model.config.image_size
-    feats, cls, embeds = [], [], []
+    feats, words_input, embeds = [], [], []
     for begin in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
         pixels = normalize(torch.stack([eval_image(b, size=size) for b in data.images[begin : begin + batch_size]]))
         tokens, feat = model.encode_image(pixels.to(device))
         feats.append(feat.float().cpu())
-        cls.append(tokens[:, 0].cpu())
+        words_input.append(model.words_input(tokens).cpu())
         if keep_tokens:
             embeds.append(tokens.cpu())
-    return ImageFeatures(torch.cat(feats), torch.cat(cls), data.labels.clone(),
+    return ImageFeatures(torch.cat(feats), torch.cat(words_input), data.labels.clone(),
                          torch.cat(embeds) if keep_tokens else None)
 
 
@@ -79,7 +79,7 @@ def word_scores(model: ALBEF, tokenizer, images: ImageFeatures, verbalizer: dict
     if not hasattr(model, "words_head"):
         raise DataError("the model was trained without the caption-word objective (model.caption_words_weight 0), "
                         "so it has no word head: use --scorer itc")
-    log_probs = model.words_head(images.cls.to(device)).float().log_softmax(dim=1).cpu()
+    log_probs = model.words_head(images.words_input.to(device)).float().log_softmax(dim=1).cpu()
     columns = []
     for name in classes:
         per_word = []

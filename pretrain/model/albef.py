@@ -132,6 +132,13 @@ class ALBEF(nn.Module):
         image_embeds = self.image_encoder(pixel_values)
         return image_embeds, F.normalize(at_least_fp32(self.vision_proj(image_embeds[:, 0])), dim=-1)
 
+    @staticmethod
+    def words_input(image_embeds: Tensor) -> Tensor:
+        """What the caption-word head reads: the mean patch state [B, D_v]. Every patch then has to hold what it
+        shows, which instruction tuning's pooled patch tokens read; from [CLS] only [CLS] learned it
+        (docs/alignment.md, Round 8)."""
+        return image_embeds[:, 1:].mean(dim=1)
+
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Text token states [B, L, D_t] and the L2-normalised fp32 ITC feature [B, E]."""
         text_embeds = self.text_encoder(input_ids, KeyPadding(attention_mask.bool()))
@@ -200,7 +207,7 @@ class ALBEF(nn.Module):
         c = self.config
         loss_words = torch.zeros_like(loss_mlm)
         if c.weight_words:
-            loss_words = caption_words_loss(self.words_head(image_embeds[:, 0]), batch["input_ids"], mask)
+            loss_words = caption_words_loss(self.words_head(self.words_input(image_embeds)), batch["input_ids"], mask)
         return ALBEFOutput(
             loss=(c.weight_itc * itc.loss + c.weight_itm * loss_itm + c.weight_mlm * loss_mlm
                   + c.weight_words * loss_words),

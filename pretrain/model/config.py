@@ -49,7 +49,7 @@ class ModelConfig:
     weight_itc: float = 1.0
     weight_itm: float = 1.0
     weight_mlm: float = 1.0
-    # caption-word classification from the image [CLS] (SuperClass; objectives.caption_words_loss); ALBEF: 0.
+    # caption-word classification from the mean patch state (SuperClass; objectives.caption_words_loss); ALBEF: 0.
     # A direct signal for what the image must show: the from-scratch encoder of the embedded default learns
     # shape from it, which ITC, ITM and MLM alone do not teach it within its budget (docs/alignment.md)
     weight_words: float = 0.0

@@ -53,7 +53,7 @@ class ModelSection:
                             "momentum_distillation)", 0)
     itm_negative_hardness: float = _help("ITM negatives drawn by softmax(hardness x ITC logit): 1 as ALBEF (the "
                                          "hardest pair, once ITC is sharp), 0 uniformly from the batch", 1.0)
-    caption_words_weight: float = _help("weight of caption-word classification from the image [CLS] (SuperClass): "
+    caption_words_weight: float = _help("weight of caption-word classification from the mean patch state (SuperClass): "
                                         "a direct signal for what an image shows; 0 as ALBEF", 0.0)
 
 

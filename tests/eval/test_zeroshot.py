@@ -85,7 +85,7 @@ def test_word_scores_average_the_heads_log_probabilities_over_tokens_then_label_
     verbalizer = {"circle": ["circle", "round shape"], "square": ["square"]}
     got = word_scores(model, tokenizer, images, verbalizer, ["circle", "square"], CPU)
     with torch.no_grad():
-        log_probs = model.words_head(images.cls).double().log_softmax(dim=1)
+        log_probs = model.words_head(images.words_input).double().log_softmax(dim=1)
     ids = {word: tokenizer(word, add_special_tokens=False)["input_ids"] for word in ("circle", "round shape", "square")}
     assert len(ids["round shape"]) >= 2  # a label word of several tokens: their mean
     circle = (log_probs[:, ids["circle"]].mean(1) + log_probs[:, ids["round shape"]].mean(1)) / 2

@@ -151,7 +151,7 @@ def _counted_flops(model: ALBEF, batch: dict) -> dict[str, int]:
 
 
 def test_caption_words_objective_adds_its_loss_and_trains_only_the_image_side():
-    """weight_words adds the caption-word loss of the image [CLS]; its gradient reaches the image encoder and
+    """weight_words adds the caption-word loss of the mean patch state; its gradient reaches the image encoder and
     its head, never the text side. Off (ALBEF), the head does not exist and the loss is 0."""
     torch.manual_seed(0)
     assert not hasattr(ALBEF(tiny_config()), "words_head")
@@ -160,7 +160,7 @@ def test_caption_words_objective_adds_its_loss_and_trains_only_the_image_side():
     out, grads = _grads(model, batch)
     assert out.loss_words > 0 and torch.isclose(out.loss, 0.5 * out.loss_words)
     with torch.no_grad():
-        head = model.words_head(model.image_encoder(batch["pixel_values"].double())[:, 0])
+        head = model.words_head(model.image_encoder(batch["pixel_values"].double())[:, 1:].mean(dim=1))
     assert out.loss_words.item() == pytest.approx(
         caption_words_loss(head, batch["input_ids"], batch["attention_mask"]).item(), rel=1e-12)
     trained = {n.split(".")[0] for n, g in grads.items() if g.abs().sum() > 0}
