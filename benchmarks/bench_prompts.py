@@ -49,11 +49,20 @@ def measure_task(model, tokenizer, max_len: int, root: Path, task: str) -> dict:
     embeddings = F.normalize(means, dim=-1)
     between = (embeddings @ embeddings.T)[~torch.eye(classes, dtype=torch.bool)].mean().item()
     ensemble = scores(test_images, templates)
+    # a mixture over templates: each template's class embedding (its label words averaged, CLIP's rule), the
+    # class scored by the log-sum-exp of its templates' similarities at the model's ITC temperature
+    template = torch.arange(len(prompts.owner)) % len(templates)  # class_prompts: class, word, then template
+    slot = prompts.owner * len(templates) + template
+    per_template = F.normalize(torch.zeros(classes * len(templates), feats.shape[1]).index_add_(0, slot, feats),
+                               dim=-1).view(classes, len(templates), -1)
+    mixture = torch.logsumexp(torch.einsum("ne,cte->nct", test_images.feats, per_template)
+                              / model.temperature().item(), dim=2)
     return {
         "templates": len(templates),
         "ensemble_top1": top1(ensemble, test_images.labels),
         # the templates' scores averaged (a logit ensemble), and the prompt mean not normalised again: where
         # these beat CLIP's rule, its renormalisation of the class means is what costs
+        "mixture_top1": top1(mixture, test_images.labels),
         "score_average_top1": top1(torch.stack(list(single_scores.values())).mean(0), test_images.labels),
         "unnormalised_mean_top1": top1(test_images.feats @ means.T, test_images.labels),
         "ensemble_predicted": torch.bincount(ensemble.argmax(1), minlength=classes).tolist(),
