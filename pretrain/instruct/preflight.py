@@ -26,6 +26,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     if stage.name not in STAGES or stage.lm_training not in LM_TRAINING:
         raise RecipeError(f"stage.name {stage.name!r} / stage.lm_training {stage.lm_training!r}: use a stage of "
                           f"{', '.join(STAGES)} and lm_training of {', '.join(LM_TRAINING)}")
+    if stage.loss_per not in ("token", "conversation"):
+        raise RecipeError(f"stage.loss_per {stage.loss_per!r} is unknown: use token or conversation")
     try:
         parts = load_configs(recipe.base.path, recipe.lm.name, recipe.lm.image_tokens, recipe.lm.projector)
         with torch.device("meta"):  # the LM, tokenizer and projector checks on a model without memory

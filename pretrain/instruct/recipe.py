@@ -27,6 +27,8 @@ class StageSection:
     name: str = _help("align (projector only, encoder and LM frozen) | instruct (projector + LM)", "align")
     lm_training: str = _help("instruct: full | lora (HF peft adapters on the LM)", "full")
     train_encoder: bool = _help("instruct: train the image encoder too", False)
+    loss_per: str = _help("token: the loss is the mean over the batch's answer tokens (a caption outweighs a "
+                          "one-word answer) | conversation: the mean of each conversation's mean", "token")
     lora_rank: int = _help("lora: rank r", 8)
     lora_alpha: int = _help("lora: scale alpha (update (alpha / r) B A)", 16)
 

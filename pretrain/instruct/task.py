@@ -31,14 +31,16 @@ from pretrain.train.metrics import TrainLog
 class InstructModel(nn.Module):
     """The engine's module: the multimodal LM called with the loader's batch dict."""
 
-    def __init__(self, model: MultimodalLM):
+    def __init__(self, model: MultimodalLM, per_conversation: bool = False):
         super().__init__()
         self.model = model
+        self.per_conversation = per_conversation
         # LoRA's B starts at zero (the adapted LM starts as the LM); every other new weight as its module resets it
         self._zero_init = {id(m) for n, m in model.named_modules() if n.endswith("lora_B.default")}
 
     def forward(self, batch: dict) -> MultimodalLMOutput:
-        return self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                          self.per_conversation)
 
     @torch.no_grad()
     def init_weights(self, module: nn.Module) -> None:
@@ -73,7 +75,7 @@ class InstructTask:
         model = MultimodalLM.from_configs(self.encoder_config, self.projector_config, self.lm_config,
                                           self.lm_tokenizer)
         self.set_stage(model, setup)
-        return InstructModel(model)
+        return InstructModel(model, setup.recipe.stage.loss_per == "conversation")
 
     def load_weights(self, model: nn.Module, setup) -> None:
         """Every base weight (LoRA's new ones excepted) from rank 0's CPU copy into the partitioned model."""

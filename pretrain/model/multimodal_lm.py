@@ -299,14 +299,20 @@ class MultimodalLM(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), image)
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                **_) -> MultimodalLMOutput:
-        """Next-token cross-entropy on the positions whose labels are not -100 (the assistant's tokens)."""
+                per_conversation: bool = False, **_) -> MultimodalLMOutput:
+        """Next-token cross-entropy on the positions whose labels are not -100 (the assistant's tokens): the mean
+        over the batch's answer tokens, or with `per_conversation` the mean of each conversation's mean, so that
+        a one-word answer weighs as much as a caption of twenty tokens."""
         logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask).logits
         logits, targets = logits[:, :-1].float(), labels[:, 1:]
         labelled = targets != -100
         count = labelled.sum()
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        loss = loss / count.clamp(min=1)
+        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        if per_conversation:
+            answered = labelled.sum(1)
+            loss = (token_loss.sum(1) / answered.clamp(min=1)).sum() / (answered > 0).sum().clamp(min=1)
+        else:
+            loss = token_loss.sum() / count.clamp(min=1)
         accuracy = ((logits.argmax(-1) == targets) & labelled).sum() / count.clamp(min=1)
         return MultimodalLMOutput(loss, accuracy.detach(), count.float())
 

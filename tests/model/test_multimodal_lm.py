@@ -76,6 +76,22 @@ def test_loss_only_on_labelled_tokens_and_gradients_reach_the_projector(parts):
     assert model.projector.fc1.weight.grad.abs().sum() > 0
 
 
+def test_per_conversation_loss_weighs_each_conversation_alike(parts):
+    model = build(parts, image_tokens=4)
+    input_ids, mask = prompt(model, "USER:", "ASSISTANT: A red circle.", batch=3)
+    labels = torch.full_like(input_ids, -100)
+    labels[0, -3:], labels[1, -1:] = input_ids[0, -3:], input_ids[1, -1:]  # row 2 has no answer: left out
+    with torch.no_grad():
+        out = model(pixels(3), input_ids, mask, labels, per_conversation=True)
+        tokens = model(pixels(3), input_ids, mask, labels)
+        logits = model.lm(inputs_embeds=model.embed(input_ids, pixels(3)), attention_mask=mask).logits.double()
+    row0 = torch.nn.functional.cross_entropy(logits[0, -4:-1], input_ids[0, -3:], reduction="none")
+    row1 = torch.nn.functional.cross_entropy(logits[1, -2:-1], input_ids[1, -1:], reduction="none")
+    torch.testing.assert_close(out.loss.double(), (row0.mean() + row1.mean()) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tokens.loss.double(), torch.cat([row0, row1]).mean(), rtol=1e-5, atol=1e-6)
+    assert abs(out.loss.item() - tokens.loss.item()) > 1e-4  # the two weightings differ on unequal answers
+
+
 def test_greedy_generation_is_deterministic_and_is_the_argmax_of_the_forward(parts):
     model = build(parts, image_tokens=4)
     input_ids, mask = prompt(model, "USER:", "ASSISTANT:")
