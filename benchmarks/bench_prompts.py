@@ -1,8 +1,8 @@
 """Why a template ensemble wins or loses against single templates: per task, each template's test top-1, the
 ensemble (CLIP's rule, as `pretrain.zeroshot` scores), the single template a user could pick without test
-labels (the best on the few-shot pool), and the class embeddings' geometry (mean cosine between classes; the
-norm of each class's prompt mean before it is normalised again). Prints one JSON object; docs/prompting.md has
-the tables.
+labels (the best on the few-shot pool), a mixture over templates (log-sum-exp at the model's temperature),
+and the class embeddings' geometry (mean cosine between classes; the norm of each class's prompt mean before
+it is normalised again). Prints one JSON object; docs/prompting.md has the tables.
 
     python -m benchmarks.bench_prompts --checkpoint runs/tiny-synthetic/export --data data/zeroshot
 """
@@ -60,9 +60,9 @@ def measure_task(model, tokenizer, max_len: int, root: Path, task: str) -> dict:
     return {
         "templates": len(templates),
         "ensemble_top1": top1(ensemble, test_images.labels),
+        "mixture_top1": top1(mixture, test_images.labels),
         # the templates' scores averaged (a logit ensemble), and the prompt mean not normalised again: where
         # these beat CLIP's rule, its renormalisation of the class means is what costs
-        "mixture_top1": top1(mixture, test_images.labels),
         "score_average_top1": top1(torch.stack(list(single_scores.values())).mean(0), test_images.labels),
         "unnormalised_mean_top1": top1(test_images.feats @ means.T, test_images.labels),
         "ensemble_predicted": torch.bincount(ensemble.argmax(1), minlength=classes).tolist(),
