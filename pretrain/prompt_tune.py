@@ -2,8 +2,9 @@
 
 For k shots per class (--shots) and each seed (--seeds), on the held-out --test set: hand prompts (the first
 template alone, and all templates ensembled: the zero-shot baseline), learned context before the label words
-(CoOp; shared by all classes, and one per class), learned label embeddings (initialised from the hand
-ensemble) and a linear probe on the image features. Writes prompt_tune.json (mean and sd over seeds),
+(CoOp; shared by all classes, and one per class; held near the hand ensemble by --context-anchor, KgCoOp's
+regulariser), learned label embeddings (initialised from the hand ensemble) and a linear probe on the image
+features. Writes prompt_tune.json (mean and sd over seeds),
 learning_curve.png, TensorBoard scalars and picture, and the learned contexts of the largest k and the first
 seed (context_shared.safetensors, context_class.safetensors) for `python -m pretrain.zeroshot --prompt`.
 
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-length", type=int, default=4, help="M learned context vectors")
     parser.add_argument("--context-init", default=None,
                         help="phrase the context starts from (default: the first template's words before '{}')")
+    parser.add_argument("--context-anchor", type=float, default=8.0,
+                        help="weight of the learned class embeddings' squared distance from the hand ensemble's "
+                             "(KgCoOp; its paper's 8; 0: plain CoOp)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per learned prompt")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the learned prompts")
     parser.add_argument("--probe-l2", type=float, default=1e-3, help="L2 penalty of the linear probe's weights")
@@ -159,7 +163,8 @@ class FewShot:
                                torch.device("cpu"))
         return class_embeddings(prompts.feats, prompts.owner, len(self.classes))
 
-    def context(self, per_class: int | None, rows: list[int], seed: int) -> tuple[LearnedContext, float, list[float]]:
+    def context(self, per_class: int | None, rows: list[int], seed: int,
+                anchor: torch.Tensor) -> tuple[LearnedContext, float, list[float]]:
         """Learned context trained on the pool's `rows`: (the context, test top-1, training losses)."""
         torch.manual_seed(seed)
         init = context_init(self.model, self.tokenizer, self.phrase, self.args.context_length, seed)
@@ -167,7 +172,7 @@ class FewShot:
         classifier = ContextClassifier(self.model, self.tokenizer, context, self.verbalizer, self.classes,
                                        self.max_len)
         losses = train_context(classifier, self.pool.feats[rows], self.pool.labels[rows], self.scale,
-                               self.args.steps, self.args.lr)
+                               self.args.steps, self.args.lr, anchor, self.args.context_anchor)
         with torch.no_grad():
             return context, self.accuracy(classifier.class_embeddings()), losses
 
@@ -184,7 +189,7 @@ class FewShot:
                 for method, accuracy in zero_shot.items():
                     runs[method][k].append(accuracy)
                 for method, per_class in (("context_shared", None), ("context_class", len(self.classes))):
-                    context, accuracy, loss = self.context(per_class, rows, seed)
+                    context, accuracy, loss = self.context(per_class, rows, seed, ensemble)
                     runs[method][k].append(accuracy)
                     losses[method][k].append(loss)
                     if k == max(args.shots) and seed == args.seeds[0]:
@@ -198,7 +203,8 @@ class FewShot:
         return {"classes": self.classes, "label_words": self.verbalizer, "templates": templates,
                 "context_init": self.phrase, "num_train_pool": len(self.pool.labels),
                 "num_test": len(self.test.labels), "shots": args.shots, "seeds": args.seeds,
-                "settings": {"context_length": args.context_length, "steps": args.steps, "lr": args.lr,
+                "settings": {"context_length": args.context_length,
+                             "context_anchor": args.context_anchor, "steps": args.steps, "lr": args.lr,
                              "probe_l2": args.probe_l2, "logit_scale": self.scale},
                 "chance": 1 / len(self.classes),
                 "methods": {m: {str(k): summary(v) for k, v in per_k.items()} for m, per_k in runs.items()},

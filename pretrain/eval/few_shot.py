@@ -60,9 +60,19 @@ class ContextClassifier:
 
 
 def train_context(classifier: ContextClassifier, feats: Tensor, labels: Tensor, scale: float, steps: int,
-                  lr: float) -> list[float]:
-    return fit(list(classifier.context.parameters()),
-               lambda: F.cross_entropy(scale * feats @ classifier.class_embeddings().T, labels), steps, lr)
+                  lr: float, anchor: Tensor | None = None, anchor_weight: float = 0.0) -> list[float]:
+    """Cross-entropy over the class logits; with `anchor` (the hand prompts' class embeddings [C, E]) plus
+    `anchor_weight` times the class embeddings' mean squared distance from it (KgCoOp, Yao et al. 2023), so
+    that the context moves from the hand prompts only as far as the shots pay for."""
+
+    def loss() -> Tensor:
+        classes = classifier.class_embeddings()
+        loss = F.cross_entropy(scale * feats @ classes.T, labels)
+        if anchor is not None and anchor_weight:
+            loss = loss + anchor_weight * (classes - anchor).square().sum(dim=-1).mean()
+        return loss
+
+    return fit(list(classifier.context.parameters()), loss, steps, lr)
 
 
 def train_label_embeddings(init: Tensor, feats: Tensor, labels: Tensor, scale: float, steps: int,

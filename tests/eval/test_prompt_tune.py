@@ -79,6 +79,31 @@ def test_learned_context_lowers_the_loss_and_changes_no_encoder_weight(tokenizer
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_anchor_adds_its_weighted_distance_and_holds_the_context_near_the_hand_prompts(tokenizer):
+    """KgCoOp: the first loss is the cross-entropy plus weight x the class embeddings' mean squared distance
+    from the anchor (computed here by hand), and a heavy anchor ends nearer the anchor than none."""
+    model = tiny_model(tokenizer).requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    feats, labels = F.normalize(torch.randn(12, model.config.embed_dim, generator=g), dim=-1), torch.arange(3).repeat(4)
+    init = 0.1 * torch.randn(4, model.config.text_hidden, generator=g)
+    verbalizer = {"one": ["one shape"], "two": ["two shapes"], "three": ["three shapes"]}
+    with torch.no_grad():  # an anchor the context can reach: the embeddings of another context
+        other = LearnedContext(0.1 * torch.randn(4, model.config.text_hidden, generator=g), 3)
+        anchor = ContextClassifier(model, tokenizer, other, verbalizer, list(verbalizer), 32).class_embeddings()
+    distances = {}
+    for weight in (0.0, 50.0):
+        classifier = ContextClassifier(model, tokenizer, LearnedContext(init, 3), verbalizer, list(verbalizer), 32)
+        with torch.no_grad():
+            start = classifier.class_embeddings().double()
+        losses = train_context(classifier, feats, labels, 20.0, 60, 2e-2, anchor, weight)
+        hand = F.cross_entropy(20.0 * feats.double() @ start.T, labels) + weight * sum(
+            float((start[c] - anchor[c].double()) @ (start[c] - anchor[c].double())) for c in range(3)) / 3
+        assert losses[0] == pytest.approx(float(hand), rel=1e-5)
+        with torch.no_grad():
+            distances[weight] = (classifier.class_embeddings() - anchor).square().sum(-1).mean().item()
+    assert distances[50.0] < 0.2 * distances[0.0]
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory, tokenizer):
     """The count task at 2 train + 2 test images per class and a toy export."""
