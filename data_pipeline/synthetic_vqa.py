@@ -9,7 +9,12 @@ Five question types, one question of each per image (`question_type` in the anno
   background  what color is the background?        white | black | gray
   presence    is there a <color> <shape>?          yes | no (half the time a combination the scene lacks)
 
-    python -m data_pipeline.synthetic_vqa --out data/synthetic_vqa --train 2000 --val 400
+With --presence N every image gets N presence questions whose answers alternate from a random first one: 2
+gives each question its complementary one (a combination the scene has if the first lacks it, and the other
+way round), as VQA v2 balances its yes/no questions with complementary pairs, so that the image, not the
+prior, decides the answer.
+
+    python -m data_pipeline.synthetic_vqa --out data/synthetic_vqa --train 2000 --val 400 [--presence 2]
     python -m data_pipeline.make_shards --source vqa --root data/synthetic_vqa --name synthetic_vqa
 """
 
@@ -28,8 +33,9 @@ ANNOTATORS = 10  # VQA v2 collects ten answers per question
 SPLIT_ID_BASE = {"train": 20_000_000, "val": 30_000_000}
 
 
-def scene_questions(scene: dict, rng: random.Random) -> list[tuple[str, str, str]]:
-    """(question type, question, answer) for each type the scene can answer."""
+def scene_questions(scene: dict, rng: random.Random, presence: int = 1) -> list[tuple[str, str, str]]:
+    """(question type, question, answer) for each type the scene can answer, with `presence` presence
+    questions whose answers alternate."""
     shapes = scene["shapes"]
     kinds = [s["kind"] for s in shapes]
     out = []
@@ -41,17 +47,17 @@ def scene_questions(scene: dict, rng: random.Random) -> list[tuple[str, str, str
     out.append(("shape", f"what shape is {CELLS[shape['cell']][1]}?", shape["kind"]))
     out.append(("count", "how many shapes are there?", str(len(shapes))))
     out.append(("background", "what color is the background?", scene["background"]))
-    present = {(s["color"], s["kind"]) for s in shapes}
-    if rng.random() < 0.5:
-        color, kind = rng.choice(sorted(present))
-    else:
-        absent = [(c, k) for c in sorted(COLORS) for k in SHAPES if (c, k) not in present]
-        color, kind = rng.choice(absent)
-    out.append(("presence", f"is there a {color} {kind}?", "yes" if (color, kind) in present else "no"))
+    present = sorted({(s["color"], s["kind"]) for s in shapes})
+    absent = [(c, k) for c in sorted(COLORS) for k in SHAPES if (c, k) not in present]
+    first = 0 if rng.random() < 0.5 else 1
+    for answer in (("yes", "no")[(first + i) % 2] for i in range(presence)):
+        color, kind = rng.choice(present if answer == "yes" else absent)
+        out.append(("presence", f"is there a {color} {kind}?", answer))
     return out
 
 
-def generate(out: str | Path, *, train: int, val: int, seed: int = 0, size: int = 96) -> None:
+def generate(out: str | Path, *, train: int, val: int, seed: int = 0, size: int = 96,
+             presence: int = 1) -> None:
     """Write the VQA v2 files and images of both splits under `out`; the annotations file is written last."""
     out = Path(out)
     for split, count in (("train", train), ("val", val)):
@@ -62,8 +68,8 @@ def generate(out: str | Path, *, train: int, val: int, seed: int = 0, size: int 
             scene = sample_scene(rng)
             image_id = SPLIT_ID_BASE[split] + index + 1
             draw_scene(scene, size, rng).save(image_path(out, split, image_id), quality=90)
-            for kind, question, answer in scene_questions(scene, rng):
-                question_id = image_id * 10 + QUESTION_TYPES.index(kind)
+            for number, (kind, question, answer) in enumerate(scene_questions(scene, rng, presence)):
+                question_id = image_id * 10 + number
                 questions.append({"image_id": image_id, "question": question, "question_id": question_id})
                 annotations.append({
                     "question_id": question_id, "image_id": image_id, "question_type": kind,
@@ -86,10 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=400, help="number of val images")
     parser.add_argument("--image-size", type=int, default=96, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--presence", type=int, default=1,
+                        help="presence questions per image, answers alternating (2: complementary pairs)")
     args = parser.parse_args(argv)
-    if min(args.train, args.val) < 0 or args.image_size < 16:
-        parser.error("--train/--val must be >= 0 and --image-size >= 16")
-    generate(args.out, train=args.train, val=args.val, seed=args.seed, size=args.image_size)
+    if min(args.train, args.val) < 0 or args.image_size < 16 or not 1 <= args.presence <= 5:
+        parser.error("--train/--val must be >= 0, --image-size >= 16 and --presence 1 to 5")
+    generate(args.out, train=args.train, val=args.val, seed=args.seed, size=args.image_size,
+             presence=args.presence)
     print(f"wrote {args.train} train + {args.val} val VQA images to {args.out}")
 
 

@@ -50,6 +50,17 @@ def test_synthetic_questions_are_answered_by_their_scene():
     assert asked["presence"][1] == ("yes" if (color, kind) in {("red", "circle"), ("blue", "square")} else "no")
 
 
+def test_presence_questions_alternate_their_answers_and_the_scene_answers_each():
+    scene = {"background": "white", "shapes": [{"kind": "triangle", "color": "green", "size": "small", "cell": (1, 1)}]}
+    for seed in range(20):
+        single = scene_questions(scene, random.Random(seed))
+        several = scene_questions(scene, random.Random(seed), presence=5)
+        assert several[: len(single)] == single  # the one-question set is a subset, question for question
+        asked = [(q, a) for kind, q, a in several if kind == "presence"]
+        assert len(asked) == 5 and all(a != b for (_, a), (_, b) in zip(asked, asked[1:]))
+        assert all(a == ("yes" if q == "is there a green triangle?" else "no") for q, a in asked)
+
+
 def test_the_reader_gives_one_sample_per_question_with_its_answers(synthetic_vqa):
     split = read_vqa(synthetic_vqa, "train")
     questions = json.loads((synthetic_vqa / "v2_OpenEnded_mscoco_train2014_questions.json").read_text())["questions"]
