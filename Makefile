@@ -80,12 +80,15 @@ VQA_ROOT ?=
 SYNTH_VQA_DIR ?= data/synthetic_vqa
 SYNTH_VQA_TRAIN ?= 2000
 SYNTH_VQA_VAL ?= 400
+# presence questions per image, answers alternating (2: complementary pairs)
+SYNTH_VQA_PRESENCE ?= 1
 VQA_SHARDS_DIR ?= data/shards/$(if $(VQA_ROOT),vqa,synthetic_vqa)
 
 vqa-shards: env
 ifeq ($(VQA_ROOT),)
 	@test -f $(SYNTH_VQA_DIR)/v2_mscoco_val2014_annotations.json || $(PY) -m data_pipeline.synthetic_vqa \
-		--out $(SYNTH_VQA_DIR) --train $(SYNTH_VQA_TRAIN) --val $(SYNTH_VQA_VAL) --image-size $(SYNTH_SIZE)
+		--out $(SYNTH_VQA_DIR) --train $(SYNTH_VQA_TRAIN) --val $(SYNTH_VQA_VAL) --image-size $(SYNTH_SIZE) \
+		--presence $(SYNTH_VQA_PRESENCE)
 endif
 	$(PY) -m data_pipeline.make_shards --source vqa --root $(or $(VQA_ROOT),$(SYNTH_VQA_DIR)) \
 		--name $(if $(VQA_ROOT),vqa,synthetic_vqa) --out $(VQA_SHARDS_DIR) --splits train,val --max-size $(MAX_SIZE) \
