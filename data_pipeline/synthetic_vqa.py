@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presence", type=int, default=1,
                         help="presence questions per image, answers alternating (2: complementary pairs)")
     args = parser.parse_args(argv)
+    # question ids are image_id * 10 + the question's number: four other types plus at most five presence
     if min(args.train, args.val) < 0 or args.image_size < 16 or not 1 <= args.presence <= 5:
         parser.error("--train/--val must be >= 0, --image-size >= 16 and --presence 1 to 5")
     generate(args.out, train=args.train, val=args.val, seed=args.seed, size=args.image_size,

@@ -67,10 +67,10 @@ def train_context(classifier: ContextClassifier, feats: Tensor, labels: Tensor, 
 
     def loss() -> Tensor:
         classes = classifier.class_embeddings()
-        loss = F.cross_entropy(scale * feats @ classes.T, labels)
+        value = F.cross_entropy(scale * feats @ classes.T, labels)
         if anchor is not None and anchor_weight:
-            loss = loss + anchor_weight * (classes - anchor).square().sum(dim=-1).mean()
-        return loss
+            value = value + anchor_weight * (classes - anchor).square().sum(dim=-1).mean()
+        return value
 
     return fit(list(classifier.context.parameters()), loss, steps, lr)
 
