@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 
 import torch
 
-from data_pipeline.instructions import tokenize_conversation
+from data_pipeline.instructions import first_instruction, tokenize_conversation
 from data_pipeline.transforms import normalize
 from pretrain.generate import shard_requests
 from pretrain.model.multimodal_lm import MultimodalLM
@@ -23,15 +23,16 @@ from pretrain.model.multimodal_lm import MultimodalLM
 
 @torch.no_grad()
 def image_use(model: MultimodalLM, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              labels: torch.Tensor) -> dict[str, float]:
-    """Answer loss with the right images and with the batch's images rolled by one; image/text token norms."""
-    right = model(pixels, input_ids, attention_mask, labels)
-    rolled = model(pixels.roll(1, dims=0), input_ids, attention_mask, labels)
+              labels: torch.Tensor, question: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """Answer loss with the right images and with the batch's images rolled by one (the instructions stay);
+    image/text token norms."""
+    right = model(pixels, input_ids, attention_mask, labels, question=question)
+    rolled = model(pixels.roll(1, dims=0), input_ids, attention_mask, labels, question=question)
     is_text = attention_mask.bool() & (input_ids != model.image_token_id)
     text = model.lm.get_input_embeddings()(input_ids[is_text])
     return {"right_loss": right.loss.item(), "rolled_loss": rolled.loss.item(),
             "gap": rolled.loss.item() - right.loss.item(), "answer_tokens": int(right.labelled_tokens.item()),
-            "image_token_norm": model.encode_images(pixels).norm(dim=-1).mean().item(),
+            "image_token_norm": model.encode_images(pixels, question).norm(dim=-1).mean().item(),
             "text_token_norm": text.norm(dim=-1).mean().item()}
 
 
@@ -49,11 +50,14 @@ def main(argv: list[str] | None = None) -> None:
         turns = request.meta.get("conversations")
         targets = turns and tokenize_conversation(turns, model.tokenizer, model.image_tokens, args.max_len)
         if targets:
-            tasks[request.meta["task"]].append((request.pixels, targets))
+            tasks[request.meta["task"]].append((request.pixels, targets, first_instruction(turns)))
     out = {}
     for task, rows in sorted(tasks.items()):
-        batch = {k: torch.stack([t[k] for _, t in rows]) for k in ("input_ids", "attention_mask", "labels")}
-        out[task] = {"samples": len(rows), **image_use(model, normalize(torch.stack([p for p, _ in rows])), **batch)}
+        batch = {k: torch.stack([t[k] for _, t, _ in rows]) for k in ("input_ids", "attention_mask", "labels")}
+        if model.question_fusion is not None:
+            batch["question"] = model.question_inputs([q for _, _, q in rows])
+        pixels = normalize(torch.stack([p for p, _, _ in rows]))
+        out[task] = {"samples": len(rows), **image_use(model, pixels, **batch)}
     print(json.dumps({"checkpoint": args.checkpoint, "image_use": out}, indent=1))
 
 

@@ -23,6 +23,7 @@ from collections import Counter
 import torch
 
 from data_pipeline.errors import DataError
+from data_pipeline.text import clean_caption
 
 IMAGE_TOKEN = "<image>"  # the same string as pretrain.model.multimodal_lm.IMAGE_TOKEN (no import: layering)
 IGNORE = -100
@@ -81,6 +82,13 @@ def vqa_conversation(question: str, answers: list[str]) -> tuple[list[dict], str
 
 def has_assistant_turn(messages: list[dict]) -> bool:
     return any(m.get("role") == "assistant" and m.get("content") for m in messages)
+
+
+def first_instruction(messages: list[dict]) -> str:
+    """The first user turn without `<image>`, cleaned as the pretraining captions were: what a model that fuses
+    the instruction with the image reads (at generation the first answer's prompt holds only that turn)."""
+    first = next(m["content"] for m in messages if m.get("role") == "user")
+    return clean_caption(first.replace(IMAGE_TOKEN, " "))
 
 
 def render_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:

@@ -24,7 +24,7 @@ import torch
 
 from data_pipeline import DataError, resolve_shards
 from data_pipeline.images import ImageRejected
-from data_pipeline.instructions import IMAGE_TOKEN, tokenize_prompt
+from data_pipeline.instructions import IMAGE_TOKEN, first_instruction, tokenize_prompt
 from data_pipeline.samples import parse_sample, read_samples
 from data_pipeline.transforms import eval_image, normalize
 from pretrain.eval.answers import vqa_exact_match
@@ -50,7 +50,10 @@ def answer_batch(model: MultimodalLM, images: list[torch.Tensor], prompts: list[
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     weight = next(model.parameters())  # where the model is, in its precision (a ZeRO-3 partition says it too)
     pixels = normalize(torch.stack(images)).to(weight.device, weight.dtype)
-    out = model.generate(pixels, input_ids.to(weight.device), mask.to(weight.device), **options)
+    question = None
+    if model.question_fusion is not None:
+        question = tuple(t.to(weight.device) for t in model.question_inputs([first_instruction(p) for p in prompts]))
+    out = model.generate(pixels, input_ids.to(weight.device), mask.to(weight.device), question, **options)
     return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.cpu()]
 
 

@@ -29,7 +29,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     if stage.loss_per not in ("token", "conversation"):
         raise RecipeError(f"stage.loss_per {stage.loss_per!r} is unknown: use token or conversation")
     try:
-        parts = load_configs(recipe.base.path, recipe.lm.name, recipe.lm.image_tokens, recipe.lm.projector)
+        parts = load_configs(recipe.base.path, recipe.lm.name, recipe.lm.image_tokens, recipe.lm.projector,
+                             recipe.lm.fuse_question)
         with torch.device("meta"):  # the LM, tokenizer and projector checks on a model without memory
             MultimodalLM.from_configs(*parts)
     except MultimodalLMError as err:

@@ -20,6 +20,9 @@ class LMSection:
     image_tokens: int = _help("image tokens in the LM's input (0: every encoder token state; mlp: N pooled, a "
                               "square; resampler: N learned queries)", 16)
     projector: str = _help("mlp | resampler", "mlp")
+    fuse_question: bool = _help("one more image token: the first instruction read by the base's text encoder and "
+                                "fused with the image by its fusion encoder (InstructBLIP's instruction-aware "
+                                "visual input); those encoders train in stage instruct", False)
 
 
 @dataclass

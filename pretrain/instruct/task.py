@@ -20,11 +20,13 @@ from torch import nn
 from tqdm import tqdm
 
 from data_pipeline import make_train_loader
-from data_pipeline.instructions import has_assistant_turn, tokenize_conversation
+from data_pipeline.collate import tokenize
+from data_pipeline.instructions import first_instruction, has_assistant_turn, tokenize_conversation
 from pretrain.distributed import rank
 from pretrain.eval.picture import answers_picture
 from pretrain.eval.retrieval import save_eval_json
 from pretrain.model.multimodal_lm import MultimodalLM, MultimodalLMOutput, QueryResampler
+from pretrain.model.question_fusion import QuestionFusion
 from pretrain.train.metrics import TrainLog
 
 
@@ -39,8 +41,9 @@ class InstructModel(nn.Module):
         self._zero_init = {id(m) for n, m in model.named_modules() if n.endswith("lora_B.default")}
 
     def forward(self, batch: dict) -> MultimodalLMOutput:
+        question = (batch["question_ids"], batch["question_mask"]) if "question_ids" in batch else None
         return self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                          self.per_conversation)
+                          self.per_conversation, question)
 
     @torch.no_grad()
     def init_weights(self, module: nn.Module) -> None:
@@ -56,7 +59,8 @@ class InstructTask:
     frozen_is_base = True  # checkpoints leave the frozen encoder / LM out: load_weights brings them from base.path
 
     def __init__(self, parts: tuple, loader_tokenizer):
-        self.encoder_config, self.projector_config, self.lm_config, self.lm_tokenizer = parts
+        self.parts = parts
+        self.encoder_config, self.projector_config, self.lm_config, self.lm_tokenizer, self.question_tokenizer = parts
         self.loader_tokenizer = loader_tokenizer
 
     def set_stage(self, model: MultimodalLM, setup) -> None:
@@ -67,13 +71,13 @@ class InstructTask:
         """The whole model on this process's CPU with the base's weights, in the stage's form."""
         recipe = setup.recipe
         torch.manual_seed(recipe.seed)  # a new projector is drawn alike wherever it is built
-        model = MultimodalLM.load(recipe.base.path, recipe.lm.name, recipe.lm.image_tokens, recipe.lm.projector)
+        model = MultimodalLM.load(recipe.base.path, recipe.lm.name, recipe.lm.image_tokens, recipe.lm.projector,
+                                  recipe.lm.fuse_question)
         self.set_stage(model, setup)
         return model
 
     def build_model(self, setup) -> nn.Module:
-        model = MultimodalLM.from_configs(self.encoder_config, self.projector_config, self.lm_config,
-                                          self.lm_tokenizer)
+        model = MultimodalLM.from_configs(*self.parts)
         self.set_stage(model, setup)
         return InstructModel(model, setup.recipe.stage.loss_per == "conversation")
 
@@ -96,7 +100,8 @@ class InstructTask:
         recipe = setup.recipe
         targets = partial(conversation_targets, tokenizer=self.lm_tokenizer,
                           image_tokens=self.projector_config.tokens_per_image(self.encoder_config),
-                          max_len=recipe.data.max_len)
+                          max_len=recipe.data.max_len, question_tokenizer=self.question_tokenizer,
+                          question_len=self.encoder_config.max_position)
         loader = make_train_loader(
             recipe.data.train, self.loader_tokenizer, batch_size=recipe.schedule.micro_batch_size, rank=rank,
             world_size=world, num_workers=recipe.data.num_workers, seed=recipe.seed,
@@ -108,11 +113,16 @@ class InstructTask:
 
     def flops_per_sample(self, setup) -> Callable[[float], float]:
         """6 x parameters x tokens for the LM (dense transformer rule), plus the encoder's 2 x params x patches
-        (3x with backward when it trains)."""
+        (3x with backward when it trains), plus the question fusion's on the padded instruction."""
         lm_params = sum(p.numel() for p in _meta_lm(self.lm_config).parameters())
-        config = self.encoder_config
+        config, stage = self.encoder_config, setup.recipe.stage
         encoder_params = 12 * config.vision_layers * config.vision_hidden**2
-        encoder = (6 if setup.recipe.stage.train_encoder else 2) * encoder_params * (config.num_patches + 1)
+        encoder = (6 if stage.train_encoder else 2) * encoder_params * (config.num_patches + 1)
+        if self.projector_config.fuse_question:
+            with torch.device("meta"):
+                fusion_params = sum(p.numel() for p in QuestionFusion(config, self.projector_config.lm_hidden)
+                                    .parameters())
+            encoder += (6 if stage.name == "instruct" else 2) * fusion_params * config.max_position
         return lambda tokens: 6 * lm_params * tokens + encoder
 
     def evaluate(self, engine, eval_data, setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:
@@ -162,13 +172,19 @@ def eval_scalars(metrics: dict) -> dict[str, float]:
     return scalars
 
 
-def conversation_targets(meta: dict, *, tokenizer, image_tokens: int, max_len: int) -> dict | None:
-    """A sample's conversation as LM tensors; None (the loader counts it as no_targets) when it has none or is
-    longer than max_len."""
+def conversation_targets(meta: dict, *, tokenizer, image_tokens: int, max_len: int, question_tokenizer=None,
+                         question_len: int = 0) -> dict | None:
+    """A sample's conversation as LM tensors, with `question_tokenizer` also its first instruction in that
+    tokenizer's ids (question_ids, question_mask); None (the loader counts it as no_targets) when it has none or
+    is longer than max_len."""
     messages = meta.get("conversations")
     if not messages or not has_assistant_turn(messages):
         return None
-    return tokenize_conversation(messages, tokenizer, image_tokens, max_len)
+    targets = tokenize_conversation(messages, tokenizer, image_tokens, max_len)
+    if targets is not None and question_tokenizer is not None:
+        question = tokenize(question_tokenizer, [first_instruction(messages)], question_len)
+        targets |= {"question_ids": question["input_ids"][0], "question_mask": question["attention_mask"][0]}
+    return targets
 
 
 def _meta_lm(lm_config):

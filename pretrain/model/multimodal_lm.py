@@ -3,10 +3,13 @@ LM's embedding space, and any Hugging Face `AutoModelForCausalLM`.
 
 The text carries one `<image>` token per image embedding (the data side expands the placeholder to
 `image_tokens` copies); `embed` puts the projected image states exactly there and the LM runs on
-`inputs_embeds`, so training, beam search and sampling are the LM's own (`generate()`).
+`inputs_embeds`, so training, beam search and sampling are the LM's own (`generate()`). With `fuse_question`
+the last of them is the instruction fused with the image (question_fusion.py, InstructBLIP's idea), so every
+call also takes the instruction in the pretraining tokenizer's ids (`question_inputs`).
 
 A saved model is a directory: `lm/` (the LM and its tokenizer, save_pretrained), `encoder_config.json` +
-`image_encoder.safetensors` (our ViT), `projector.safetensors` + `multimodal_config.json`.
+`image_encoder.safetensors` (our ViT), `projector.safetensors` + `multimodal_config.json`; with `fuse_question`
+also `question_fusion.safetensors` and `question_tokenizer/`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
+from .albef import ALBEF
 from .attention import check_backend
 from .config import ModelConfig
+from .question_fusion import QuestionFusion
 from .vit import VisionTransformer
 
 IMAGE_TOKEN = "<image>"
@@ -32,6 +37,8 @@ STAGES = ("align", "instruct")  # 1: the projector alone on captioning; 2: proje
 LM_TRAINING = ("full", "lora")
 ENCODER_CONFIG, ENCODER_WEIGHTS = "encoder_config.json", "image_encoder.safetensors"
 PROJECTOR_CONFIG, PROJECTOR_WEIGHTS = "multimodal_config.json", "projector.safetensors"
+QUESTION_WEIGHTS, QUESTION_TOKENIZER = "question_fusion.safetensors", "question_tokenizer"
+Question = tuple[Tensor, Tensor]  # the instruction's ids [B, L] in the pretraining tokenizer, and their mask
 
 
 class MultimodalLMError(ValueError):
@@ -45,6 +52,7 @@ class ProjectorConfig:
     image_tokens: int = 0  # 0: every token state of the encoder ([CLS] + patches); N: N tokens per image
     kind: str = "mlp"  # mlp: N pooled patch states (N a square) | resampler: N learned queries attend to all states
     resampler_heads: int = 4
+    fuse_question: bool = False  # one more token: the instruction fused with the image (question_fusion.py)
 
     def __post_init__(self) -> None:
         if self.kind not in PROJECTORS:
@@ -56,7 +64,7 @@ class ProjectorConfig:
                                     "(1, 4, 9, 16, ...), or 0 for every token state")
 
     def tokens_per_image(self, encoder: ModelConfig) -> int:
-        return self.image_tokens or encoder.num_patches + 1
+        return (self.image_tokens or encoder.num_patches + 1) + self.fuse_question
 
 
 class MLPProjector(nn.Module):
@@ -127,6 +135,23 @@ def load_image_encoder(export_dir: str | Path) -> tuple[VisionTransformer, Model
     return encoder, config
 
 
+def load_question_tokenizer(base: str | Path, encoder: ModelConfig):
+    """The pretraining tokenizer the fusion encoder reads the instruction with: a saved model's
+    question_tokenizer/, or a pretraining export's tokenizer/."""
+    from transformers import AutoTokenizer
+
+    base = Path(base)
+    folder = base / (QUESTION_TOKENIZER if (base / PROJECTOR_CONFIG).is_file() else "tokenizer")
+    if not folder.is_dir():
+        raise MultimodalLMError(f"{base} has no {folder.name}/: fuse_question reads the instruction with the "
+                                "pretraining tokenizer; use an export that holds it (make pretrain writes one)")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if len(tokenizer) > encoder.vocab_size:
+        raise MultimodalLMError(f"{folder} has {len(tokenizer)} tokens but the text encoder embeds "
+                                f"{encoder.vocab_size}: use the tokenizer the export was pretrained with")
+    return tokenizer
+
+
 def load_lm_tokenizer(name_or_dir: str):
     """The LM's tokenizer with `<image>` added as a special token (the LM never embeds it: `embed` replaces
     those positions) and a pad token (GPT-2 / Llama tokenizers have none; padding is masked anyway)."""
@@ -142,9 +167,11 @@ def load_lm_tokenizer(name_or_dir: str):
     return tokenizer
 
 
-def load_configs(base: str | Path, lm_name_or_dir: str | None = None, image_tokens: int = 0, projector: str = "mlp"):
-    """(encoder ModelConfig, ProjectorConfig, LM config, LM tokenizer) of the model `MultimodalLM.load` would
-    give, read from config files only (no weights): what a partitioned (ZeRO-3) copy is built from."""
+def load_configs(base: str | Path, lm_name_or_dir: str | None = None, image_tokens: int = 0, projector: str = "mlp",
+                 fuse_question: bool = False):
+    """(encoder ModelConfig, ProjectorConfig, LM config, LM tokenizer, question tokenizer or None) of the model
+    `MultimodalLM.load` would give, read from config and tokenizer files only (no weights): what a partitioned
+    (ZeRO-3) copy is built from."""
     from transformers import AutoConfig
 
     base = Path(base)
@@ -163,8 +190,9 @@ def load_configs(base: str | Path, lm_name_or_dir: str | None = None, image_toke
         projector_config = ProjectorConfig(**json.loads((base / PROJECTOR_CONFIG).read_text()))
     else:
         projector_config = ProjectorConfig(encoder_config.vision_hidden, lm_config.get_text_config().hidden_size,
-                                           image_tokens, projector)
-    return encoder_config, projector_config, lm_config, load_lm_tokenizer(name)
+                                           image_tokens, projector, fuse_question=fuse_question)
+    question_tokenizer = load_question_tokenizer(base, encoder_config) if projector_config.fuse_question else None
+    return encoder_config, projector_config, lm_config, load_lm_tokenizer(name), question_tokenizer
 
 
 def load_causal_lm(name_or_dir: str):
@@ -194,7 +222,7 @@ def check_lm_fits(lm, tokenizer, projector: ProjectorConfig) -> None:
 
 class MultimodalLM(nn.Module):
     def __init__(self, image_encoder: VisionTransformer, encoder_config: ModelConfig, projector: ProjectorConfig,
-                 lm, tokenizer):
+                 lm, tokenizer, question_tokenizer=None):
         super().__init__()
         check_lm_fits(lm, tokenizer, projector)
         if projector.vision_hidden != encoder_config.vision_hidden:
@@ -205,20 +233,31 @@ class MultimodalLM(nn.Module):
         self.lm, self.tokenizer = lm, tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.image_tokens = projector.tokens_per_image(encoder_config)
+        self.question_fusion = QuestionFusion(encoder_config, projector.lm_hidden) if projector.fuse_question else None
+        self.question_tokenizer = question_tokenizer
+        if projector.fuse_question and question_tokenizer is None:
+            raise MultimodalLMError("fuse_question needs the pretraining tokenizer to read the instruction with")
 
     @classmethod
     def build(cls, encoder_export: str | Path, lm_name_or_dir: str, image_tokens: int = 0,
-              projector: str = "mlp") -> MultimodalLM:
-        """A new model: a pretrained encoder, a pretrained LM and a freshly initialised projector."""
+              projector: str = "mlp", fuse_question: bool = False) -> MultimodalLM:
+        """A new model: a pretrained encoder, a pretrained LM and a freshly initialised projector (with
+        `fuse_question`, the export's text and fusion encoders and a new projection of their [CLS])."""
         encoder, encoder_config = load_image_encoder(encoder_export)
         lm, tokenizer = load_causal_lm(lm_name_or_dir)
         config = ProjectorConfig(encoder_config.vision_hidden, lm.get_input_embeddings().embedding_dim,
-                                 image_tokens, projector)
-        return cls(encoder, encoder_config, config, lm, tokenizer)
+                                 image_tokens, projector, fuse_question=fuse_question)
+        question_tokenizer = load_question_tokenizer(encoder_export, encoder_config) if fuse_question else None
+        model = cls(encoder, encoder_config, config, lm, tokenizer, question_tokenizer)
+        if fuse_question:  # the whole ALBEF loads: its text encoder's word embeddings are stored as the MLM head's
+            pretrained = ALBEF(encoder_config)
+            load_model(pretrained, str(Path(encoder_export) / "model.safetensors"))
+            model.question_fusion.copy_pretrained(pretrained)
+        return model
 
     @classmethod
     def from_configs(cls, encoder_config: ModelConfig, projector: ProjectorConfig, lm_config,
-                     tokenizer) -> MultimodalLM:
+                     tokenizer, question_tokenizer=None) -> MultimodalLM:
         """The model's shape to load weights into (built inside DeepSpeed's zero.Init, then loaded): the LM's
         own initialisation is skipped, as transformers does under ZeRO-3 (it cannot index partitioned weights)."""
         from transformers import AutoModelForCausalLM
@@ -228,15 +267,15 @@ class MultimodalLM(nn.Module):
         with no_init_weights():
             lm = AutoModelForCausalLM.from_config(lm_config)
         lm.tie_weights()  # part of the skipped initialisation
-        return cls(encoder, encoder_config, projector, lm, tokenizer)
+        return cls(encoder, encoder_config, projector, lm, tokenizer, question_tokenizer)
 
     @classmethod
     def load(cls, base: str | Path, lm_name_or_dir: str | None = None, image_tokens: int = 0,
-             projector: str = "mlp") -> MultimodalLM:
+             projector: str = "mlp", fuse_question: bool = False) -> MultimodalLM:
         """A saved multimodal model as it is, or a pretraining export + an LM with a new projector."""
         if (Path(base) / PROJECTOR_CONFIG).is_file():
             return cls.from_pretrained(base)
-        return cls.build(base, lm_name_or_dir, image_tokens, projector)
+        return cls.build(base, lm_name_or_dir, image_tokens, projector, fuse_question)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, lm_name_or_dir: str | None = None) -> MultimodalLM:
@@ -247,8 +286,11 @@ class MultimodalLM(nn.Module):
         encoder, encoder_config = load_image_encoder(directory)
         lm, tokenizer = load_causal_lm(lm_name_or_dir or str(directory / "lm"))
         config = ProjectorConfig(**json.loads((directory / PROJECTOR_CONFIG).read_text()))
-        model = cls(encoder, encoder_config, config, lm, tokenizer)
+        question_tokenizer = load_question_tokenizer(directory, encoder_config) if config.fuse_question else None
+        model = cls(encoder, encoder_config, config, lm, tokenizer, question_tokenizer)
         load_model(model.projector, str(directory / PROJECTOR_WEIGHTS))
+        if model.question_fusion is not None:
+            load_model(model.question_fusion, str(directory / QUESTION_WEIGHTS))
         return model
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -260,12 +302,17 @@ class MultimodalLM(nn.Module):
         (directory / ENCODER_CONFIG).write_text(json.dumps(asdict(self.encoder_config), indent=2))
         save_model(self.projector, str(directory / PROJECTOR_WEIGHTS))
         (directory / PROJECTOR_CONFIG).write_text(json.dumps(asdict(self.projector_config), indent=2))
+        if self.question_fusion is not None:
+            save_model(self.question_fusion, str(directory / QUESTION_WEIGHTS))
+            self.question_tokenizer.save_pretrained(directory / QUESTION_TOKENIZER)
 
     def set_training_stage(self, stage: str, lm_training: str = "full", train_encoder: bool = False,
                            lora_rank: int = 8, lora_alpha: int = 16) -> None:
         """Which weights train: `align` the projector only (encoder and LM frozen, as LLaVA's stage 1);
         `instruct` the projector and the LM, fully or through LoRA adapters (HF peft, the LM's attention and
-        MLP projections, peft's defaults for the architecture), and the image encoder with `train_encoder`."""
+        MLP projections, peft's defaults for the architecture), and the image encoder with `train_encoder`.
+        The question fusion's projection trains with the projector; its text and fusion encoders with the LM
+        (as InstructBLIP trains its Q-Former)."""
         if stage not in STAGES or lm_training not in LM_TRAINING:
             raise MultimodalLMError(f"training stage {stage!r} / LM training {lm_training!r} is unknown; use a stage "
                                     f"of {', '.join(STAGES)} and LM training of {', '.join(LM_TRAINING)}")
@@ -276,18 +323,34 @@ class MultimodalLM(nn.Module):
         self.requires_grad_(False)
         self.projector.requires_grad_(True)
         self.image_encoder.requires_grad_(stage == "instruct" and train_encoder)
+        if self.question_fusion is not None:
+            self.question_fusion.requires_grad_(True)
+            for part in self.question_fusion.pretrained_parts():
+                part.requires_grad_(stage == "instruct")
         if stage == "instruct" and lm_training == "full":
             self.lm.requires_grad_(True)
         elif stage == "instruct":
             for name, param in self.lm.named_parameters():
                 param.requires_grad_("lora_" in name)
 
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
+    def question_inputs(self, texts: list[str]) -> Question:
+        """Instructions (cleaned as the pretraining captions were) in the pretraining tokenizer's ids."""
+        encoded = self.question_tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                                          max_length=self.encoder_config.max_position, return_token_type_ids=False)
+        return encoded["input_ids"], encoded["attention_mask"]
+
+    def encode_images(self, pixel_values: Tensor, question: Question | None = None) -> Tensor:
         """[B, 3, H, W] -> [B, image_tokens, lm_hidden] in the LM's dtype."""
         states = self.image_encoder(pixel_values)
-        return self.projector(states).to(self.lm.get_input_embeddings().weight.dtype)
+        tokens = self.projector(states)
+        if self.question_fusion is not None:
+            if question is None:
+                raise MultimodalLMError("this model fuses the instruction with the image (fuse_question): pass "
+                                        "question=(ids, mask) from question_inputs")
+            tokens = torch.cat([tokens, self.question_fusion(states, *question)], dim=1)
+        return tokens.to(self.lm.get_input_embeddings().weight.dtype)
 
-    def embed(self, input_ids: Tensor, pixel_values: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, pixel_values: Tensor, question: Question | None = None) -> Tensor:
         """The LM's token embeddings with row b's `<image>` positions replaced, in order, by image b's tokens."""
         is_image = input_ids == self.image_token_id
         counts = is_image.sum(dim=1)
@@ -295,15 +358,16 @@ class MultimodalLM(nn.Module):
             raise MultimodalLMError(f"every sequence needs exactly {self.image_tokens} {IMAGE_TOKEN} tokens (one "
                                     f"image, expanded); got {sorted(set(counts.tolist()))}")
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
-        image = self.encode_images(pixel_values)
+        image = self.encode_images(pixel_values, question)
         return embeds.masked_scatter(is_image.unsqueeze(-1), image)
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                per_conversation: bool = False, **_) -> MultimodalLMOutput:
+                per_conversation: bool = False, question: Question | None = None) -> MultimodalLMOutput:
         """Next-token cross-entropy on the positions whose labels are not -100 (the assistant's tokens): the mean
         over the batch's answer tokens, or with `per_conversation` the mean of each conversation's mean, so that
         a one-word answer weighs as much as a caption of twenty tokens."""
-        logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask).logits
+        embeds = self.embed(input_ids, pixel_values, question)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
         logits, targets = logits[:, :-1].float(), labels[:, 1:]
         labelled = targets != -100
         count = labelled.sum()
@@ -317,7 +381,8 @@ class MultimodalLM(nn.Module):
         return MultimodalLMOutput(loss, accuracy.detach(), count.float())
 
     @torch.no_grad()
-    def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, **generate_kwargs) -> Tensor:
+    def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                 question: Question | None = None, **generate_kwargs) -> Tensor:
         """The LM's `generate()` on the prompt with the image in place: greedy by default, `num_beams` for
         beam search, `do_sample` (+ temperature/top_p) for sampling. Returns only the new tokens [B, T]."""
         context = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
@@ -326,5 +391,5 @@ class MultimodalLM(nn.Module):
                                     f"is {context}: shorten the prompt or use fewer image tokens")
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        return self.lm.generate(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                                **generate_kwargs)
+        return self.lm.generate(inputs_embeds=self.embed(input_ids, pixel_values, question),
+                                attention_mask=attention_mask, **generate_kwargs)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import webdataset as wds
 
 from data_pipeline import resolve_shards
@@ -155,3 +156,17 @@ def test_one_template_and_many_templates_sets_hold_the_same_captions_and_turns(s
     assert len({m["template"] for m in sets[0]}) > 1
     strip = [[[t["content"] for t in m["conversations"][1:]] for m in sets[n]] for n in (1, 0)]
     assert strip[0] == strip[1]  # everything but the first instruction is the same, sample for sample
+
+
+def test_a_fused_model_reads_the_first_instruction_cleaned_in_the_pretraining_tokenizer(lm_tokenizer, tokenizer):
+    from pretrain.instruct.task import conversation_targets
+
+    out = conversation_targets({"conversations": conversation()}, tokenizer=lm_tokenizer, image_tokens=1, max_len=96,
+                               question_tokenizer=tokenizer, question_len=32)
+    plain = conversation_targets({"conversations": conversation()}, tokenizer=lm_tokenizer, image_tokens=1, max_len=96)
+    assert all(torch.equal(out[k], plain[k]) for k in plain)  # the LM's side is unchanged
+    real = out["question_mask"].bool()
+    assert out["question_ids"].shape == out["question_mask"].shape == (32,) and 3 < real.sum() < 32
+    # the follow-up ("Say it again.") is not read: at generation the first answer's prompt holds one turn
+    assert out["question_ids"][real].tolist() == tokenizer("describe the image briefly")["input_ids"]
+    assert out["question_ids"][~real].eq(tokenizer.pad_token_id).all()

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import save_model
 
 from data_pipeline.lm_tokenizer import train_lm_tokenizer
+from data_pipeline.text import clean_caption
+from data_pipeline.train_tokenizer import train_tokenizer
 from pretrain.caption_lm.task import build_lm
 from pretrain.model import ALBEF
-from tests.helpers.model import tiny_config
+from tests.helpers.model import VOCAB, tiny_config
 
 TEXTS = [
     "A large red circle in the top left on a white background.",
@@ -24,13 +26,15 @@ TEXTS = [
 
 
 def write_export(out: Path, seed: int = 0) -> Path:
-    """model.safetensors + model_config.json as `make pretrain` writes them (the part the LM path reads)."""
+    """model.safetensors + model_config.json + tokenizer/ as `make pretrain` writes them (the parts the LM path
+    reads; the tokenizer is trained on TEXTS to the tiny preset's vocabulary)."""
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ALBEF(tiny_config())
     save_model(model, str(out / "model.safetensors"))
     (out / "model_config.json").write_text(json.dumps(asdict(model.config)))
+    train_tokenizer([clean_caption(t) for t in TEXTS], str(out / "tokenizer"), vocab_size=VOCAB, min_frequency=1)
     return out
 
 

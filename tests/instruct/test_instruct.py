@@ -111,6 +111,25 @@ def test_stage2_lora_from_the_stage1_export_trains_the_lm_and_exports_it_merged(
     assert params(before, "lm.").keys() == params(after, "lm.").keys()  # a plain LM again
 
 
+def test_a_fused_stage_1_trains_only_its_projections_and_answers_as_the_export_does(parts):
+    check(run(["bash", "launch/pretrain.sh", *flags(parts, "F", **{"lm.fuse_question": "true"})], env=ENV))
+    run_dir = parts["root"] / "runs" / "F"
+    trained = MultimodalLM.from_pretrained(run_dir / "export").eval()
+    torch.manual_seed(0)
+    start = MultimodalLM.build(parts["export"], str(parts["lm"]), image_tokens=4, fuse_question=True)
+    for prefix in ("image_encoder.", "lm.", "question_fusion.text_encoder.", "question_fusion.fusion_encoder."):
+        assert digest(params(trained, prefix)) == digest(params(start, prefix)), prefix
+    for prefix in ("projector.", "question_fusion.fc"):
+        fresh = params(start, prefix)
+        assert all(not torch.equal(p, fresh[n]) for n, p in params(trained, prefix).items()) and fresh, prefix
+    # the batches carried the instructions (else the forward raises); the partitioned model answered as one does
+    evaluation = json.loads((run_dir / "instruct_eval.json").read_text())
+    alone, _, _ = answer_shards(trained, str(parts["set"] / "val"), DEFAULT_PROMPT, 4, 4,
+                                {"max_new_tokens": 6, "do_sample": False})
+    assert evaluation["vqa"]["questions"] == 4
+    assert sorted(map(json.dumps, evaluation["examples"])) == sorted(map(json.dumps, alone))
+
+
 @pytest.mark.parametrize("override, message", [
     ({"stage.name": "pretrain"}, "stage.name 'pretrain' / stage.lm_training 'full': use a stage of align, instruct"),
     ({"lm.image_tokens": 5}, "image_tokens 5 pooled from the patch grid must be a square"),

@@ -182,3 +182,84 @@ def test_the_model_built_from_configs_has_the_loaded_models_shape(parts, tmp_pat
         shapes = {n: p.shape for n, p in skeleton.named_parameters()}
         assert shapes == {n: p.shape for n, p in loaded.named_parameters()}
         assert skeleton.lm.lm_head.weight is skeleton.lm.get_input_embeddings().weight  # tied, as the loaded LM
+
+
+def question(model: MultimodalLM, *texts: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return model.question_inputs(list(texts))
+
+
+def test_the_fused_instruction_is_one_more_image_token_read_from_the_question_and_the_image(parts):
+    plain, fused = build(parts, image_tokens=4), build(parts, image_tokens=4, fuse_question=True)
+    assert (plain.image_tokens, fused.image_tokens) == (4, 5)
+    from safetensors.torch import load_model
+
+    from pretrain.model import ALBEF
+
+    export = ALBEF(tiny_config())
+    load_model(export, str(parts["export"] / "model.safetensors"))
+    exported = dict(export.named_parameters())
+    for name, param in fused.question_fusion.named_parameters():
+        if not name.startswith("fc"):  # the text and fusion encoders are the export's
+            assert torch.equal(param, exported[name]), name
+    images, asked = pixels(), question(fused, "is there a red circle", "is there a red circle")
+    with torch.no_grad():
+        tokens = fused.encode_images(images, asked)
+        assert torch.equal(tokens[:, :4], plain.encode_images(images))  # the projector's tokens come first
+        other_question = fused.encode_images(images, question(fused, "what color is the background", "is it blue"))
+        padded = fused.question_inputs(["is there a red circle", "is there a red circle and a big blue square"])
+        longer = fused.encode_images(images, (padded[0][:1].expand(2, -1), padded[1][:1].expand(2, -1)))
+    assert not torch.allclose(tokens[0, 4], tokens[1, 4])  # same question, other image
+    assert not torch.allclose(tokens[:, 4], other_question[:, 4])  # same image, other question
+    torch.testing.assert_close(longer, tokens, rtol=1e-5, atol=1e-5)  # padding is not read
+    with pytest.raises(MultimodalLMError, match="fuses the instruction with the image"):
+        fused.encode_images(images)
+
+
+@pytest.mark.parametrize("stage, trained", [
+    ("align", ("projector.", "question_fusion.fc")),
+    ("instruct", ("projector.", "question_fusion.", "lm.")),
+])  # fmt: skip
+def test_a_fused_model_trains_the_fusion_projection_in_stage_1_and_its_encoders_in_stage_2(parts, stage, trained):
+    model = build(parts, image_tokens=4, fuse_question=True)
+    model.train()
+    model.set_training_stage(stage)
+    input_ids, mask = prompt(model, "USER:", "ASSISTANT: A red circle.")
+    labels = input_ids.masked_fill(input_ids == model.image_token_id, -100)
+    before = digests(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    asked = question(model, "describe it", "is there a square")
+    model(pixels(), input_ids, mask, labels, question=asked).loss.backward()
+    optimizer.step()
+    changed = {n for n, d in digests(model).items() if d != before[n]}
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(trained) for n in changed) and {n.split(".")[0] for n in changed} == {
+        t.split(".")[0] for t in trained}
+    encoders = {n for n in changed if n.startswith(("question_fusion.text_encoder.", "question_fusion.fusion_"))}
+    assert bool(encoders) == (stage == "instruct")
+
+
+def test_a_saved_fused_model_loads_with_its_fusion_and_tokenizer(parts, tmp_path):
+    from pretrain.model.multimodal_lm import load_configs
+
+    model = build(parts, image_tokens=4, fuse_question=True)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "saved").eval()
+    input_ids, mask = prompt(model, "USER:", "ASSISTANT:")
+    asked = question(loaded, "is there a red circle", "caption this image")
+    assert torch.equal(asked[0], question(model, "is there a red circle", "caption this image")[0])
+    labels = input_ids.clone()
+    assert torch.equal(model(pixels(), input_ids, mask, labels, question=asked).loss,
+                       loaded(pixels(), input_ids, mask, labels, question=asked).loss)
+    first = loaded.generate(pixels(), input_ids, mask, asked, max_new_tokens=4, do_sample=False)
+    assert torch.equal(first, loaded.generate(pixels(), input_ids, mask, asked, max_new_tokens=4, do_sample=False))
+    skeleton = MultimodalLM.from_configs(*load_configs(tmp_path / "saved"))
+    assert {n: p.shape for n, p in skeleton.named_parameters()} == {n: p.shape for n, p in loaded.named_parameters()}
+    assert skeleton.question_tokenizer is not None and skeleton.image_tokens == 5
+
+
+def test_a_fused_model_needs_the_exports_tokenizer(parts, tmp_path):
+    import shutil
+
+    shutil.copytree(parts["export"], tmp_path / "export", ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(MultimodalLMError, match="has no tokenizer/: fuse_question reads the instruction"):
+        MultimodalLM.build(tmp_path / "export", str(parts["lm"]), fuse_question=True)
