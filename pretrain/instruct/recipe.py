@@ -22,14 +22,15 @@ class LMSection:
     projector: str = _help("mlp | resampler", "mlp")
     fuse_question: bool = _help("one more image token: the first instruction read by the base's text encoder and "
                                 "fused with the image by its fusion encoder (InstructBLIP's instruction-aware "
-                                "visual input); those encoders train in stage instruct", False)
+                                "visual input); those encoders train with stage.train_encoder", False)
 
 
 @dataclass
 class StageSection:
     name: str = _help("align (projector only, encoder and LM frozen) | instruct (projector + LM)", "align")
     lm_training: str = _help("instruct: full | lora (HF peft adapters on the LM)", "full")
-    train_encoder: bool = _help("instruct: train the image encoder too", False)
+    train_encoder: bool = _help("instruct: train the image encoder too (and lm.fuse_question's text and fusion "
+                                "encoders)", False)
     loss_per: str = _help("token: the loss is the mean over the batch's answer tokens (a caption outweighs a "
                           "one-word answer) | conversation: the mean of each conversation's mean", "token")
     lora_rank: int = _help("lora: rank r", 8)

@@ -122,7 +122,7 @@ class InstructTask:
             with torch.device("meta"):
                 fusion_params = sum(p.numel() for p in QuestionFusion(config, self.projector_config.lm_hidden)
                                     .parameters())
-            encoder += (6 if stage.name == "instruct" else 2) * fusion_params * config.max_position
+            encoder += (6 if stage.train_encoder else 2) * fusion_params * config.max_position
         return lambda tokens: 6 * lm_params * tokens + encoder
 
     def evaluate(self, engine, eval_data, setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:

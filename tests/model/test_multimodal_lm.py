@@ -215,14 +215,15 @@ def test_the_fused_instruction_is_one_more_image_token_read_from_the_question_an
         fused.encode_images(images)
 
 
-@pytest.mark.parametrize("stage, trained", [
-    ("align", ("projector.", "question_fusion.fc")),
-    ("instruct", ("projector.", "question_fusion.", "lm.")),
+@pytest.mark.parametrize("stage, train_encoder, trained", [
+    ("align", False, ("projector.", "question_fusion.fc")),
+    ("instruct", False, ("projector.", "question_fusion.fc", "lm.")),
+    ("instruct", True, ("projector.", "question_fusion.", "lm.", "image_encoder.")),
 ])  # fmt: skip
-def test_a_fused_model_trains_the_fusion_projection_in_stage_1_and_its_encoders_in_stage_2(parts, stage, trained):
+def test_a_fused_model_trains_its_encoders_only_with_the_image_encoder(parts, stage, train_encoder, trained):
     model = build(parts, image_tokens=4, fuse_question=True)
     model.train()
-    model.set_training_stage(stage)
+    model.set_training_stage(stage, train_encoder=train_encoder)
     input_ids, mask = prompt(model, "USER:", "ASSISTANT: A red circle.")
     labels = input_ids.masked_fill(input_ids == model.image_token_id, -100)
     before = digests(model)
@@ -235,7 +236,7 @@ def test_a_fused_model_trains_the_fusion_projection_in_stage_1_and_its_encoders_
     assert all(n.startswith(trained) for n in changed) and {n.split(".")[0] for n in changed} == {
         t.split(".")[0] for t in trained}
     encoders = {n for n in changed if n.startswith(("question_fusion.text_encoder.", "question_fusion.fusion_"))}
-    assert bool(encoders) == (stage == "instruct")
+    assert bool(encoders) == train_encoder
 
 
 def test_a_saved_fused_model_loads_with_its_fusion_and_tokenizer(parts, tmp_path):
