@@ -25,7 +25,13 @@ from data_pipeline.instructions import first_instruction, has_assistant_turn, to
 from pretrain.distributed import rank
 from pretrain.eval.picture import answers_picture
 from pretrain.eval.retrieval import save_eval_json
-from pretrain.model.multimodal_lm import MultimodalLM, MultimodalLMOutput, QueryResampler
+from pretrain.model.multimodal_lm import (
+    MLPProjector,
+    MultimodalLM,
+    MultimodalLMOutput,
+    ProjectorConfig,
+    QueryResampler,
+)
 from pretrain.model.question_fusion import QuestionFusion
 from pretrain.train.metrics import TrainLog
 
@@ -120,8 +126,8 @@ class InstructTask:
         encoder = (6 if stage.train_encoder else 2) * encoder_params * (config.num_patches + 1)
         if self.projector_config.fuse_question:
             with torch.device("meta"):
-                fusion_params = sum(p.numel() for p in QuestionFusion(config, self.projector_config.lm_hidden)
-                                    .parameters())
+                projection = MLPProjector(ProjectorConfig(config.text_hidden, self.projector_config.lm_hidden))
+                fusion_params = sum(p.numel() for p in QuestionFusion(config, projection).parameters())
             encoder += (6 if stage.train_encoder else 2) * fusion_params * config.max_position
         return lambda tokens: 6 * lm_params * tokens + encoder
 

@@ -233,7 +233,8 @@ class MultimodalLM(nn.Module):
         self.lm, self.tokenizer = lm, tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.image_tokens = projector.tokens_per_image(encoder_config)
-        self.question_fusion = QuestionFusion(encoder_config, projector.lm_hidden) if projector.fuse_question else None
+        self.question_fusion = QuestionFusion(encoder_config, MLPProjector(ProjectorConfig(
+            encoder_config.text_hidden, projector.lm_hidden))) if projector.fuse_question else None
         self.question_tokenizer = question_tokenizer
         if projector.fuse_question and question_tokenizer is None:
             raise MultimodalLMError("fuse_question needs the pretraining tokenizer to read the instruction with")

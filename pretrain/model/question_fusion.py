@@ -19,19 +19,19 @@ from .padding import KeyPadding
 
 
 class QuestionFusion(nn.Module):
-    def __init__(self, config: ModelConfig, lm_hidden: int):
+    def __init__(self, config: ModelConfig, projection: nn.Module):
+        """`projection`: fused [CLS] [B, 1, D_t] -> [B, 1, lm_hidden] (the multimodal LM's MLP projector)."""
         super().__init__()
         backend = check_backend(config.attention)
         self.text_encoder = TextEncoder(config, backend)
         self.fusion_encoder = build_fusion_encoder(config, backend)
-        self.fc1 = nn.Linear(config.text_hidden, lm_hidden)
-        self.fc2 = nn.Linear(lm_hidden, lm_hidden)
+        self.projection = projection
 
     def forward(self, image_states: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
         """Image token states [B, N, D_v] and the tokenized instruction [B, L] -> [B, 1, lm_hidden]."""
         padding = KeyPadding(question_mask.bool())
         fused = self.fusion_encoder(self.text_encoder(question_ids, padding), padding, image_states)
-        return self.fc2(nn.functional.gelu(self.fc1(fused[:, :1])))
+        return self.projection(fused[:, :1])
 
     def pretrained_parts(self) -> list[nn.Module]:
         """What a pretraining export provides (the projection to the LM is new)."""

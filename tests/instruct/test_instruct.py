@@ -76,7 +76,7 @@ def test_stage1_changes_only_the_projections(jobs, parts):
     start = MultimodalLM.build(parts["export"], str(parts["lm"]), image_tokens=4, fuse_question=True)
     for prefix in FROZEN:
         assert digest(params(trained, prefix)) == digest(params(start, prefix)), prefix
-    for prefix in ("projector.", "question_fusion.fc"):
+    for prefix in ("projector.", "question_fusion.projection."):
         fresh = params(start, prefix)
         assert fresh and all(not torch.equal(p, fresh[n]) for n, p in params(trained, prefix).items()), prefix
     # projector 128x64 + 64 + 64x64 + 64, the fused [CLS]'s projection 128x64 + 64 + 64x64 + 64

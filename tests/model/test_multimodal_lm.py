@@ -199,7 +199,7 @@ def test_the_fused_instruction_is_one_more_image_token_read_from_the_question_an
     load_model(export, str(parts["export"] / "model.safetensors"))
     exported = dict(export.named_parameters())
     for name, param in fused.question_fusion.named_parameters():
-        if not name.startswith("fc"):  # the text and fusion encoders are the export's
+        if not name.startswith("projection."):  # the text and fusion encoders are the export's
             assert torch.equal(param, exported[name]), name
     images, asked = pixels(), question(fused, "is there a red circle", "is there a red circle")
     with torch.no_grad():
@@ -216,8 +216,8 @@ def test_the_fused_instruction_is_one_more_image_token_read_from_the_question_an
 
 
 @pytest.mark.parametrize("stage, train_encoder, trained", [
-    ("align", False, ("projector.", "question_fusion.fc")),
-    ("instruct", False, ("projector.", "question_fusion.fc", "lm.")),
+    ("align", False, ("projector.", "question_fusion.projection.")),
+    ("instruct", False, ("projector.", "question_fusion.projection.", "lm.")),
     ("instruct", True, ("projector.", "question_fusion.", "lm.", "image_encoder.")),
 ])  # fmt: skip
 def test_a_fused_model_trains_its_encoders_only_with_the_image_encoder(parts, stage, train_encoder, trained):
