@@ -86,8 +86,9 @@ def has_assistant_turn(messages: list[dict]) -> bool:
 
 def first_instruction(messages: list[dict]) -> str:
     """The first user turn without `<image>`, cleaned as the pretraining captions were: what a model that fuses
-    the instruction with the image reads (at generation the first answer's prompt holds only that turn)."""
-    first = next(m["content"] for m in messages if m.get("role") == "user")
+    the instruction with the image reads (at generation the first answer's prompt holds only that turn); "" when
+    no user speaks (the image is fused with no text)."""
+    first = next((m["content"] for m in messages if m.get("role") == "user"), "")
     return clean_caption(first.replace(IMAGE_TOKEN, " "))
 
 

@@ -14,7 +14,15 @@ from data_pipeline import DataError, check_shards, load_tokenizer
 from data_pipeline.instructions import check_instruction_set
 from pretrain.instruct.recipe import InstructRecipe
 from pretrain.instruct.task import InstructTask
-from pretrain.model.multimodal_lm import LM_TRAINING, STAGES, MultimodalLM, MultimodalLMError, load_configs
+from pretrain.model.multimodal_lm import (
+    LM_TRAINING,
+    PROJECTOR_CONFIG,
+    STAGES,
+    MultimodalLM,
+    MultimodalLMError,
+    ProjectorConfig,
+    load_configs,
+)
 from pretrain.train.preflight import Setup, prepare_run
 from pretrain.train.recipe import RecipeError, load_recipe
 
@@ -35,6 +43,7 @@ def prepare(args: argparse.Namespace) -> Setup:
             MultimodalLM.from_configs(*parts)
     except MultimodalLMError as err:
         raise RecipeError(f"base.path / lm: {err}") from None
+    _check_saved_projector(recipe, parts[1])
     encoder_config = parts[0]
     tokenizer_path = recipe.data.tokenizer or _export_tokenizer(recipe.base.path)
     loader_tokenizer = load_tokenizer(tokenizer_path)
@@ -46,6 +55,17 @@ def prepare(args: argparse.Namespace) -> Setup:
     ds_config = prepare_run(recipe, args.resume, world_size)
     return Setup(recipe, loader_tokenizer, encoder_config, ds_config, world_size,
                  task=InstructTask(parts, loader_tokenizer))
+
+
+def _check_saved_projector(recipe: InstructRecipe, saved: ProjectorConfig) -> None:
+    """A saved multimodal base (stage 2) keeps its projector: a recipe that asks for another would be ignored."""
+    if not (Path(recipe.base.path) / PROJECTOR_CONFIG).is_file():
+        return
+    for key, saved_key in (("image_tokens", "image_tokens"), ("projector", "kind"), ("fuse_question", "fuse_question")):
+        wanted, kept = str(getattr(recipe.lm, key)).lower(), str(getattr(saved, saved_key)).lower()
+        if wanted != kept:
+            raise RecipeError(f"lm.{key} is {wanted} but the base {recipe.base.path} was built with {kept}, which "
+                              f"a later stage keeps: pass --lm.{key} {kept}, or train stage 1 with {wanted}")
 
 
 def _export_tokenizer(base: str) -> str:

@@ -15,6 +15,8 @@ class BaseSection:
 
 @dataclass
 class LMSection:
+    """A stage-1 result as base keeps its projector: image_tokens, projector and fuse_question must be its own."""
+
     name: str = _help("causal LM: Hugging Face name or local directory (with a pretraining export as base)",
                       "runs/caption-lm/export")
     image_tokens: int = _help("image tokens in the LM's input (0: every encoder token state; mlp: N pooled, a "
@@ -27,7 +29,7 @@ class LMSection:
 
 @dataclass
 class StageSection:
-    name: str = _help("align (projector only, encoder and LM frozen) | instruct (projector + LM)", "align")
+    name: str = _help("align (projectors only, encoders and LM frozen) | instruct (projectors + LM)", "align")
     lm_training: str = _help("instruct: full | lora (HF peft adapters on the LM)", "full")
     train_encoder: bool = _help("instruct: train the image encoder too (and lm.fuse_question's text and fusion "
                                 "encoders)", False)

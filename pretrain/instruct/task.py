@@ -25,14 +25,8 @@ from data_pipeline.instructions import first_instruction, has_assistant_turn, to
 from pretrain.distributed import rank
 from pretrain.eval.picture import answers_picture
 from pretrain.eval.retrieval import save_eval_json
-from pretrain.model.multimodal_lm import (
-    MLPProjector,
-    MultimodalLM,
-    MultimodalLMOutput,
-    ProjectorConfig,
-    QueryResampler,
-)
-from pretrain.model.question_fusion import QuestionFusion
+from pretrain.model.multimodal_lm import MultimodalLM, MultimodalLMOutput, QueryResampler
+from pretrain.train.flops import encoder_forward_flops
 from pretrain.train.metrics import TrainLog
 
 
@@ -104,10 +98,11 @@ class InstructTask:
 
     def build_data(self, setup, rank: int, world: int):
         recipe = setup.recipe
+        question = None if self.question_tokenizer is None else (self.question_tokenizer,
+                                                                 self.encoder_config.max_position)
         targets = partial(conversation_targets, tokenizer=self.lm_tokenizer,
                           image_tokens=self.projector_config.tokens_per_image(self.encoder_config),
-                          max_len=recipe.data.max_len, question_tokenizer=self.question_tokenizer,
-                          question_len=self.encoder_config.max_position)
+                          max_len=recipe.data.max_len, question=question)
         loader = make_train_loader(
             recipe.data.train, self.loader_tokenizer, batch_size=recipe.schedule.micro_batch_size, rank=rank,
             world_size=world, num_workers=recipe.data.num_workers, seed=recipe.seed,
@@ -118,17 +113,13 @@ class InstructTask:
         return loader, recipe.data.val
 
     def flops_per_sample(self, setup) -> Callable[[float], float]:
-        """6 x parameters x tokens for the LM (dense transformer rule), plus the encoder's 2 x params x patches
-        (3x with backward when it trains), plus the question fusion's on the padded instruction."""
+        """6 x parameters x tokens for the LM (dense transformer rule), plus the encoder side's forward (3x with
+        backward when it trains): the ViT, and with fuse_question the instruction, counted at its padded length
+        (an upper bound: the text and fusion encoders skip padding)."""
         lm_params = sum(p.numel() for p in _meta_lm(self.lm_config).parameters())
-        config, stage = self.encoder_config, setup.recipe.stage
-        encoder_params = 12 * config.vision_layers * config.vision_hidden**2
-        encoder = (6 if stage.train_encoder else 2) * encoder_params * (config.num_patches + 1)
-        if self.projector_config.fuse_question:
-            with torch.device("meta"):
-                projection = MLPProjector(ProjectorConfig(config.text_hidden, self.projector_config.lm_hidden))
-                fusion_params = sum(p.numel() for p in QuestionFusion(config, projection).parameters())
-            encoder += (6 if stage.train_encoder else 2) * fusion_params * config.max_position
+        question_tokens = self.encoder_config.max_position if self.projector_config.fuse_question else 0
+        encoder = (3 if setup.recipe.stage.train_encoder else 1) * encoder_forward_flops(self.encoder_config,
+                                                                                          question_tokens)
         return lambda tokens: 6 * lm_params * tokens + encoder
 
     def evaluate(self, engine, eval_data, setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:
@@ -178,18 +169,18 @@ def eval_scalars(metrics: dict) -> dict[str, float]:
     return scalars
 
 
-def conversation_targets(meta: dict, *, tokenizer, image_tokens: int, max_len: int, question_tokenizer=None,
-                         question_len: int = 0) -> dict | None:
-    """A sample's conversation as LM tensors, with `question_tokenizer` also its first instruction in that
-    tokenizer's ids (question_ids, question_mask); None (the loader counts it as no_targets) when it has none or
-    is longer than max_len."""
+def conversation_targets(meta: dict, *, tokenizer, image_tokens: int, max_len: int,
+                         question: tuple[object, int] | None = None) -> dict | None:
+    """A sample's conversation as LM tensors; with `question` = (the pretraining tokenizer, a length), also its
+    first instruction in that tokenizer's ids padded to the length (question_ids, question_mask). None (the
+    loader counts it as no_targets) when it has no answer or is longer than max_len."""
     messages = meta.get("conversations")
     if not messages or not has_assistant_turn(messages):
         return None
     targets = tokenize_conversation(messages, tokenizer, image_tokens, max_len)
-    if targets is not None and question_tokenizer is not None:
-        question = tokenize(question_tokenizer, [first_instruction(messages)], question_len)
-        targets |= {"question_ids": question["input_ids"][0], "question_mask": question["attention_mask"][0]}
+    if targets is not None and question is not None:
+        encoded = tokenize(question[0], [first_instruction(messages)], question[1])
+        targets |= {"question_ids": encoded["input_ids"][0], "question_mask": encoded["attention_mask"][0]}
     return targets
 
 

@@ -313,8 +313,7 @@ class MultimodalLM(nn.Module):
         `instruct` the projector and the LM, fully or through LoRA adapters (HF peft, the LM's attention and
         MLP projections, peft's defaults for the architecture), and the image encoder with `train_encoder`.
         The question fusion's projection trains with the projector; its text and fusion encoders only with
-        `train_encoder` (at the LM's learning rate they lose what pretraining taught them: the fused [CLS]
-        answered presence questions by a linear probe at 0.81 before stage 2 and 0.50 after it)."""
+        `train_encoder` (at the LM's learning rate they lose what pretraining taught them)."""
         if stage not in STAGES or lm_training not in LM_TRAINING:
             raise MultimodalLMError(f"training stage {stage!r} / LM training {lm_training!r} is unknown; use a stage "
                                     f"of {', '.join(STAGES)} and LM training of {', '.join(LM_TRAINING)}")
@@ -336,7 +335,8 @@ class MultimodalLM(nn.Module):
                 param.requires_grad_("lora_" in name)
 
     def question_inputs(self, texts: list[str]) -> Question:
-        """Instructions (cleaned as the pretraining captions were) in the pretraining tokenizer's ids."""
+        """Instructions (as data_pipeline.instructions.first_instruction gives them: cleaned as the pretraining
+        captions were) in the pretraining tokenizer's ids, padded to the longest."""
         encoded = self.question_tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
                                           max_length=self.encoder_config.max_position, return_token_type_ids=False)
         return encoded["input_ids"], encoded["attention_mask"]

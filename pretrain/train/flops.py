@@ -128,3 +128,11 @@ def train_flops_per_sample(config: ModelConfig, text_tokens: float, mlm_probabil
     """Forward + backward FLOPs of one training sample (ITC + ITM + MLM) whose caption has `text_tokens`
     real tokens, `mlm_probability` of them masked."""
     return sum(train_flops_by_component(config, text_tokens, mlm_probability, swap_negatives).values())
+
+
+def encoder_forward_flops(config: ModelConfig, text_tokens: float = 0.0) -> float:
+    """Forward FLOPs of the ViT on one image and, with `text_tokens`, of one text of that many tokens through
+    the text and fusion encoders over it (the multimodal LM's instruction fused with the image)."""
+    terms = _encoders_and_heads(config, text_tokens, 0.0, streams=1, images=1, texts=1)
+    parts = ("vision.", "text.", "fusion.") if text_tokens else ("vision.",)
+    return sum(flops for name, flops in terms.items() if name.startswith(parts))

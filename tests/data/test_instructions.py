@@ -14,6 +14,7 @@ from data_pipeline.instructions import (
     InstructionError,
     caption_conversation,
     check_instruction_set,
+    first_instruction,
     tokenize_conversation,
     tokenize_prompt,
     vqa_conversation,
@@ -162,7 +163,7 @@ def test_a_fused_model_reads_the_first_instruction_cleaned_in_the_pretraining_to
     from pretrain.instruct.task import conversation_targets
 
     out = conversation_targets({"conversations": conversation()}, tokenizer=lm_tokenizer, image_tokens=1, max_len=96,
-                               question_tokenizer=tokenizer, question_len=32)
+                               question=(tokenizer, 32))
     plain = conversation_targets({"conversations": conversation()}, tokenizer=lm_tokenizer, image_tokens=1, max_len=96)
     assert all(torch.equal(out[k], plain[k]) for k in plain)  # the LM's side is unchanged
     real = out["question_mask"].bool()
@@ -170,3 +171,4 @@ def test_a_fused_model_reads_the_first_instruction_cleaned_in_the_pretraining_to
     # the follow-up ("Say it again.") is not read: at generation the first answer's prompt holds one turn
     assert out["question_ids"][real].tolist() == tokenizer("describe the image briefly")["input_ids"]
     assert out["question_ids"][~real].eq(tokenizer.pad_token_id).all()
+    assert first_instruction([{"role": "assistant", "content": "A red circle."}]) == ""  # no user: no text fused

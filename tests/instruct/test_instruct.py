@@ -1,8 +1,9 @@
 """python -m pretrain.instruct on the pretraining engine: 2 ranks, ZeRO-3, through the launcher as users run it.
 
-Stage 1 (align) trains only the projector: its export holds the base encoder and LM bit for bit; a run stopped
-and resumed logs the same losses and exports the same weights as one that ran straight through. Stage 2 from
-that export trains the LM through LoRA, merged into the export that pretrain.generate answers with."""
+Stage 1 (align) trains only the projections (the projector's, the fused instruction's): its export holds the
+base encoders and LM bit for bit; a run stopped and resumed logs the same losses and exports the same weights as
+one that ran straight through. Stage 2 from that export trains the LM through LoRA, merged into the export that
+pretrain.generate answers with, and keeps the export's projector (a recipe asking for another is one error)."""
 
 import hashlib
 import json
@@ -117,6 +118,10 @@ def test_stage2_lora_from_the_stage1_export_trains_the_lm_and_exports_it_merged(
         assert digest(params(before, prefix)) == digest(params(after, prefix)), prefix
     assert digest(params(before, "lm.")) != digest(params(after, "lm."))  # the adapters, merged
     assert params(before, "lm.").keys() == params(after, "lm.").keys()  # a plain LM again
+    unfused = run(["bash", "launch/pretrain.sh", *flags(parts, "S2-unfused", stage="instruct", base=stage1,
+                                                        **{"lm.fuse_question": "false"})], env=ENV)
+    assert unfused.returncode == 2
+    assert "lm.fuse_question is false but the base" in unfused.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("override, message", [

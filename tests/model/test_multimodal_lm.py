@@ -247,15 +247,33 @@ def test_a_saved_fused_model_loads_with_its_fusion_and_tokenizer(parts, tmp_path
     loaded = MultimodalLM.from_pretrained(tmp_path / "saved").eval()
     input_ids, mask = prompt(model, "USER:", "ASSISTANT:")
     asked = question(loaded, "is there a red circle", "caption this image")
-    assert torch.equal(asked[0], question(model, "is there a red circle", "caption this image")[0])
+    assert all(map(torch.equal, asked, question(model, "is there a red circle", "caption this image")))
     labels = input_ids.clone()
     assert torch.equal(model(pixels(), input_ids, mask, labels, question=asked).loss,
                        loaded(pixels(), input_ids, mask, labels, question=asked).loss)
-    first = loaded.generate(pixels(), input_ids, mask, asked, max_new_tokens=4, do_sample=False)
-    assert torch.equal(first, loaded.generate(pixels(), input_ids, mask, asked, max_new_tokens=4, do_sample=False))
+    options = {"max_new_tokens": 4, "do_sample": False}
+    assert torch.equal(model.eval().generate(pixels(), input_ids, mask, asked, **options),
+                       loaded.generate(pixels(), input_ids, mask, asked, **options))
     skeleton = MultimodalLM.from_configs(*load_configs(tmp_path / "saved"))
     assert {n: p.shape for n, p in skeleton.named_parameters()} == {n: p.shape for n, p in loaded.named_parameters()}
     assert skeleton.question_tokenizer is not None and skeleton.image_tokens == 5
+
+
+def test_training_and_generation_fuse_the_same_instruction(parts):
+    from data_pipeline.instructions import first_instruction, vqa_conversation
+    from pretrain.instruct.task import conversation_targets
+
+    model = build(parts, image_tokens=4, fuse_question=True).eval()
+    messages, _ = vqa_conversation("Is there a red circle?", ["yes"])
+    trained = conversation_targets({"conversations": messages}, tokenizer=model.tokenizer,
+                                   image_tokens=model.image_tokens, max_len=96,
+                                   question=(model.question_tokenizer, model.encoder_config.max_position))
+    ids, mask = trained["question_ids"][None], trained["question_mask"][None]  # padded to max_position
+    asked = model.question_inputs([first_instruction(messages)])  # generation: padded to the longest
+    assert ids.shape[1] > asked[0].shape[1] and torch.equal(ids[mask.bool()], asked[0][asked[1].bool()])
+    with torch.no_grad():
+        fused = [model.encode_images(pixels(1), q)[:, -1] for q in ((ids, mask), asked)]
+    torch.testing.assert_close(fused[0], fused[1])  # float32 tolerances: the padding is never read
 
 
 def test_a_fused_model_needs_the_exports_tokenizer(parts, tmp_path):

@@ -8,8 +8,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from pretrain.model import ALBEF
 from pretrain.model.attention import CrossAttention, SelfAttention, TextCrossAttention
 from pretrain.model.objectives import caption_words_loss
+from pretrain.model.question_fusion import QuestionFusion
 from pretrain.model.vit import VisionTransformer
-from pretrain.train.flops import forward_flops_by_component, train_flops_by_component, train_flops_per_sample
+from pretrain.train.flops import (
+    encoder_forward_flops,
+    forward_flops_by_component,
+    train_flops_by_component,
+    train_flops_per_sample,
+)
 from tests.helpers.model import make_batch, tiny_config
 
 
@@ -267,6 +273,21 @@ def test_padding_costs_no_projection_flops():
     assert sum(counted_padded[op] for op in linear) == sum(counted_short[op] for op in linear)
     # Only the padded attention kernels (batched matmuls here) see the padding.
     assert counted_padded["aten.bmm"] > counted_short["aten.bmm"]
+
+
+def test_the_multimodal_lms_encoder_side_flops_match_the_flop_counter():
+    """The ViT on an image, and an instruction of 9 tokens read by the text encoder and fused with it (the
+    multimodal LM's fused token), cost what encoder_forward_flops says, exactly."""
+    config = tiny_config(attention="eager")
+    torch.manual_seed(0)
+    fusion = QuestionFusion(config, nn.Identity())
+    image, ids = VisionTransformer(config, "eager"), torch.randint(5, config.vocab_size, (2, 9))
+    with FlopCounterMode(display=False) as vision_only, torch.no_grad():
+        states = image(make_batch(config, batch_size=2)["pixel_values"])
+    with FlopCounterMode(display=False) as fused, torch.no_grad():
+        fusion(states, ids, torch.ones_like(ids))
+    assert vision_only.get_total_flops() / 2 == encoder_forward_flops(config)
+    assert (vision_only.get_total_flops() + fused.get_total_flops()) / 2 == encoder_forward_flops(config, 9)
 
 
 def _assert_normal(values: torch.Tensor, std: float, name: str) -> None:
