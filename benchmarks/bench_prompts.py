@@ -1,6 +1,7 @@
 """Why a template ensemble wins or loses against single templates: per task, each template's test top-1, the
 ensemble (CLIP's rule, as `pretrain.zeroshot` scores), the single template a user could pick without test
 labels (the best on the few-shot pool), a mixture over templates (log-sum-exp at the model's temperature),
+with `--itm` the same comparison when the ITM head orders every class (`pretrain.zeroshot --itm-rerank-k C`),
 and the class embeddings' geometry (mean cosine between classes; the norm of each class's prompt mean before
 it is normalised again). Prints one JSON object; docs/prompting.md has the tables.
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.labelled_images import read_labelled_images
-from pretrain.eval.classification import class_scores, encode_images
+from pretrain.eval.classification import class_scores, encode_images, itm_rerank
 from pretrain.eval.prompts import load_templates, load_verbalizer
 from pretrain.zeroshot import hand_prompts, load_run
 
@@ -26,10 +27,23 @@ def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return round(100 * (scores.argmax(1) == labels).double().mean().item(), 1)
 
 
-def measure_task(model, tokenizer, max_len: int, root: Path, task: str) -> dict:
+def measure_itm(model, tokenizer, max_len: int, images, templates, verbalizer, classes: list[str]) -> dict:
+    """Top-1 when the ITM head orders every class, each template alone and all of them (margins averaged)."""
+    def itm_top1(chosen):
+        prompts = hand_prompts(model, tokenizer, chosen, verbalizer, classes, max_len, torch.device("cpu"))
+        scores = class_scores(images, prompts, len(classes))
+        return top1(itm_rerank(model, images, prompts, scores, len(classes), 512, torch.device("cpu")), images.labels)
+
+    single = {t: itm_top1([t]) for t in templates}
+    return {"itm_ensemble_top1": itm_top1(templates), "itm_best_single_on_test": max(single.values()),
+            "itm_mean_single": round(sum(single.values()) / len(single), 1), "itm_single_top1": single}
+
+
+def measure_task(model, tokenizer, max_len: int, root: Path, task: str, itm: bool) -> dict:
     device = torch.device("cpu")
     test, pool = (read_labelled_images(str(root / task / split)) for split in ("test", "train"))
-    test_images, pool_images = encode_images(model, test, 128, device), encode_images(model, pool, 128, device)
+    test_images = encode_images(model, test, 128, device, keep_tokens=itm)
+    pool_images = encode_images(model, pool, 128, device)
     templates = load_templates(str(root / task / "templates.txt"))
     verbalizer = load_verbalizer(root / task / "verbalizer.yaml", test.classes)
     classes = len(test.classes)
@@ -74,7 +88,7 @@ def measure_task(model, tokenizer, max_len: int, root: Path, task: str) -> dict:
         "class_cosine": round(between, 3),
         "class_mean_norms": dict(zip(test.classes, [round(n, 3) for n in means.norm(dim=-1).tolist()])),
         "single_top1": single,
-    }
+    } | (measure_itm(model, tokenizer, max_len, test_images, templates, verbalizer, test.classes) if itm else {})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,11 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run's export/ or checkpoints/")
     parser.add_argument("--data", required=True, type=Path, help="`make zeroshot-data` output")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    parser.add_argument("--itm", action="store_true", help="also score with the ITM head over every class (slow)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model, tokenizer, max_len = load_run(args.checkpoint, None, None)
     with torch.no_grad():
-        result = {task: measure_task(model, tokenizer, max_len, args.data, task) for task in args.tasks.split(",")}
+        result = {task: measure_task(model, tokenizer, max_len, args.data, task, args.itm)
+                  for task in args.tasks.split(",")}
     print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), "tasks": result}, indent=1))
 
 
