@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pretrain.model.multimodal_lm import is_saved_multimodal
+
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {"one_template": 1, "many_templates": 0}  # --train-templates (0: all)
 
@@ -30,7 +32,7 @@ def make_set(args: argparse.Namespace, out: Path, split: str, templates: int) ->
 def train(args: argparse.Namespace, arm: str, stage: int, base: Path) -> Path:
     """One stage of one arm (a finished one is kept: a rerun continues where it stopped); the run directory."""
     name = f"{arm}-stage{stage}"
-    if (args.run_dir / name / "export" / "multimodal_config.json").is_file():
+    if is_saved_multimodal(args.run_dir / name / "export"):
         return args.run_dir / name
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
     flags = ["--recipe", f"instruct_stage{stage}_synthetic", "--name", name, "--logging.run_dir", str(args.run_dir),

@@ -16,11 +16,11 @@ from pretrain.instruct.recipe import InstructRecipe
 from pretrain.instruct.task import InstructTask
 from pretrain.model.multimodal_lm import (
     LM_TRAINING,
-    PROJECTOR_CONFIG,
     STAGES,
     MultimodalLM,
     MultimodalLMError,
     ProjectorConfig,
+    is_saved_multimodal,
     load_configs,
 )
 from pretrain.train.preflight import Setup, prepare_run
@@ -59,7 +59,7 @@ def prepare(args: argparse.Namespace) -> Setup:
 
 def _check_saved_projector(recipe: InstructRecipe, saved: ProjectorConfig) -> None:
     """A saved multimodal base (stage 2) keeps its projector: a recipe that asks for another would be ignored."""
-    if not (Path(recipe.base.path) / PROJECTOR_CONFIG).is_file():
+    if not is_saved_multimodal(recipe.base.path):
         return
     for key, saved_key in (("image_tokens", "image_tokens"), ("projector", "kind"), ("fuse_question", "fuse_question")):
         wanted, kept = str(getattr(recipe.lm, key)).lower(), str(getattr(saved, saved_key)).lower()

@@ -135,13 +135,18 @@ def load_image_encoder(export_dir: str | Path) -> tuple[VisionTransformer, Model
     return encoder, config
 
 
+def is_saved_multimodal(path: str | Path) -> bool:
+    """A directory `MultimodalLM.save_pretrained` wrote (stage 2 starts from one), not a pretraining export."""
+    return (Path(path) / PROJECTOR_CONFIG).is_file()
+
+
 def load_question_tokenizer(base: str | Path, encoder: ModelConfig):
     """The pretraining tokenizer the fusion encoder reads the instruction with: a saved model's
     question_tokenizer/, or a pretraining export's tokenizer/."""
     from transformers import AutoTokenizer
 
     base = Path(base)
-    folder = base / (QUESTION_TOKENIZER if (base / PROJECTOR_CONFIG).is_file() else "tokenizer")
+    folder = base / (QUESTION_TOKENIZER if is_saved_multimodal(base) else "tokenizer")
     if not folder.is_dir():
         raise MultimodalLMError(f"{base} has no {folder.name}/: fuse_question reads the instruction with the "
                                 "pretraining tokenizer; use an export that holds it (make pretrain writes one)")
@@ -175,7 +180,7 @@ def load_configs(base: str | Path, lm_name_or_dir: str | None = None, image_toke
     from transformers import AutoConfig
 
     base = Path(base)
-    saved = (base / PROJECTOR_CONFIG).is_file()
+    saved = is_saved_multimodal(base)
     name = str(base / "lm") if saved else lm_name_or_dir
     encoder_file = base / (ENCODER_CONFIG if saved else "model_config.json")
     if not encoder_file.is_file():
@@ -274,7 +279,7 @@ class MultimodalLM(nn.Module):
     def load(cls, base: str | Path, lm_name_or_dir: str | None = None, image_tokens: int = 0,
              projector: str = "mlp", fuse_question: bool = False) -> MultimodalLM:
         """A saved multimodal model as it is, or a pretraining export + an LM with a new projector."""
-        if (Path(base) / PROJECTOR_CONFIG).is_file():
+        if is_saved_multimodal(base):
             return cls.from_pretrained(base)
         return cls.build(base, lm_name_or_dir, image_tokens, projector, fuse_question)
 
@@ -282,7 +287,7 @@ class MultimodalLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, lm_name_or_dir: str | None = None) -> MultimodalLM:
         """A saved model; `lm_name_or_dir` swaps in another LM, which must fit the projector."""
         directory = Path(directory)
-        if not (directory / PROJECTOR_CONFIG).is_file():
+        if not is_saved_multimodal(directory):
             raise MultimodalLMError(f"{directory} has no {PROJECTOR_CONFIG}: pass a saved multimodal model directory")
         encoder, encoder_config = load_image_encoder(directory)
         lm, tokenizer = load_causal_lm(lm_name_or_dir or str(directory / "lm"))
