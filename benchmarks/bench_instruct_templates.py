@@ -50,7 +50,7 @@ def train(args: argparse.Namespace, arm: str, stage: int, base: Path) -> Path:
 
 def scores(run: Path) -> dict:
     metrics = json.loads((run / "instruct_eval.json").read_text())
-    out = {k: round(v, 4) for k, v in metrics["captioning"].items()}
+    out = {k: round(v, 4) for k, v in metrics["captioning_held_out_phrasings"].items()}
     if "vqa" in metrics:
         out["vqa_accuracy"] = round(metrics["vqa"]["accuracy"], 4)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-instruct-templates"))
     parser.add_argument("--stage1-steps", type=int, default=0, help="0: the stage-1 recipe's (60)")
     parser.add_argument("--stage2-steps", type=int, default=0, help="0: the stage-2 recipe's (1600)")
-    parser.add_argument("--samples", type=int, default=64, help="held-out samples evaluated per task")
+    parser.add_argument("--samples", type=int, default=128,
+                        help="val samples evaluated per task (half the captions are asked in held-out phrasings)")
     args = parser.parse_args(argv)
     make_set(args, args.run_dir / "held_out", "val", 0)
     rows = {}

@@ -6,13 +6,14 @@
 Every sample is KEY.jpg (the caption shard's image bytes, unchanged) + KEY.txt (its first caption) + KEY.json:
 `conversations` (chat messages, data_pipeline.instructions), `task`, `template`, `held_out` and `captions`
 (every reference caption). The train split draws its instructions from the training templates
-(`--train-templates 1`: the first one only, the single-template baseline of the T0/FLAN comparison); the
-val split uses the held-out templates, which no training set ever sees. With --vqa (shards of the VQA v2
-layout, `make vqa-shards`: one sample per question), each question becomes a conversation of its own after
-the captions: the question itself is the instruction and the commonest annotator answer the assistant's
-turn; its json keeps `question`, `answers` and `question_type` for evaluation. Conversations stay LM-agnostic:
-the LM's tokenizer renders them when a run loads them. Shards are written as NAME.tmp and renamed when
-whole; the manifest is written last.
+(`--train-templates 1`: the first one only, the single-template baseline of the T0/FLAN comparison). The
+val split asks half its images with the training templates (`held_out` false: captioning of unseen images)
+and half with the held-out templates, which no training set ever sees (`held_out` true: unseen phrasings).
+With --vqa (shards of the VQA v2 layout, `make vqa-shards`: one sample per question), each question becomes
+a conversation of its own after the captions: the question itself is the instruction and the commonest
+annotator answer the assistant's turn; its json keeps `question`, `answers` and `question_type` for
+evaluation. Conversations stay LM-agnostic: the LM's tokenizer renders them when a run loads them. Shards
+are written as NAME.tmp and renamed when whole; the manifest is written last.
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ from data_pipeline.shards import resolve_shards
 FORMAT = "instructions-1"
 
 
-def split_templates(split: str, train_templates: int) -> tuple[tuple[str, ...], bool]:
-    if split == "train":
+def phrasings(split: str, train_templates: int, rng: random.Random) -> tuple[tuple[str, ...], bool]:
+    """The templates one image's instruction is drawn from, and whether they are the held-out ones. The train
+    split takes no draw here, so its conversations do not depend on val's design."""
+    if split == "train" or rng.random() < 0.5:
         return CAPTION_TEMPLATES["train"][: train_templates or None], False
     return CAPTION_TEMPLATES["held_out"], True
 
 
 def instruction_samples(split_dir: Path, split: str, args: argparse.Namespace, skipped: Counter):
-    templates, held_out = split_templates(split, args.train_templates)
     rng = random.Random(f"{args.seed}-{split}")
     paths = [shard.path for shard in resolve_shards(str(split_dir)).shards]
     for raw in read_samples(paths, skipped):
@@ -54,6 +56,7 @@ def instruction_samples(split_dir: Path, split: str, args: argparse.Namespace, s
         if parsed is None:
             continue
         image_ext = next(ext for ext in ("jpg", "jpeg", "png", "webp") if ext in raw)
+        templates, held_out = phrasings(split, args.train_templates, rng)
         messages, template = sample_caption_conversation(parsed.captions, templates, rng, args.multi_turn)
         meta = {"task": "caption", "template": template, "held_out": held_out, "conversations": messages,
                 "captions": parsed.captions}
@@ -115,10 +118,11 @@ def write_split(split: str, args: argparse.Namespace) -> dict:
     if not shards:
         raise DataError(f"{Path(args.captions) / split} gave no usable sample (skipped: {dict(skipped)}); "
                         "rebuild the caption shards with make shards")
-    templates, held_out = split_templates(split, args.train_templates)
     manifest = {
         "options": {"format": FORMAT, "source": str(args.captions), "vqa": args.vqa, "split": split, "seed": args.seed,
-                    "templates": list(templates), "held_out_templates": held_out, "multi_turn": args.multi_turn,
+                    "templates": list(CAPTION_TEMPLATES["train"][: args.train_templates or None]),
+                    "held_out_templates": list(CAPTION_TEMPLATES["held_out"]) if split != "train" else [],
+                    "multi_turn": args.multi_turn,
                     "shard_samples": args.shard_samples, "min_shards": args.min_shards},
         "shards": shards, "num_shards": len(shards), "num_samples": sum(s["num_samples"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards), "tasks": dict(sorted(tasks.items())),

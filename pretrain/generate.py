@@ -5,8 +5,9 @@
 
 With --data, each sample's first user turn is the prompt (instruction shards; --prompt for caption shards),
 one JSON line per sample (key, task, prompt, answer, references) is written, and instruct_eval.json beside
-the JSONL holds the captions' BLEU-4, CIDEr and scene-word match and the VQA questions' exact-match accuracy
-per question type against the majority-answer baseline (--limit: at most N samples of each task).
+the JSONL holds the captions' BLEU-4, CIDEr and scene-word match (`captioning`: asked with training phrasings;
+`captioning_held_out_phrasings`: with phrasings training never saw) and the VQA questions' exact-match
+accuracy per question type against the majority-answer baseline (--limit: at most N samples of each task).
 Decoding is the LM's generate(): greedy by default, --num-beams N, or --do-sample with --temperature/--top-p.
 """
 
@@ -34,6 +35,7 @@ from pretrain.train.reliability.files import replace_text
 
 EXAMPLES = 4  # rows of each task kept with their pixels for the example page
 DEFAULT_PROMPT = "Describe the image briefly."  # the instruction for caption shards, which carry none
+SCORES = ("captioning", "captioning_held_out_phrasings", "vqa")  # instruct_eval.json's blocks of scores
 
 
 def user_turn(prompt: str) -> list[dict]:
@@ -89,7 +91,7 @@ def answer_row(request: Request, answer: str) -> dict:
     row = {"key": request.key, "task": meta["task"], "prompt": request.prompt[-1]["content"], "answer": answer}
     if meta["task"] == "vqa":
         return {**row, "question_type": meta.get("question_type", ""), "reference": meta.get("answer", "")}
-    return {**row, "references": meta.get("captions", [])}
+    return {**row, "references": meta.get("captions", []), "held_out": bool(meta.get("held_out", False))}
 
 
 def answer_shards(model: MultimodalLM, spec: str, prompt: str, limit: int, batch_size: int, options: dict,
@@ -122,12 +124,14 @@ def examples_of(rows: list[dict], first: dict[str, torch.Tensor]) -> list[tuple[
 
 
 def shard_metrics(rows: list[dict], skipped: Counter) -> dict:
-    """Captioning metrics of the caption rows with references, VQA exact match of the VQA rows."""
+    """Captioning metrics of the caption rows with references, apart for training and held-out phrasings; VQA
+    exact match of the VQA rows."""
     metrics = {"samples": len(rows), "skipped": dict(skipped)}
-    captions = [r for r in rows if r["task"] == "caption" and r["references"]]
-    if captions:
-        metrics["captioning"] = caption_scores({r["key"]: r["answer"] for r in captions},
-                                               {r["key"]: r["references"] for r in captions})
+    for name, held_out in (("captioning", False), ("captioning_held_out_phrasings", True)):
+        captions = [r for r in rows if r["task"] == "caption" and r["references"] and r["held_out"] == held_out]
+        if captions:
+            metrics[name] = caption_scores({r["key"]: r["answer"] for r in captions},
+                                           {r["key"]: r["references"] for r in captions})
     questions = [r for r in rows if r["task"] == "vqa"]
     if questions:
         metrics["vqa"] = vqa_exact_match(questions)
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         model = MultimodalLM.from_pretrained(args.checkpoint).eval()
         if args.data:
             metrics = run_shards(model, args, options)
-            print(json.dumps({k: metrics[k] for k in ("captioning", "vqa") if k in metrics} or metrics))
+            print(json.dumps({k: metrics[k] for k in SCORES if k in metrics} or metrics))
             print(f"wrote {args.out} ({metrics['samples']} answers; skipped: {metrics['skipped'] or 'nothing'})")
             return 0
         try:

@@ -125,7 +125,7 @@ class InstructTask:
     def evaluate(self, engine, eval_data, setup, step: int, log: TrainLog, dtype: torch.dtype) -> dict:
         """Every rank answers its share of the held-out samples on the partitioned model (generate() with
         synced_gpus: ZeRO-3 needs every rank in every forward); rank 0 gathers the rows and scores them."""
-        from pretrain.generate import DEFAULT_PROMPT, answer_shards, instruct_metrics
+        from pretrain.generate import DEFAULT_PROMPT, SCORES, answer_shards, instruct_metrics
 
         recipe, model, world = setup.recipe, engine.module.model, dist.get_world_size()
         options = {"max_new_tokens": recipe.eval.max_new_tokens, "do_sample": False, "synced_gpus": world > 1}
@@ -143,7 +143,7 @@ class InstructTask:
             log.scalars(step, eval_scalars(metrics))
             if examples:
                 log.image("eval/instruct_examples", answers_picture(examples), step)
-            scores = {k: metrics[k] for k in ("captioning", "vqa") if k in metrics}
+            scores = {k: metrics[k] for k in SCORES if k in metrics}
             tqdm.write(f"[step {step}] held-out instructions: {json.dumps(scores)}")
         return metrics
 
@@ -162,6 +162,8 @@ class InstructTask:
 def eval_scalars(metrics: dict) -> dict[str, float]:
     """TensorBoard's eval/*: the caption scores, and VQA accuracy and its baseline, overall and per type."""
     scalars = {f"eval/{k}": v for k, v in metrics.get("captioning", {}).items() if k != "captions"}
+    scalars |= {f"eval/held_out_phrasings/{k}": v
+                for k, v in metrics.get("captioning_held_out_phrasings", {}).items() if k != "captions"}
     vqa = metrics.get("vqa")
     if vqa:
         scalars |= {"eval/vqa_accuracy": vqa["accuracy"], "eval/vqa_majority_baseline": vqa["majority_baseline"]}

@@ -91,19 +91,24 @@ def test_a_conversation_longer_than_max_len_is_skipped(lm_tokenizer):
 def test_make_instructions_writes_held_out_templates_only_to_val(synthetic_shards, tmp_path):
     captions = synthetic_shards["train"].parent
     assert make_instructions(["--captions", str(captions), "--out", str(tmp_path), "--quiet", "--min-shards", "4"]) == 0
-    for split, templates in (("train", CAPTION_TEMPLATES["train"]), ("val", CAPTION_TEMPLATES["held_out"])):
+    seen, held_out = set(CAPTION_TEMPLATES["train"]), set(CAPTION_TEMPLATES["held_out"])
+    listed_held_out = {"train": [], "val": list(CAPTION_TEMPLATES["held_out"])}
+    for split in ("train", "val"):
         manifest = json.loads((tmp_path / split / "manifest.json").read_text())
         source = json.loads((captions / split / "manifest.json").read_text())
         assert manifest["num_samples"] == source["num_samples"] == resolve_shards(str(tmp_path / split)).num_samples
-        used = set()
+        assert manifest["options"]["held_out_templates"] == listed_held_out[split]
+        used = {True: set(), False: set()}
         for shard in manifest["shards"]:
             for sample in wds.tariterators.tarfile_samples([{"url": str(tmp_path / split / shard["name"])}]):
                 meta = json.loads(sample["json"])
-                assert set(sample) >= {"jpg", "txt", "json"} and meta["held_out"] == (split == "val")
+                assert set(sample) >= {"jpg", "txt", "json"} and meta["held_out"] == (meta["template"] in held_out)
                 assert meta["conversations"][0]["content"].startswith(IMAGE_TOKEN)
                 assert meta["conversations"][1]["content"] in meta["captions"]
-                used.add(meta["template"])
-        assert used <= set(templates) and len(used) > 1
+                used[meta["held_out"]].add(meta["template"])
+        # train never sees a held-out phrasing; val asks with both kinds, several of each
+        assert used[False] <= seen and len(used[False]) > 1
+        assert not used[True] if split == "train" else len(used[True]) > 1
         assert manifest["num_shards"] == 4  # 40 and 12 samples cut to fill --min-shards, as make shards does
         check_instruction_set([str(tmp_path / split / manifest["shards"][0]["name"])])
 

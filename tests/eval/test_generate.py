@@ -51,7 +51,10 @@ def test_a_shard_set_gives_one_answer_per_sample_caption_metrics_and_vqa_accurac
     assert all(len(r["references"]) == 5 for r in captions) and all(r["prompt"].startswith("<image>\n") for r in rows)
     assert all(r["prompt"].endswith("?") and r["reference"] for r in questions)  # the question itself
     metrics = json.loads((tmp_path / "new" / "instruct_eval.json").read_text())
-    assert metrics["samples"] == 14 and metrics["captioning"]["captions"] == 7
+    held_out = [r["held_out"] for r in captions]  # training and held-out phrasings are scored apart
+    assert metrics["samples"] == 14 and 0 < held_out.count(True) < 7
+    assert metrics["captioning"]["captions"] == held_out.count(False)
+    assert metrics["captioning_held_out_phrasings"]["captions"] == held_out.count(True)
     assert 0 <= metrics["captioning"]["bleu4"] <= 1
     vqa = metrics["vqa"]
     assert vqa["questions"] == 7 and sum(t["questions"] for t in vqa["per_type"].values()) == 7

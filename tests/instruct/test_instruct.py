@@ -92,18 +92,25 @@ def test_a_two_rank_zero3_run_resumes_bit_exactly(jobs, parts):
     first, second = (MultimodalLM.from_pretrained(r / "export") for r in (a, b))
     assert digest(dict(first.named_parameters())) == digest(dict(second.named_parameters()))
     evaluation = json.loads((a / "instruct_eval.json").read_text())  # eval.samples 4 of each task
-    assert evaluation["samples"] == 8 and evaluation["captioning"]["captions"] == evaluation["vqa"]["questions"] == 4
     # both ranks answered on the partitioned model (batches of 4: one each), as one process answers from the export
     # (each batch carried its instructions for the fusion encoder, or the forward would have raised)
     alone, _, _ = answer_shards(first.eval(), str(parts["set"] / "val"), DEFAULT_PROMPT, 4, 4,
                                 {"max_new_tokens": 6, "do_sample": False})
     assert sorted(map(json.dumps, evaluation["examples"])) == sorted(map(json.dumps, alone))
     assert len({row["task"] for row in alone}) == 2
-    assert 0 <= evaluation["captioning"]["bleu4"] <= 1 and 0 <= evaluation["vqa"]["accuracy"] <= 1
+    # captions asked in training phrasings and in held-out ones are scored apart
+    held_out = [row["held_out"] for row in alone if row["task"] == "caption"]
+    blocks = {name: n for name, n in (("captioning", held_out.count(False)),
+                                      ("captioning_held_out_phrasings", held_out.count(True))) if n}
+    assert evaluation["samples"] == 8 and evaluation["vqa"]["questions"] == len(held_out) == 4
+    assert {name: evaluation[name]["captions"] for name in blocks} == blocks
+    assert "captioning" in blocks or "captioning" not in evaluation
+    assert all(0 <= evaluation[name]["bleu4"] <= 1 for name in blocks) and 0 <= evaluation["vqa"]["accuracy"] <= 1
     events = EventAccumulator(str(a))
     events.Reload()
     assert "eval/instruct_examples" in events.Tags()["images"]  # the page of examples
-    assert {"eval/cider", "eval/color_match", "eval/vqa_accuracy", "eval/vqa_majority_baseline"} <= set(
+    tags = {"captioning": "eval/cider", "captioning_held_out_phrasings": "eval/held_out_phrasings/cider"}
+    assert {tags[name] for name in blocks} | {"eval/vqa_accuracy", "eval/vqa_majority_baseline"} <= set(
         events.Tags()["scalars"])
 
 
