@@ -55,7 +55,10 @@ def scores(run: Path) -> dict:
         out["vqa_accuracy"] = round(metrics["vqa"]["accuracy"], 4)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [row for row in logged if "loss/total" in row][-1]  # the evaluation logs its own rows
-    return {**out, "final_train_loss": round(final["loss/total"], 4)}
+    # one misread phrasing moves every average by a third: show each
+    by_phrasing = {phrasing: {k: round(v, 4) for k, v in part.items() if k != "held_out"}
+                   for phrasing, part in metrics["captioning_by_phrasing"].items() if part["held_out"]}
+    return {**out, "final_train_loss": round(final["loss/total"], 4), "by_phrasing": by_phrasing}
 
 
 def main(argv: list[str] | None = None) -> None:

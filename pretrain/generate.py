@@ -6,7 +6,8 @@
 With --data, each sample's first user turn is the prompt (instruction shards; --prompt for caption shards),
 one JSON line per sample (key, task, prompt, answer, references) is written, and instruct_eval.json beside
 the JSONL holds the captions' BLEU-4, CIDEr and scene-word match (`captioning`: asked with training phrasings;
-`captioning_held_out_phrasings`: with phrasings training never saw) and the VQA questions' exact-match
+`captioning_held_out_phrasings`: with phrasings training never saw; `captioning_by_phrasing`: grounding per
+instruction) and the VQA questions' exact-match
 accuracy per question type against the majority-answer baseline (--limit: at most N samples of each task).
 Decoding is the LM's generate(): greedy by default, --num-beams N, or --do-sample with --temperature/--top-p.
 """
@@ -29,7 +30,7 @@ from data_pipeline.instructions import IMAGE_TOKEN, first_instruction, tokenize_
 from data_pipeline.samples import parse_sample, read_samples
 from data_pipeline.transforms import eval_image, normalize
 from pretrain.eval.answers import vqa_exact_match
-from pretrain.eval.captioning import caption_scores
+from pretrain.eval.captioning import caption_scores, grounding
 from pretrain.model.multimodal_lm import MultimodalLM, MultimodalLMError
 from pretrain.train.reliability.files import replace_text
 
@@ -132,10 +133,25 @@ def shard_metrics(rows: list[dict], skipped: Counter) -> dict:
         if captions:
             metrics[name] = caption_scores({r["key"]: r["answer"] for r in captions},
                                            {r["key"]: r["references"] for r in captions})
+    by_phrasing = phrasing_grounding([r for r in rows if r["task"] == "caption" and r["references"]])
+    if by_phrasing:
+        metrics["captioning_by_phrasing"] = by_phrasing
     questions = [r for r in rows if r["task"] == "vqa"]
     if questions:
         metrics["vqa"] = vqa_exact_match(questions)
     return metrics
+
+
+def phrasing_grounding(captions: list[dict]) -> dict[str, dict]:
+    """Per instruction: whether it is held out, its caption count, the grounding parts, and how many answers
+    were a bare yes/no (an instruction the model took for a question), so one misread phrasing shows."""
+    groups: dict[str, list[dict]] = {}
+    for row in captions:
+        groups.setdefault(row["prompt"].replace(IMAGE_TOKEN, "").strip(), []).append(row)
+    return {phrasing: {"held_out": group[0]["held_out"], "captions": len(group),
+                       "yes_no": sum(r["answer"].strip().lower().rstrip(".") in ("yes", "no") for r in group),
+                       **grounding({r["key"]: r["answer"] for r in group}, {r["key"]: r["references"] for r in group})}
+            for phrasing, group in sorted(groups.items())}
 
 
 def instruct_metrics(rows: list[dict], skipped: Counter,

@@ -10,6 +10,7 @@ from PIL import Image
 from data_pipeline.make_instructions import main as make_instructions
 from data_pipeline.sources.vqa import normalise_answer
 from pretrain.generate import main as generate
+from pretrain.generate import shard_metrics
 from pretrain.model.multimodal_lm import MultimodalLM
 from tests.helpers.multimodal import write_export, write_lm
 
@@ -60,3 +61,21 @@ def test_a_shard_set_gives_one_answer_per_sample_caption_metrics_and_vqa_accurac
     assert vqa["questions"] == 7 and sum(t["questions"] for t in vqa["per_type"].values()) == 7
     right = sum(normalise_answer(r["answer"]) == r["reference"] for r in questions)
     assert vqa["accuracy"] == pytest.approx(right / 7)  # an untrained model: most likely 0
+
+
+def test_each_phrasing_is_grounded_apart_and_counts_its_yes_no_answers():
+    scene = "A large red circle at the top on a white background."
+    def row(key, prompt, answer, held_out):
+        return {"key": key, "task": "caption", "prompt": f"<image>\n{prompt}", "answer": answer,
+                "references": [scene], "held_out": held_out}
+    rows = [row("a", "Caption this image.", "A small red circle on a white background.", False),
+            row("b", "Caption this image.", "A blue circle on a white background.", False),
+            row("c", "Describe the scene.", "yes", True), row("d", "Describe the scene.", "No.", True),
+            row("e", "Describe the scene.", scene, True)]
+    by_phrasing = shard_metrics(rows, {})["captioning_by_phrasing"]
+    assert list(by_phrasing) == ["Caption this image.", "Describe the scene."]
+    seen, unseen = by_phrasing.values()
+    assert (seen["held_out"], seen["captions"], seen["yes_no"]) == (False, 2, 0)
+    assert (unseen["held_out"], unseen["captions"], unseen["yes_no"]) == (True, 3, 2)
+    assert (seen["color_match"], seen["background_match"]) == pytest.approx((0.5, 1.0))
+    assert (unseen["color_match"], unseen["background_match"]) == pytest.approx((1 / 3, 1 / 3))
