@@ -38,7 +38,7 @@ def train(args: argparse.Namespace, arm: str, stage: int, base: Path) -> Path:
     flags = ["--recipe", f"instruct_stage{stage}_synthetic", "--name", name, "--logging.run_dir", str(args.run_dir),
              "--base.path", str(base), "--lm.name", str(args.lm), "--data.train", str(args.run_dir / arm / "train"),
              "--data.val", str(args.run_dir / "held_out" / "val"), "--eval.samples", str(args.samples),
-             "--checkpoint.every", "0", "--resume", "auto"]
+             "--checkpoint.every", "0", "--resume", "auto", "--seed", str(args.seed)]
     if steps:  # otherwise the recipe's own schedule
         flags += ["--schedule.max_steps", str(steps), "--schedule.warmup_steps", str(max(1, steps // 10))]
     env = {**os.environ, "ENTRY": "instruct", "GPUS_PER_NODE": "2", "PYTHON": sys.executable}
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-instruct-templates"))
     parser.add_argument("--stage1-steps", type=int, default=0, help="0: the stage-1 recipe's (60)")
     parser.add_argument("--stage2-steps", type=int, default=0, help="0: the stage-2 recipe's (3200)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed of both arms (initialisation, data order); the data stay the same")
     parser.add_argument("--samples", type=int, default=128,
                         help="val samples evaluated per task (half the captions are asked in held-out phrasings)")
     args = parser.parse_args(argv)
