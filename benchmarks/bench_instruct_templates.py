@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vqa", type=Path, default=None, help="VQA shard set (both arms train on its questions)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-instruct-templates"))
     parser.add_argument("--stage1-steps", type=int, default=0, help="0: the stage-1 recipe's (60)")
-    parser.add_argument("--stage2-steps", type=int, default=0, help="0: the stage-2 recipe's (3200)")
+    parser.add_argument("--stage2-steps", type=int, default=0, help="0: the stage-2 recipe's (6400)")
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed of both arms (initialisation, data order); the data stay the same")
     parser.add_argument("--samples", type=int, default=128,
