@@ -128,14 +128,14 @@ def shard_metrics(rows: list[dict], skipped: Counter) -> dict:
     """Captioning metrics of the caption rows with references, apart for training and held-out phrasings; VQA
     exact match of the VQA rows."""
     metrics = {"samples": len(rows), "skipped": dict(skipped)}
+    scored = [r for r in rows if r["task"] == "caption" and r["references"]]
     for name, held_out in (("captioning", False), ("captioning_held_out_phrasings", True)):
-        captions = [r for r in rows if r["task"] == "caption" and r["references"] and r["held_out"] == held_out]
+        captions = [r for r in scored if r["held_out"] == held_out]
         if captions:
             metrics[name] = caption_scores({r["key"]: r["answer"] for r in captions},
                                            {r["key"]: r["references"] for r in captions})
-    by_phrasing = phrasing_grounding([r for r in rows if r["task"] == "caption" and r["references"]])
-    if by_phrasing:
-        metrics["captioning_by_phrasing"] = by_phrasing
+    if scored:
+        metrics["captioning_by_phrasing"] = phrasing_grounding(scored)
     questions = [r for r in rows if r["task"] == "vqa"]
     if questions:
         metrics["vqa"] = vqa_exact_match(questions)
