@@ -28,6 +28,7 @@ from data_pipeline import DataError, resolve_shards
 from data_pipeline.images import ImageRejected
 from data_pipeline.instructions import IMAGE_TOKEN, first_instruction, tokenize_prompt
 from data_pipeline.samples import parse_sample, read_samples
+from data_pipeline.sources.vqa import normalise_answer
 from data_pipeline.transforms import eval_image, normalize
 from pretrain.eval.answers import vqa_exact_match
 from pretrain.eval.captioning import caption_scores, grounding
@@ -149,7 +150,7 @@ def phrasing_grounding(captions: list[dict]) -> dict[str, dict]:
     for row in captions:
         groups.setdefault(row["prompt"].replace(IMAGE_TOKEN, "").strip(), []).append(row)
     return {phrasing: {"held_out": group[0]["held_out"], "captions": len(group),
-                       "yes_no": sum(r["answer"].strip().lower().rstrip(".") in ("yes", "no") for r in group),
+                       "yes_no": sum(normalise_answer(r["answer"]) in ("yes", "no") for r in group),
                        **grounding({r["key"]: r["answer"] for r in group}, {r["key"]: r["references"] for r in group})}
             for phrasing, group in sorted(groups.items())}
 
