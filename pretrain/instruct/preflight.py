@@ -34,6 +34,9 @@ def prepare(args: argparse.Namespace) -> Setup:
     if stage.name not in STAGES or stage.lm_training not in LM_TRAINING:
         raise RecipeError(f"stage.name {stage.name!r} / stage.lm_training {stage.lm_training!r}: use a stage of "
                           f"{', '.join(STAGES)} and lm_training of {', '.join(LM_TRAINING)}")
+    if not 0 < stage.encoder_lr_scale <= 1 or (stage.encoder_lr_scale != 1 and not stage.train_encoder):
+        raise RecipeError(f"stage.encoder_lr_scale {stage.encoder_lr_scale} needs stage.train_encoder true and a "
+                          "value in (0, 1]: the encoders train at that fraction of optim.lr")
     if stage.loss_per not in ("token", "conversation"):
         raise RecipeError(f"stage.loss_per {stage.loss_per!r} is unknown: use token or conversation")
     try:

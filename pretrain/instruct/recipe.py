@@ -33,6 +33,9 @@ class StageSection:
     lm_training: str = _help("instruct: full | lora (HF peft adapters on the LM)", "full")
     train_encoder: bool = _help("instruct: train the image encoder too (and lm.fuse_question's text and fusion "
                                 "encoders)", False)
+    encoder_lr_scale: float = _help("instruct with train_encoder: the encoders' learning rate as a fraction of "
+                                    "optim.lr (pretrained features move gently while the LM learns to read them)",
+                                    1.0)
     loss_per: str = _help("token: the loss is the mean over the batch's answer tokens (a caption outweighs a "
                           "one-word answer) | conversation: the mean of each conversation's mean", "token")
     lora_rank: int = _help("lora: rank r", 8)

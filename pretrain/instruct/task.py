@@ -65,7 +65,8 @@ class InstructTask:
 
     def set_stage(self, model: MultimodalLM, setup) -> None:
         stage = setup.recipe.stage
-        model.set_training_stage(stage.name, stage.lm_training, stage.train_encoder, stage.lora_rank, stage.lora_alpha)
+        model.set_training_stage(stage.name, stage.lm_training, stage.train_encoder, stage.lora_rank, stage.lora_alpha,
+                                 stage.encoder_lr_scale)
 
     def reference(self, setup) -> MultimodalLM:
         """The whole model on this process's CPU with the base's weights, in the stage's form."""

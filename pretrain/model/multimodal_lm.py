@@ -313,12 +313,14 @@ class MultimodalLM(nn.Module):
             self.question_tokenizer.save_pretrained(directory / QUESTION_TOKENIZER)
 
     def set_training_stage(self, stage: str, lm_training: str = "full", train_encoder: bool = False,
-                           lora_rank: int = 8, lora_alpha: int = 16) -> None:
+                           lora_rank: int = 8, lora_alpha: int = 16, encoder_lr_scale: float = 1.0) -> None:
         """Which weights train: `align` the projector only (encoder and LM frozen, as LLaVA's stage 1);
         `instruct` the projector and the LM, fully or through LoRA adapters (HF peft, the LM's attention and
         MLP projections, peft's defaults for the architecture), and the image encoder with `train_encoder`.
         The question fusion's projection trains with the projector; its text and fusion encoders only with
-        `train_encoder` (at the LM's learning rate they lose what pretraining taught them)."""
+        `train_encoder` (at the LM's learning rate they lose what pretraining taught them). The pretrained
+        encoders' parameters carry `lr_scale = encoder_lr_scale`: the optimizer's groups give them that fraction of
+        the learning rate."""
         if stage not in STAGES or lm_training not in LM_TRAINING:
             raise MultimodalLMError(f"training stage {stage!r} / LM training {lm_training!r} is unknown; use a stage "
                                     f"of {', '.join(STAGES)} and LM training of {', '.join(LM_TRAINING)}")
@@ -328,16 +330,24 @@ class MultimodalLM(nn.Module):
             self.lm = get_peft_model(self.lm, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, task_type="CAUSAL_LM"))
         self.requires_grad_(False)
         self.projector.requires_grad_(True)
-        self.image_encoder.requires_grad_(stage == "instruct" and train_encoder)
         if self.question_fusion is not None:
             self.question_fusion.requires_grad_(True)
-            for part in self.question_fusion.pretrained_parts():
-                part.requires_grad_(stage == "instruct" and train_encoder)
+        for part in self.pretrained_encoders():
+            part.requires_grad_(stage == "instruct" and train_encoder)
+        for part in self.pretrained_encoders():
+            for param in part.parameters():
+                param.lr_scale = encoder_lr_scale
         if stage == "instruct" and lm_training == "full":
             self.lm.requires_grad_(True)
         elif stage == "instruct":
             for name, param in self.lm.named_parameters():
                 param.requires_grad_("lora_" in name)
+
+    def pretrained_encoders(self) -> list[nn.Module]:
+        """What the pretraining export provides besides the LM: the image encoder, and the question fusion's text
+        and fusion encoders."""
+        fusion = [] if self.question_fusion is None else self.question_fusion.pretrained_parts()
+        return [self.image_encoder, *fusion]
 
     def question_inputs(self, texts: list[str]) -> Question:
         """Instructions (as data_pipeline.instructions.first_instruction gives them: cleaned as the pretraining

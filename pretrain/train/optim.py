@@ -18,15 +18,21 @@ def _no_decay(param: nn.Parameter) -> bool:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    """Decayed and undecayed trainable parameters; a parameter with an `lr_scale` attribute (set by the model,
+    e.g. pretrained encoders fine-tuned gently) goes in groups of its own with that `lr_scale`, after the
+    unscaled groups (whose rate the log shows)."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): [], (1.0, True): []}
     for param in model.parameters():
         if param.requires_grad:
-            (no_decay if _no_decay(param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((getattr(param, "lr_scale", 1.0), _no_decay(param)), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+            for (scale, no_decay), params in groups.items()]
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection, offload_to_cpu: bool) -> torch.optim.Optimizer:
     groups = parameter_groups(model, optim.weight_decay)
+    for group in groups:
+        group["lr"] = optim.lr * group["lr_scale"]  # LambdaLR then scales each group's own peak
     if offload_to_cpu:
         # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed's vectorised CPU Adam is made for that.
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -135,6 +135,7 @@ def test_stage2_lora_from_the_stage1_export_trains_the_lm_and_exports_it_merged(
     ({"stage.name": "pretrain"}, "stage.name 'pretrain' / stage.lm_training 'full': use a stage of align, instruct"),
     ({"lm.image_tokens": 5}, "image_tokens 5 pooled from the patch grid must be a square"),
     ({"stage.loss_per": "answer"}, "stage.loss_per 'answer' is unknown: use token or conversation"),
+    ({"stage.encoder_lr_scale": 0.1}, "stage.encoder_lr_scale 0.1 needs stage.train_encoder true"),
 ])  # fmt: skip
 def test_bad_input_is_one_clear_error_before_any_rank_starts(parts, override, message):
     proc = run(["bash", "launch/pretrain.sh", *flags(parts, "bad", **override)], env=ENV)

@@ -239,6 +239,28 @@ def test_a_fused_model_trains_its_encoders_only_with_the_image_encoder(parts, st
     assert bool(encoders) == train_encoder
 
 
+def test_the_encoders_take_their_fraction_of_the_learning_rate(parts):
+    from pretrain.train.optim import build_optimizer, build_scheduler
+    from pretrain.train.recipe import OptimSection, ScheduleSection
+
+    model = build(parts, image_tokens=4, fuse_question=True)
+    model.train()
+    model.set_training_stage("instruct", train_encoder=True, encoder_lr_scale=0.1)
+    optimizer = build_optimizer(model, OptimSection(lr=1e-2, weight_decay=0.0), offload_to_cpu=False)
+    build_scheduler(optimizer, ScheduleSection(max_steps=10, warmup_steps=0), OptimSection())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    input_ids, mask = prompt(model, "USER:", "ASSISTANT: A red circle.")
+    labels = input_ids.masked_fill(input_ids == model.image_token_id, -100)
+    model(pixels(), input_ids, mask, labels, question=question(model, "describe it", "describe it")).loss.backward()
+    optimizer.step()
+    # Adam's first step moves each weight by its group's rate (times |g| / (|g| + eps), 1 for a real gradient)
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    encoders = [moved[n] for n in moved if n.startswith(("image_encoder.", "question_fusion.text_encoder."))]
+    rest = [moved[n] for n in moved if n.startswith(("projector.", "lm."))]
+    assert max(encoders) == pytest.approx(1e-3, rel=1e-3) and max(rest) == pytest.approx(1e-2, rel=1e-3)
+    assert sorted({round(g["lr"], 12) for g in optimizer.param_groups}) == [1e-3, 1e-2]
+
+
 def test_a_saved_fused_model_loads_with_its_fusion_and_tokenizer(parts, tmp_path):
     from pretrain.model.multimodal_lm import load_configs
 
