@@ -334,7 +334,6 @@ class MultimodalLM(nn.Module):
             self.question_fusion.requires_grad_(True)
         for part in self.pretrained_encoders():
             part.requires_grad_(stage == "instruct" and train_encoder)
-        for part in self.pretrained_encoders():
             for param in part.parameters():
                 param.lr_scale = encoder_lr_scale
         if stage == "instruct" and lm_training == "full":
