@@ -8,6 +8,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_model, save_model
 
@@ -75,10 +76,20 @@ def model_from_zero_checkpoint(ckpt_dir: Path, config: ModelConfig) -> ALBEF:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}: train first or point at a run's checkpoints/")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    state = fp32_state_dict(ckpt_dir, tag)
     model = ALBEF(online_config(config))  # the export is the online model: no momentum teacher, no queue
     model.load_state_dict(online_state_dict(state), strict=True)
     return model
+
+
+def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights from a checkpoint of any ZeRO stage. DeepSpeed's zero_to_fp32 merges the
+    optimizer's partitions of stages 1-3; without ZeRO (stage 0) there are none (zero_to_fp32 fails on the
+    missing `param_shapes`), and the one model-states file holds the whole model."""
+    if not any((ckpt_dir / tag).glob("*optim_states.pt")):
+        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {name: tensor.float() for name, tensor in states["module"].items()}
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def load_exported(export_dir: Path) -> ALBEF:
