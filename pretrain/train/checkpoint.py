@@ -48,6 +48,11 @@ def rng_state() -> dict:
     return state
 
 
+def rng_state_globals() -> list:
+    """What `rng_state()`'s numpy state unpickles through: for torch.load(weights_only=True) of model states."""
+    return [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

@@ -15,7 +15,7 @@ from safetensors.torch import load_model, save_model
 from data_pipeline.text import caption_normalizer
 from data_pipeline.transforms import MEAN, STD
 from pretrain.model import ALBEF, ModelConfig, export_hf, online_config, online_state_dict
-from pretrain.train.checkpoint import latest_tag
+from pretrain.train.checkpoint import latest_tag, rng_state_globals
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
@@ -87,7 +87,8 @@ def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     optimizer's partitions of stages 1-3; without ZeRO (stage 0) there are none (zero_to_fp32 fails on the
     missing `param_shapes`), and the one model-states file holds the whole model."""
     if not any((ckpt_dir / tag).glob("*optim_states.pt")):
-        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(rng_state_globals()):  # each rank's RNG state, in client_state
+            states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {name: tensor.float() for name, tensor in states["module"].items()}
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 

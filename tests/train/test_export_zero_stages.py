@@ -21,7 +21,7 @@ def _train_and_save(rank: int, world: int, store: str, out: str) -> None:
     import deepspeed
 
     from pretrain import compat
-    from pretrain.train.checkpoint import save_checkpoint
+    from pretrain.train.checkpoint import rng_state, save_checkpoint
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(os.getppid()), RANK=str(rank), LOCAL_RANK=str(rank),
                       LOCAL_SIZE=str(world), WORLD_SIZE=str(world))  # fmt: skip
@@ -40,7 +40,7 @@ def _train_and_save(rank: int, world: int, store: str, out: str) -> None:
         shift = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(rank))
         engine.backward((flat * shift).sum())
         engine.step()
-        save_checkpoint(engine, Path(out) / f"stage{stage}", step=1, rank_state={}, keep=1)
+        save_checkpoint(engine, Path(out) / f"stage{stage}", step=1, rank_state={"rng": rng_state()}, keep=1)
         if rank == 0:
             trained = {name: value.clone() for name, value in engine.module.state_dict().items()}
             torch.save(trained, Path(out) / f"trained{stage}.pt")
