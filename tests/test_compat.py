@@ -2,7 +2,6 @@
 here after an upgrade names the assumption that broke; fix compat.py and widen its TESTED range."""
 
 import datetime
-import os
 
 import deepspeed
 import pytest
@@ -12,7 +11,7 @@ from torch.distributed.constants import default_pg_timeout
 
 from pretrain import compat
 from pretrain.distributed import apply_collective_timeout
-from tests.helpers.ranks import run_on_ranks
+from tests.helpers.ranks import run_on_ranks, start_deepspeed
 
 
 def test_the_installed_versions_are_the_checked_ones():
@@ -38,10 +37,7 @@ def test_every_process_group_gets_the_collective_timeout(one_rank_group):
 
 
 def _buffer_lifecycle(rank: int, world: int, store: str) -> tuple[bool, bool]:
-    # as the launcher sets them (the port only names the buffers here: the rendezvous is the file store)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(os.getppid()), RANK=str(rank), LOCAL_RANK=str(rank),
-                      LOCAL_SIZE=str(world), WORLD_SIZE=str(world))
-    deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    start_deepspeed(rank, world, store, keep_shm_buffers=True)
     dist.barrier()  # every rank has created its buffer
     created = all(compat.deepspeed_shm_buffer(r).exists() for r in range(world))
     compat.release_deepspeed_shm_buffers()

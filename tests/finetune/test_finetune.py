@@ -10,7 +10,6 @@
 """
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from data_pipeline.vqa import VQATargets, load_vqa_eval
-from pretrain import compat
 from pretrain.batch import to_device
 from pretrain.eval.vqa import evaluate_vqa
 from pretrain.finetune.base import open_base, weights_digest
@@ -36,7 +34,7 @@ from pretrain.train.loop import train_step
 from pretrain.train.recipe import RecipeError
 from pretrain.train.reliability.watchdog import Watchdog
 from tests.helpers.jobs import PORT, check, losses, run, run_together
-from tests.helpers.ranks import run_on_ranks
+from tests.helpers.ranks import run_on_ranks, start_deepspeed
 
 pytestmark = pytest.mark.slow
 JOB = {"schedule.max_steps": 4, "schedule.warmup_steps": 1, "schedule.micro_batch_size": 8, "logging.every": 1,
@@ -56,10 +54,7 @@ def _base_names(name: str) -> str:
 
 
 def _train_every_method(rank: int, world: int, store: str, argv: list[str], methods: tuple[str, ...]) -> dict:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(os.getppid()), RANK=str(rank), LOCAL_RANK=str(rank),
-                      LOCAL_SIZE=str(world), WORLD_SIZE=str(world))
-    deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    compat.release_deepspeed_shm_buffers()
+    start_deepspeed(rank, world, store)
     out = {}
     for method in methods:
         setup = prepare(parse_args([*argv, "--peft.method", method, "--name", method]))

@@ -3,12 +3,15 @@ each returns. The rendezvous is a file store: no port to pick, so parallel test 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from pretrain import compat
 
 
 def _entry(rank: int, world: int, store: str, init_group: bool, fn: Callable, args: tuple, out) -> None:
@@ -29,6 +32,28 @@ def run_on_ranks(fn: Callable, *args, store: Path, world: int = 2, init_group: b
         out = manager.dict()
         mp.spawn(_entry, args=(world, str(store), init_group, fn, args, out), nprocs=world, join=True)
         return dict(out)
+
+
+def start_deepspeed(
+    rank: int, world: int, store: str, ranks_per_node: int | None = None, keep_shm_buffers: bool = False
+) -> None:
+    """DeepSpeed's process group on the file store, in the environment its launcher sets (the port only names
+    DeepSpeed's /dev/shm all-reduce buffers, so the parent's pid keeps parallel runs apart). The buffers are
+    unlinked once every rank has mapped them, as `pretrain.train.engine.start_distributed` does."""
+    import deepspeed  # here, so that tests without DeepSpeed do not pay for its import on every rank
+
+    per_node = ranks_per_node or world
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(os.getppid()),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank % per_node),
+        LOCAL_SIZE=str(per_node),
+        WORLD_SIZE=str(world),
+    )
+    deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if not keep_shm_buffers:
+        compat.release_deepspeed_shm_buffers()
 
 
 def average_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -2,7 +2,6 @@
 also on ZeRO-3 partitions across 2 ranks), and the off switch reproducing the forward from before it."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from pretrain.model import ALBEF, FeatureQueue, QueuedFeatures, itc_distill_loss, itc_loss
 from pretrain.train.optim import parameter_groups
 from tests.helpers.model import make_batch, tiny_config
-from tests.helpers.ranks import run_on_ranks
+from tests.helpers.ranks import run_on_ranks, start_deepspeed
 
 
 def _rows(n: int, start: int, dim: int = 2) -> torch.Tensor:
@@ -204,19 +203,12 @@ def _gathered(model) -> dict[str, torch.Tensor]:
 
 
 def _zero3_steps(rank: int, world: int, store: str) -> dict:
-    import deepspeed
-
-    from pretrain import compat
     from pretrain.train.ds_config import build_ds_config
     from pretrain.train.engine import build_engine
     from pretrain.train.preflight import Setup
     from pretrain.train.recipe import Recipe
 
-    # as the launcher sets them (the port only names DeepSpeed's shared-memory buffers; the rendezvous is the store)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(os.getppid()), RANK=str(rank), LOCAL_RANK=str(rank),
-                      LOCAL_SIZE=str(world), WORLD_SIZE=str(world))
-    deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    compat.release_deepspeed_shm_buffers()
+    start_deepspeed(rank, world, store)
     recipe = Recipe()
     recipe.schedule.micro_batch_size, recipe.optim.lr = 2, 1e-2
     ds_config = build_ds_config(recipe.dist.ds_config, recipe.schedule, world)

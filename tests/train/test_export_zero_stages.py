@@ -2,7 +2,6 @@
 gloo ranks take one AdamW step and save through our `save_checkpoint`; the exported weights must be the
 trained ones exactly. ZeRO-3's export is held by the end-to-end runs (tests/train/test_e2e.py)."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from pretrain.model import ALBEF, model_preset
 from pretrain.train.export import model_from_zero_checkpoint
-from tests.helpers.ranks import run_on_ranks
+from tests.helpers.ranks import run_on_ranks, start_deepspeed
 
 pytestmark = pytest.mark.slow
 STAGES = (0, 2)
@@ -20,14 +19,10 @@ CONFIG = model_preset("tiny", vocab_size=64)
 def _train_and_save(rank: int, world: int, store: str, out: str) -> None:
     import deepspeed
 
-    from pretrain import compat
     from pretrain.train.checkpoint import rng_state, save_checkpoint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(os.getppid()), RANK=str(rank), LOCAL_RANK=str(rank),
-                      LOCAL_SIZE=str(world), WORLD_SIZE=str(world))  # fmt: skip
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    compat.release_deepspeed_shm_buffers()
+    start_deepspeed(rank, world, store)
     for stage in STAGES:
         torch.manual_seed(0)
         model = ALBEF(CONFIG)

@@ -6,7 +6,6 @@ a secondary copy per node and qgZ takes its cross-node path.
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from pretrain.train.ds_config import DS_CONFIG_DIR, build_ds_config
 from pretrain.train.recipe import ScheduleSection
-from tests.helpers.ranks import run_on_ranks
+from tests.helpers.ranks import run_on_ranks, start_deepspeed
 
 # what DeepSpeed's CPU accelerator answers for its QuantizerBuilder (deepspeed/ops/op_builder/cpu/no_impl.py)
 CPU_REFUSAL = "This op had not been implemented on CPU backend."
@@ -71,15 +70,10 @@ def _steps(engine, rank: int) -> tuple[list[float], list[float]]:
 
 
 def _zeropp_on_cpu(rank: int, world: int, store: str) -> dict:
-    import deepspeed
 
-    from pretrain import compat
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(os.getppid()), RANK=str(rank), LOCAL_RANK=str(rank % 2),
-                      LOCAL_SIZE="2", WORLD_SIZE=str(world))  # fmt: skip
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    compat.release_deepspeed_shm_buffers()
+    start_deepspeed(rank, world, store, ranks_per_node=2)
 
     # 2 "nodes" of 2 ranks: hpZ set to the ranks per node in a copy of the JSON, as its error line says
     two_per_node = Path(f"{store}.zero3pp-rank{rank}.json")
